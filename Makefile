@@ -1,0 +1,47 @@
+# medEDM: set-up, demo and tests. `make demo` and `make test` work on a fresh machine.
+PYTHON   ?= python3
+VENV     := .venv
+PY       := $(VENV)/bin/python
+TORCHRUN := $(VENV)/bin/torchrun
+NPROC    ?= 2
+export OMP_NUM_THREADS ?= 1
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE = 1
+
+.PHONY: venv demo demo-data test test-all bench clean
+
+venv: $(VENV)/.installed
+
+# torch first and pinned (the CPU wheel on this machine's disk; a bare `torch`
+# would pull a CUDA build), then the rest; nilearn without its dependencies,
+# only for the MNI152 template files inside its wheel.
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps nilearn==0.14.1
+	touch $@
+
+datasets/mni-slices-32.npz: venv
+	$(PY) dataset_tool.py mri-slices --dest $@ --resolution 32 --subjects 48 --slices-per-subject 16 --seed 0
+
+demo-data: datasets/mni-slices-32.npz
+
+# Train a small unconditional EDM on 2-D MNI152 slices with 2 processes,
+# then generate a grid of samples from the final snapshot.
+demo: venv demo-data
+	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) train.py -cn=edm_mri resume=none
+	$(PY) -c "import glob; print(sorted(glob.glob('demo-runs/*/network-snapshot-*.pkl'))[-1])" > demo-runs/latest.txt
+	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) generate.py -cn=edm_mri sampling.network_pkl=$$(cat demo-runs/latest.txt) sampling.seeds=0-63 sampling.format=npz
+	$(PY) -c "import numpy as np, sys; from training import image_io; p=sys.argv[1]; d=np.load(p); image_io.save_image_grid(d['images'], p.replace('.npz', '-grid.png')); print('Sample grid:', p.replace('.npz', '-grid.png'))" $$(dirname $$(cat demo-runs/latest.txt))/$$(basename $$(cat demo-runs/latest.txt) .pkl)-samples/images.npz
+
+test: venv
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf demo-runs training-runs .pytest_cache

@@ -1,0 +1,1 @@
+# medEDM: diffusion-model training toolkit for medical imaging.

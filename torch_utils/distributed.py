@@ -1,0 +1,107 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Process-group set-up from torchrun's environment, device choice, rank-0
+printing and a clean shutdown. The same code runs on CPU (gloo) and GPU (nccl,
+one device per local rank); a plain `python train.py` is a world of one."""
+
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed
+
+#----------------------------------------------------------------------------
+# Initialize from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+# MASTER_ADDR, MASTER_PORT). Without them, run as a single process.
+
+_device = None
+
+def init(timeout_sec: float = 1800) -> None:
+    """Start the process group; gloo on CPU, nccl when CUDA is available."""
+    global _device
+    if torch.distributed.is_initialized():
+        return
+    if 'WORLD_SIZE' not in os.environ: # Plain `python train.py`: a world of one.
+        os.environ.setdefault('RANK', '0')
+        os.environ.setdefault('LOCAL_RANK', '0')
+        os.environ['WORLD_SIZE'] = '1'
+        os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
+        os.environ.setdefault('MASTER_PORT', str(_free_port()))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if torch.cuda.is_available():
+        _device = torch.device('cuda', local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(_device)
+        backend = 'nccl'
+    else:
+        _device = torch.device('cpu')
+        backend = 'gloo'
+    torch.distributed.init_process_group(backend=backend, init_method='env://',
+        timeout=datetime.timedelta(seconds=timeout_sec),
+        device_id=(_device if backend == 'nccl' else None))
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+#----------------------------------------------------------------------------
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+def get_device() -> torch.device:
+    """The device of this rank: cuda:<local_rank> when CUDA exists, else cpu."""
+    if _device is not None:
+        return _device
+    if torch.cuda.is_available():
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count())
+    return torch.device('cpu')
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        torch.distributed.barrier()
+
+def print0(*args, **kwargs) -> None:
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from rank `src` to every rank (trusted peers only)."""
+    if get_world_size() == 1:
+        return obj
+    buf = [obj]
+    torch.distributed.broadcast_object_list(buf, src=src)
+    return buf[0]
+
+def all_reduce_min(value: float) -> float:
+    """Smallest value over all ranks (every rank gets the same answer)."""
+    if get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=get_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return float(t.item())
+
+#----------------------------------------------------------------------------
+# Clean shutdown. DDP on gloo sometimes aborts at interpreter exit after all
+# work is done (SIGABRT, "terminate called without an active exception"), so
+# every rank ends with barrier -> destroy_process_group -> flush -> os._exit.
+
+def shutdown(exit_code: int = 0) -> None:
+    """Leave the process group and exit the process with `exit_code`."""
+    if torch.distributed.is_initialized():
+        if exit_code == 0:
+            try: barrier()
+            except Exception: pass
+        try: torch.distributed.destroy_process_group()
+        except Exception: pass
+    for stream in (sys.stdout, sys.stderr):
+        try: stream.flush()
+        except Exception: pass
+    os._exit(exit_code)
+
+#----------------------------------------------------------------------------

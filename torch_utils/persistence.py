@@ -1,0 +1,210 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Network snapshots that are safe to load, and atomic file writes.
+
+NVlabs/edm pickles the source code of every module into its snapshots and
+executes it on load, so a snapshot from an untrusted source can run anything.
+Here a snapshot is still a pickle of a dict (EDM's layout: `ema`, `loss_fn`,
+`augment_pipe`, `dataset_kwargs`), but every object in it is stored as
+(module, class name, constructor kwargs, state) and rebuilt with the code of
+this project. Loading goes through `RestrictedUnpickler`, which admits only
+classes of this project's packages, plain containers and torch's tensor
+rebuilders; anything else (`os.system`, `builtins.eval`, ...) is refused before
+it is called.
+"""
+
+import copy
+import importlib
+import inspect
+import io
+import os
+import pickle
+from typing import Any, Callable
+
+import torch
+
+#----------------------------------------------------------------------------
+# Packages whose classes a snapshot may name.
+
+PROJECT_PACKAGES = ('training', 'torch_utils', 'tomography_utils')
+
+def _is_project_module(module: str) -> bool:
+    return module.split('.')[0] in PROJECT_PACKAGES
+
+#----------------------------------------------------------------------------
+# Atomic writes: temporary file in the same folder, fsync, os.replace.
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file so that readers see either the old or the complete new file."""
+    path = os.fspath(path)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try: # Make the rename itself durable.
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError:
+        pass
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+#----------------------------------------------------------------------------
+# Decorator: record constructor kwargs so an object can be rebuilt from
+# (class, kwargs, state) instead of from pickled code.
+
+_PLAIN_TYPES = (type(None), bool, int, float, str)
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, _PLAIN_TYPES):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f'{where}[{i}]')
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f'{where}: dict keys must be strings, got {k!r}')
+            _check_plain(v, f'{where}.{k}')
+        return
+    raise ValueError(f'{where}: constructor arguments of persistent classes must be plain '
+        f'numbers, strings, lists or dicts, got {type(value).__name__}')
+
+def persistent_class(cls: type) -> type:
+    """Class decorator: instances pickle as (class, init kwargs, state) and are
+    rebuilt by `RestrictedUnpickler` with the current code of this project.
+
+    For `torch.nn.Module`s the state is the `state_dict()` plus the train/eval
+    mode and the requires_grad flags; for other objects it is nothing (they must
+    be fully defined by their constructor arguments).
+    """
+    if not _is_project_module(cls.__module__):
+        raise ValueError(f'persistent_class: {cls.__module__}.{cls.__qualname__} is not in a project package {PROJECT_PACKAGES}')
+    signature = inspect.signature(cls.__init__)
+    orig_init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        init_kwargs = dict(bound.arguments)
+        init_kwargs.pop('self')
+        for name, param in signature.parameters.items(): # Flatten **kwargs into the dict.
+            if param.kind == inspect.Parameter.VAR_KEYWORD and name in init_kwargs:
+                init_kwargs.update(init_kwargs.pop(name))
+            elif param.kind == inspect.Parameter.VAR_POSITIONAL and name in init_kwargs:
+                raise ValueError(f'{cls.__qualname__}: persistent classes take keyword arguments only')
+        _check_plain(init_kwargs, f'{cls.__qualname__}')
+        orig_init(self, *args, **kwargs)
+        self.init_kwargs = copy.deepcopy(init_kwargs)
+
+    def __reduce__(self):
+        state = None
+        if isinstance(self, torch.nn.Module):
+            buf = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, buf)
+            state = dict(
+                state_dict = buf.getvalue(),
+                training   = [m.training for m in self.modules()],
+                no_grad    = [name for name, p in self.named_parameters() if not p.requires_grad],
+            )
+        return (_reconstruct_persistent_obj, (cls.__module__, cls.__qualname__, self.init_kwargs, state))
+
+    cls.__init__ = __init__
+    cls.__reduce__ = __reduce__
+    cls._is_persistent = True
+    return cls
+
+def is_persistent(obj: Any) -> bool:
+    return getattr(type(obj), '_is_persistent', False)
+
+def _resolve_project_class(module: str, qualname: str) -> type:
+    if not _is_project_module(module):
+        raise pickle.UnpicklingError(f'refusing to load {module}.{qualname}: not a class of this project')
+    obj = importlib.import_module(module)
+    for part in qualname.split('.'):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and getattr(obj, '_is_persistent', False)):
+        raise pickle.UnpicklingError(f'refusing to load {module}.{qualname}: not a persistent class')
+    return obj
+
+def _reconstruct_persistent_obj(module: str, qualname: str, init_kwargs: dict, state: dict | None) -> Any:
+    cls = _resolve_project_class(module, qualname)
+    with torch.random.fork_rng(devices=[]): # Weight init must not disturb the caller's random stream.
+        obj = cls(**init_kwargs)
+    if state is not None:
+        sd = torch.load(io.BytesIO(state['state_dict']), map_location='cpu', weights_only=True)
+        obj.load_state_dict(sd)
+        for m, training in zip(obj.modules(), state['training']):
+            m.training = training
+        no_grad = set(state['no_grad'])
+        for name, p in obj.named_parameters():
+            p.requires_grad_(name not in no_grad)
+    return obj
+
+#----------------------------------------------------------------------------
+# Restricted unpickler.
+
+def _load_storage_from_bytes(b: bytes) -> Any:
+    # torch.storage._load_from_bytes uses a full (code-executing) torch.load.
+    return torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
+
+_ALLOWED_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent_obj,
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _load_storage_from_bytes,
+    ('collections', 'OrderedDict'): __import__('collections').OrderedDict,
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('builtins', 'slice'): slice,
+    ('builtins', 'complex'): complex,
+}
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that admits only this project's persistent classes, plain
+    containers and torch's tensor rebuilders."""
+    def find_class(self, module: str, name: str) -> Any:
+        fn = _ALLOWED_GLOBALS.get((module, name))
+        if fn is None:
+            raise pickle.UnpicklingError(f'refusing to load global {module}.{name}: a snapshot may name only '
+                f'classes of this project and torch tensor rebuilders (nothing was executed)')
+        return fn
+
+def load_snapshot(path: str | os.PathLike) -> dict:
+    """Load a network snapshot (`network-snapshot-*.pkl`) safely.
+
+    Raises ValueError naming the file if it is damaged or names anything but
+    this project's classes."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'network snapshot not found: {path}')
+    try:
+        with open(path, 'rb') as f:
+            data = RestrictedUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        raise ValueError(f'cannot load network snapshot {path}: {err}') from None
+    except (EOFError, ValueError, RuntimeError, TypeError, AttributeError, KeyError, IndexError) as err:
+        raise ValueError(f'cannot load network snapshot {path}: damaged or not a medEDM snapshot ({type(err).__name__}: {err})') from None
+    if not isinstance(data, dict) or 'ema' not in data:
+        raise ValueError(f'cannot load network snapshot {path}: expected a dict with key "ema"')
+    return data
+
+def save_snapshot(data: dict, path: str | os.PathLike) -> None:
+    """Pickle a snapshot dict atomically. Module values must be persistent classes."""
+    for key, value in data.items():
+        if isinstance(value, torch.nn.Module) and not is_persistent(value):
+            raise ValueError(f'snapshot key "{key}": {type(value).__name__} is not a @persistent_class')
+    atomic_write(path, lambda f: pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL))
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,147 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Train a diffusion model.
+
+Examples:
+
+\b
+# One process (CPU or one GPU):
+python train.py -cn=edm_mri
+
+\b
+# N processes on one machine (gloo on CPU, nccl on GPUs, chosen automatically):
+torchrun --standalone --nproc_per_node=N train.py -cn=edm_mri training.batch_size=64
+
+\b
+# Two machines, 8 GPUs each (run on both; HOST is node 0's address):
+torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+    --rdzv-id=myjob train.py -cn=edm_mri
+
+Resume: `resume=auto` (default) continues the newest run of the same
+description and configuration in training.outdir; `resume=<run dir>` continues
+that run; `resume=<training-state file>` starts a new run from that state;
+`resume=none` always starts afresh.
+"""
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from torch_utils import distributed as dist
+from torch_utils import persistence
+from training import config as config_mod
+from training import training_state
+
+config_mod.register()
+
+#----------------------------------------------------------------------------
+# Tee stdout/stderr into <run_dir>/log.txt (rank 0).
+
+class Logger:
+    def __init__(self, file_name: str):
+        self.file = open(file_name, 'a', encoding='utf-8')
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self, self
+
+    def write(self, text: str) -> None:
+        self.stdout.write(text)
+        self.file.write(text)
+        self.file.flush()
+
+    def flush(self) -> None:
+        self.stdout.flush()
+        self.file.flush()
+
+#----------------------------------------------------------------------------
+# Decide where to write and what to resume from (rank 0), then share it.
+
+def _default_desc(tcfg: dict) -> str:
+    dataset = os.path.splitext(os.path.basename(str(tcfg['dataset'].get('path', 'data')).rstrip('/')))[0] or 'data'
+    network = tcfg['network']
+    precond = str(network.get('_target_', 'net')).split('.')[-1].replace('Precond', '').lower()
+    model = str(network.get('model_type', '')).lower().replace('unet', '')
+    return '-'.join(x for x in [dataset, model, precond, f'batch{tcfg["batch_size"]}'] if x)
+
+def _resolve_run(resume: str, tcfg: dict, desc: str) -> tuple[str, str | None]:
+    outdir = tcfg['outdir']
+    if resume == 'none':
+        return training_state.new_run_dir(outdir, desc), None
+    if resume == 'auto':
+        found = training_state.find_auto_resume(outdir, desc, tcfg)
+        if found is not None:
+            return found
+        return training_state.new_run_dir(outdir, desc), None
+    if os.path.isdir(resume):
+        state = training_state.find_latest_state(resume)
+        if state is None:
+            raise ValueError(f'resume={resume}: no loadable training state in that run directory')
+        return resume, state
+    if os.path.isfile(resume):
+        training_state.load_state(resume) # Fail early, naming the file, if it is damaged.
+        return training_state.new_run_dir(outdir, desc), resume
+    raise ValueError(f"resume={resume}: no such file or directory (use 'auto', 'none', a run directory or a training-state file)")
+
+#----------------------------------------------------------------------------
+
+def run(cfg: DictConfig) -> None:
+    config_mod.check_keys(cfg)
+    tcfg = config_mod.to_plain(cfg.training)
+    for key in ('dataset', 'network'):
+        if not isinstance(tcfg[key], dict) or '_target_' not in tcfg[key]:
+            raise ValueError(f'training.{key}: expected a mapping with a _target_ key')
+    dist.init(timeout_sec=tcfg['timeout_sec'])
+    desc = tcfg['desc'] or _default_desc(tcfg)
+
+    # Rank 0 picks the run directory; every rank checks it got the same config.
+    result = None
+    if dist.get_rank() == 0:
+        try:
+            run_dir, state = _resolve_run(str(cfg.resume), tcfg, desc)
+            result = ('ok', run_dir, state, tcfg)
+        except (ValueError, FileNotFoundError) as err:
+            result = ('error', str(err), None, tcfg)
+    result = dist.broadcast_object(result)
+    if result[0] == 'error':
+        raise ValueError(result[1])
+    _, run_dir, state, tcfg0 = result
+    if tcfg0 != tcfg:
+        raise ValueError('the ranks composed different training configs (check per-rank overrides and ${now:} resolvers)')
+    training_state.remove_stale_tmp(run_dir) if dist.get_rank() == 0 else None
+
+    # Log and save the resolved config.
+    if dist.get_rank() == 0:
+        Logger(os.path.join(run_dir, 'log.txt'))
+        if state is None or not os.path.isfile(os.path.join(run_dir, 'config.yaml')):
+            text = OmegaConf.to_yaml(OmegaConf.create(dict(resume=str(cfg.resume), training=tcfg, sampling=config_mod.to_plain(cfg.sampling))))
+            persistence.atomic_write_bytes(os.path.join(run_dir, 'config.yaml'), text.encode('utf-8'))
+    dist.print0(f'Run directory:  {run_dir}')
+    dist.print0(f'Processes:      {dist.get_world_size()} ({dist.get_device().type})')
+    dist.print0(f'Resume from:    {state or "-"}')
+    dist.print0()
+
+    # Train.
+    from training import training_loop
+    kwargs = {k: v for k, v in tcfg.items() if k not in ('outdir', 'desc', 'dataset', 'network', 'loss', 'augment', 'optimizer', 'timeout_sec')}
+    training_loop.training_loop(run_dir=run_dir, dataset_kwargs=tcfg['dataset'], network_kwargs=tcfg['network'],
+        loss_kwargs=tcfg['loss'], augment_kwargs=tcfg['augment'], optimizer_kwargs=tcfg['optimizer'], resume_state=state, **kwargs)
+
+#----------------------------------------------------------------------------
+
+@hydra.main(version_base='1.3', config_path='configs', config_name=None)
+def main(cfg: DictConfig) -> None:
+    """Entry point: train with the experiment config `-cn=<name>` and overrides."""
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        prefix = f'[rank {dist.get_rank()}] ' if dist.get_world_size() > 1 else ''
+        print(f'{prefix}error: {err}', file=sys.stderr)
+        dist.shutdown(1)
+    dist.shutdown(0)
+
+if __name__ == '__main__':
+    config_mod.prepare_hydra_argv()
+    main()
+
+#----------------------------------------------------------------------------
