@@ -1,0 +1,144 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Tool for building medEDM datasets.
+
+Example:
+    python dataset_tool.py mri-slices --dest datasets/mni-slices-32.npz --resolution 32 --subjects 40
+"""
+
+import os
+import re
+import time
+
+import click
+import numpy as np
+
+from training import mri_phantoms
+
+#----------------------------------------------------------------------------
+# Parse a float range 'a,b' (used for --z-mm).
+
+def parse_float_range(s: str | tuple) -> tuple[float, float]:
+    if isinstance(s, (tuple, list)):
+        return float(s[0]), float(s[1])
+    m = re.fullmatch(r'\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*', s)
+    if not m:
+        raise click.BadParameter(f'expected "low,high", got {s!r}')
+    lo, hi = float(m.group(1)), float(m.group(2))
+    if not lo < hi:
+        raise click.BadParameter(f'low must be below high, got {s!r}')
+    return lo, hi
+
+#----------------------------------------------------------------------------
+# Save arrays to an .npz atomically (dest.tmp, fsync, rename).
+
+def save_npz_atomic(dest: str, **arrays) -> None:
+    tmp = dest + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+#----------------------------------------------------------------------------
+# Build 2-D axial brain MRI slices of random subjects (the dataset itself,
+# callable from tests without the CLI).
+
+def build_mri_slices(
+    resolution          = 32,           # Output image size (pixels per side).
+    subjects            = 40,           # Number of random subjects.
+    slices_per_subject  = 16,           # Axial slices per subject.
+    z_mm                = (-20.0, 50.0),# MNI z range (mm) the slices are drawn from.
+    voxel_mm            = 2,            # Working grid of the template (mm).
+    seed                = 0,            # Random seed; subject i depends only on (seed, i).
+    augment             = True,         # False: undeformed template, no bias/noise.
+) -> dict:
+    template, affine = mri_phantoms.load_mni152('t1', voxel_mm)
+    bbox = mri_phantoms.brain_bbox(template)
+    filtered = mri_phantoms.antialias(template, bbox[2], resolution)
+    subject_kwargs = {} if augment else dict(rotate_deg=0, scale_std=0, aniso_std=0, translate_mm=0, warp_mm=0,
+        bias_std=0, gamma_std=0, noise_range=(0, 0))
+
+    # Stratified slice positions on the 1 mm template grid.
+    raw_affine = mri_phantoms.mni152_affine(1)
+    k_lo, k_hi = [(z - raw_affine[2, 3]) / raw_affine[2, 2] for z in z_mm]
+    z_lim = affine[2, 3] + affine[2, 2] * np.array([0, template.shape[2] - 1]) # Centres of the first and last planes.
+    if not (z_lim[0] <= z_mm[0] and z_mm[1] <= z_lim[1]):
+        raise ValueError(f'--z-mm {z_mm[0]:g},{z_mm[1]:g} lies outside the template ({z_lim[0]:g}..{z_lim[1]:g} mm)')
+    width = (k_hi - k_lo) / slices_per_subject
+    if width < 1:
+        raise ValueError(f'--slices-per-subject {slices_per_subject} does not fit into --z-mm {z_mm[0]},{z_mm[1]} (at most one slice per mm)')
+
+    images, subject_ids, slice_ids, z_list = [], [], [], []
+    for s in range(subjects):
+        rng = np.random.default_rng([seed, s])
+        k = np.floor(k_lo + (np.arange(slices_per_subject) + rng.uniform(size=slices_per_subject)) * width).astype(np.int64)
+        z = raw_affine[2, 3] + raw_affine[2, 2] * k                 # MNI mm.
+        z_vox = (z - affine[2, 3]) / affine[2, 2]                   # Working grid.
+        slices = mri_phantoms.random_subject_slices(rng, filtered, z_vox, resolution, bbox, voxel_mm=voxel_mm, **subject_kwargs)
+        images.append(mri_phantoms.normalize_slices(slices))
+        subject_ids.append(np.full(slices_per_subject, s, dtype=np.int64))
+        slice_ids.append(k)
+        z_list.append(z.astype(np.float32))
+    return dict(
+        images  = np.concatenate(images)[:, None],
+        subject = np.concatenate(subject_ids),
+        slice   = np.concatenate(slice_ids),
+        z_mm    = np.concatenate(z_list),
+    )
+
+#----------------------------------------------------------------------------
+# Command group.
+
+@click.group()
+def main():
+    """Build medEDM datasets.
+
+    \b
+    python dataset_tool.py mri-slices --dest datasets/mni-slices-32.npz --resolution 32 --subjects 40
+    """
+
+#----------------------------------------------------------------------------
+# Command: MNI152-based brain MRI slices.
+
+@main.command('mri-slices')
+@click.option('--dest',                 help='Output .npz file', metavar='PATH',                            type=str, required=True)
+@click.option('--resolution',           help='Image size in pixels', metavar='INT',                         type=click.IntRange(min=8), default=64, show_default=True)
+@click.option('--subjects',             help='Number of random subjects', metavar='INT',                    type=click.IntRange(min=1), default=40, show_default=True)
+@click.option('--slices-per-subject',   help='Axial slices per subject', metavar='INT',                     type=click.IntRange(min=1), default=16, show_default=True)
+@click.option('--z-mm',                 help='MNI z range of the slices (mm)', metavar='LOW,HIGH',          type=parse_float_range, default='-20,50', show_default=True)
+@click.option('--voxel-mm',             help='Working grid of the template (mm)', metavar='INT',            type=click.IntRange(min=1, max=4), default=2, show_default=True)
+@click.option('--seed',                 help='Random seed', metavar='INT',                                  type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--augment/--no-augment', help='Random deformation, bias field, gamma and noise',             default=True, show_default=True)
+def mri_slices(dest, resolution, subjects, slices_per_subject, z_mm, voxel_mm, seed, augment):
+    """2-D axial T1 brain MRI slices of random subjects made from the MNI152 template.
+
+    Saves `images` float32 Nx1xRxR in [-1,1] (background -1), `subject`,
+    `slice` (z index on the 1 mm MNI grid) and `z_mm`. Needs nilearn's data
+    files (pip install --no-deps nilearn==0.14.1) and nibabel.
+    """
+    if not dest.endswith('.npz'):
+        raise click.BadParameter(f'--dest must end with .npz, got {dest!r}', param_hint='--dest')
+    t0 = time.time()
+    try:
+        data = build_mri_slices(resolution=resolution, subjects=subjects, slices_per_subject=slices_per_subject,
+            z_mm=z_mm, voxel_mm=voxel_mm, seed=seed, augment=augment)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    if os.path.dirname(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    save_npz_atomic(dest, **data)
+    n, c, h, w = data['images'].shape
+    print(f'Wrote {dest}: {n} images {c}x{h}x{w} ({subjects} subjects x {slices_per_subject} slices, '
+        f'z {z_mm[0]:g}..{z_mm[1]:g} mm, seed {seed}) in {time.time() - t0:.1f} s')
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Non-leaking geometric augmentation for diffusion training.
+
+Follows the behaviour of the augmentation pipeline of "Training Generative
+Adversarial Networks with Limited Data" (Karras et al. 2020) as used,
+non-leaking, by "Elucidating the Design Space of Diffusion-Based Generative
+Models" (Karras et al. 2022): every sample gets a random geometric transform,
+and the denoiser is conditioned on the transform's parameters (the augment
+labels), so that at sampling time (augment_labels=None, i.e. all zeros) it
+produces un-augmented images. Only geometric operations exist here (no colour
+operations), so any channel count works, and the same per-sample transform
+is applied jointly to the batch's `image`, `cond` and `mask`.
+
+Augment labels, (N, 9) float32, all zeros for the identity:
+    0  xflip        1 if mirrored left-right, else 0
+    1  yflip        1 if mirrored top-bottom, else 0
+    2  scale        log2 of the isotropic scale factor
+    3  rotate_cos   cos(theta) - 1   theta = total rotation angle: rotate_int's
+    4  rotate_sin   sin(theta)       multiple of 90 degrees plus rotate_frac's angle
+    5  aniso_cos    log2(a) * cos(2 phi)   stretch by a along direction phi,
+    6  aniso_sin    log2(a) * sin(2 phi)   by 1/a across it (unique encoding)
+    7  translate_x  total translation as a fraction of the image width  (translate_int + translate_frac)
+    8  translate_y  total translation as a fraction of the image height
+The transform maps an input point p (pixel units, origin at the image centre,
+x right, y down; positive theta turns x towards y, i.e. clockwise on screen) to
+    T(translate) . A(a, phi) . S(2^scale) . R(theta) . F(xflip, yflip) . p.
+"""
+
+import math
+
+import torch
+
+from torch_utils import persistence
+
+#----------------------------------------------------------------------------
+# Names of the augment label dimensions, in order.
+
+AUGMENT_LABEL_NAMES = ('xflip', 'yflip', 'scale', 'rotate_cos', 'rotate_sin', 'aniso_cos', 'aniso_sin', 'translate_x', 'translate_y')
+
+#----------------------------------------------------------------------------
+# Geometric augmentation pipe, non-leaking through augment labels.
+
+@persistence.persistent_class
+class AugmentPipe:
+    augment_dim = len(AUGMENT_LABEL_NAMES)
+
+    def __init__(self,
+        p                   = 1,        # Overall probability multiplier; each op applies with prob min(p * op value, 1).
+        xflip               = 0,        # Left-right mirror (50/50 when applied).
+        yflip               = 0,        # Top-bottom mirror (50/50 when applied).
+        rotate_int          = 0,        # Rotation by a random multiple of 90 degrees.
+        translate_int       = 0,        # Integer-pixel translation.
+        translate_int_max   = 0.125,    # Range of integer translation, fraction of the image size.
+        scale               = 0,        # Isotropic scaling.
+        rotate_frac         = 0,        # Arbitrary rotation.
+        aniso               = 0,        # Anisotropic scaling.
+        translate_frac      = 0,        # Fractional translation.
+        scale_std           = 0.2,      # Log2 standard deviation of isotropic scaling.
+        rotate_frac_max     = 1,        # Largest rotation, fraction of a half turn.
+        aniso_std           = 0.2,      # Log2 standard deviation of anisotropic scaling.
+        aniso_rotate_prob   = 0.5,      # Probability that the stretch direction is random (else axis-aligned).
+        translate_frac_std  = 0.125,    # Standard deviation of fractional translation, fraction of the image size.
+    ):
+        args = dict(p=p, xflip=xflip, yflip=yflip, rotate_int=rotate_int, translate_int=translate_int,
+            translate_int_max=translate_int_max, scale=scale, rotate_frac=rotate_frac, aniso=aniso,
+            translate_frac=translate_frac, scale_std=scale_std, rotate_frac_max=rotate_frac_max,
+            aniso_std=aniso_std, aniso_rotate_prob=aniso_rotate_prob, translate_frac_std=translate_frac_std)
+        for key, value in args.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f'AugmentPipe: {key} must be a finite number >= 0, got {value!r}')
+        for key in ('p', 'aniso_rotate_prob'):
+            if args[key] > 1:
+                raise ValueError(f'AugmentPipe: {key} is a probability in [0, 1], got {args[key]!r}')
+        for key, value in args.items():
+            setattr(self, key, float(value))
+
+    # Probability that op `value` is applied to a sample.
+    def _prob(self, value: float) -> float:
+        return min(self.p * value, 1.0)
+
+    # Draw per-sample parameters; ops that cannot apply draw nothing.
+    def _draw(self, N: int, H: int, W: int, device: torch.device) -> dict:
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=device)
+        applied = lambda value: (torch.rand([N], device=device) < self._prob(value)).to(torch.float32)
+        d = dict(xflip=zeros(N), yflip=zeros(N), k=torch.zeros([N], dtype=torch.int64, device=device),
+            scale=zeros(N), theta=zeros(N), aniso=zeros(N), phi=zeros(N), t=zeros(N, 2))
+        if self._prob(self.xflip) > 0:
+            d['xflip'] = torch.randint(2, [N], device=device).to(torch.float32) * applied(self.xflip)
+        if self._prob(self.yflip) > 0:
+            d['yflip'] = torch.randint(2, [N], device=device).to(torch.float32) * applied(self.yflip)
+        if self._prob(self.rotate_int) > 0:
+            d['k'] = torch.randint(4, [N], device=device) * applied(self.rotate_int).to(torch.int64)
+        if self._prob(self.translate_int) > 0:
+            t = (torch.rand([N, 2], device=device) * 2 - 1) * self.translate_int_max
+            size = torch.tensor([W, H], dtype=torch.float32, device=device)
+            d['t'] = d['t'] + (t * size).round() / size * applied(self.translate_int)[:, None]
+        if self._prob(self.scale) > 0:
+            d['scale'] = torch.randn([N], device=device) * self.scale_std * applied(self.scale)
+        if self._prob(self.rotate_frac) > 0:
+            d['theta'] = (torch.rand([N], device=device) * 2 - 1) * (math.pi * self.rotate_frac_max) * applied(self.rotate_frac)
+        if self._prob(self.aniso) > 0:
+            a = torch.randn([N], device=device) * self.aniso_std
+            rotated = torch.rand([N], device=device) < self.aniso_rotate_prob
+            phi = (torch.rand([N], device=device) * 2 - 1) * math.pi
+            on = applied(self.aniso)
+            d['aniso'] = a * on
+            d['phi'] = torch.where(rotated, phi, torch.zeros_like(phi)) * on
+        if self._prob(self.translate_frac) > 0:
+            d['t'] = d['t'] + torch.randn([N, 2], device=device) * self.translate_frac_std * applied(self.translate_frac)[:, None]
+        return d
+
+    # Augment labels (N, 9) from the drawn parameters.
+    @staticmethod
+    def _labels(d: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ck = torch.tensor([1.0, 0.0, -1.0, 0.0], device=d['k'].device)[d['k']] # Exact cos/sin of k * 90 degrees.
+        sk = torch.tensor([0.0, 1.0, 0.0, -1.0], device=d['k'].device)[d['k']]
+        c = ck * d['theta'].cos() - sk * d['theta'].sin()
+        s = sk * d['theta'].cos() + ck * d['theta'].sin()
+        labels = torch.stack([d['xflip'], d['yflip'], d['scale'], c - 1, s,
+            d['aniso'] * (2 * d['phi']).cos(), d['aniso'] * (2 * d['phi']).sin(), d['t'][:, 0], d['t'][:, 1]], dim=1)
+        return labels, c, s
+
+    # Inverse affine (N, 2, 3) in affine_grid's normalised coordinates.
+    @staticmethod
+    def _theta(d: dict, c: torch.Tensor, s: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        def rot(cos, sin): return torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        def diag(a, b): return torch.diag_embed(torch.stack([a, b], -1))
+        f_inv = diag(1 - 2 * d['xflip'], 1 - 2 * d['yflip'])
+        r_inv = rot(c, -s)
+        sc = 2.0 ** -d['scale']
+        s_inv = diag(sc, sc)
+        pc, ps = d['phi'].cos(), d['phi'].sin()
+        a_inv = rot(pc, ps) @ diag(2.0 ** -d['aniso'], 2.0 ** d['aniso']) @ rot(pc, -ps)
+        l_inv = f_inv @ r_inv @ s_inv @ a_inv                           # Output -> input, pixel units.
+        size = torch.tensor([W / 2, H / 2], dtype=torch.float32, device=c.device)
+        lin = l_inv / size[None, :, None] * size[None, None, :]         # D^-1 L^-1 D.
+        t_pix = d['t'] * torch.tensor([W, H], dtype=torch.float32, device=c.device)
+        shift = -(l_inv @ t_pix[:, :, None])[:, :, 0] / size            # -D^-1 L^-1 t.
+        return torch.cat([lin, shift[:, :, None]], dim=2)
+
+    def __call__(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """Augment `image` and, with the same transforms, `cond` and `mask`
+        (nearest neighbour) of a batch dict; other keys pass through. Returns
+        a new dict and the (N, 9) float32 augment labels."""
+        if not isinstance(batch, dict) or not isinstance(batch.get('image'), torch.Tensor) or batch['image'].ndim != 4:
+            raise ValueError('AugmentPipe: batch must be a dict with an "image" tensor of shape (N, C, H, W)')
+        images = batch['image']
+        N, C, H, W = images.shape
+        device = images.device
+        spatial = {}
+        for key in ('cond', 'mask'):
+            x = batch.get(key)
+            if x is None:
+                continue
+            if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] != N or x.shape[2:] != images.shape[2:]:
+                raise ValueError(f'AugmentPipe: batch["{key}"] must be a tensor of shape ({N}, C, {H}, {W}), '
+                    f'got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}')
+            spatial[key] = x
+        out = dict(batch)
+        d = self._draw(N, H, W, device) if self.p > 0 else None
+        if d is None:
+            return out, torch.zeros([N, self.augment_dim], dtype=torch.float32, device=device)
+        labels, c, s = self._labels(d)
+
+        # Samples that only flip and turn by multiples of 90 degrees: exact pixel permutations.
+        general = (d['scale'] != 0) | (d['theta'] != 0) | (d['aniso'] != 0) | (d['t'] != 0).any(dim=1)
+        if H != W:
+            general = general | (d['k'] % 2 == 1)
+        tensors = dict(image=images, **spatial)
+        for key, x in tensors.items():
+            y = torch.where(d['xflip'].bool()[:, None, None, None], x.flip(3), x)
+            y = torch.where(d['yflip'].bool()[:, None, None, None], y.flip(2), y)
+            for k in (1, 2, 3):
+                sel = d['k'] == k
+                if sel.any() and (H == W or k == 2):
+                    y = torch.where(sel[:, None, None, None], torch.rot90(y, -k, dims=(2, 3)), y)
+            out[key] = y
+
+        # All other samples: one resampling of image and cond (bilinear) and mask (nearest).
+        if general.any():
+            idx = general.nonzero()[:, 0]
+            theta = self._theta({k: v[idx] for k, v in d.items()}, c[idx], s[idx], H, W)
+            smooth = [images] + ([spatial['cond']] if 'cond' in spatial else [])
+            x = torch.cat([t[idx].to(images.dtype) for t in smooth], dim=1)
+            grid = torch.nn.functional.affine_grid(theta.to(images.dtype), list(x.shape), align_corners=False)
+            x = torch.nn.functional.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
+            out['image'] = out['image'].index_copy(0, idx, x[:, :C])
+            if 'cond' in spatial:
+                out['cond'] = out['cond'].index_copy(0, idx, x[:, C:].to(spatial['cond'].dtype))
+            if 'mask' in spatial:
+                m = spatial['mask'][idx].to(images.dtype)
+                m = torch.nn.functional.grid_sample(m, grid, mode='nearest', padding_mode='reflection', align_corners=False)
+                out['mask'] = out['mask'].index_copy(0, idx, m.to(spatial['mask'].dtype))
+        return out, labels
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,342 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Datasets of 2-D images as dicts of numpy arrays.
+
+Every sample is a dict: `image` float32 (C, H, W), already mapped to about
+[-1, 1] by an explicit intensity normalisation; `label` float32 (label_dim,)
+when the dataset has labels (one-hot for integer classes); `idx` (int).
+Constructor arguments are plain values so that a config (`_target_` plus
+kwargs, or EDM's `class_name`) can build a dataset.
+
+Intensity normalisation (`intensity` argument, config key `training.dataset.intensity`):
+    None                                        format default: PNG [0, 2^bits-1] -> [-1, 1];
+                                                npz float data as is, npz unsigned ints [0, max] -> [-1, 1]
+    {'mode': 'fixed', 'low': a, 'high': b}      linear map a -> -1, b -> 1, no clipping
+    {'mode': 'percentile', 'low': 0.5, 'high': 99.5}
+                                                per-image percentiles (over all channels), clip, map to [-1, 1];
+                                                a constant image becomes -1
+"""
+
+import collections.abc
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+#----------------------------------------------------------------------------
+# Explicit intensity normalisation, validated at construction.
+
+class IntensityNorm:
+    def __init__(self,
+        intensity,                  # None or dict(mode=..., low=..., high=...), see module docstring.
+        default_range = None,       # (low, high) used when intensity is None; None = data as is.
+    ):
+        self.mode, self.low, self.high = None, None, None
+        if intensity is None:
+            if default_range is not None:
+                self.mode, self.low, self.high = 'fixed', float(default_range[0]), float(default_range[1])
+            return
+        if not isinstance(intensity, collections.abc.Mapping):
+            raise ValueError(f'training.dataset.intensity must be null or a dict with keys mode, low, high; got {intensity!r}')
+        intensity = dict(intensity)
+        for key in intensity:
+            if key not in ('mode', 'low', 'high'):
+                raise ValueError(f'training.dataset.intensity.{key}: unknown key (expected mode, low, high)')
+        mode = intensity.get('mode')
+        if mode not in ('fixed', 'percentile'):
+            raise ValueError(f'training.dataset.intensity.mode must be "fixed" or "percentile", got {mode!r}')
+        defaults = dict(low=0.5, high=99.5) if mode == 'percentile' else {}
+        values = {}
+        for key in ('low', 'high'):
+            value = intensity.get(key, defaults.get(key))
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+                raise ValueError(f'training.dataset.intensity.{key} must be a finite number for mode "{mode}", got {value!r}')
+            values[key] = float(value)
+        if not values['low'] < values['high']:
+            raise ValueError(f'training.dataset.intensity.low ({values["low"]}) must be below training.dataset.intensity.high ({values["high"]})')
+        if mode == 'percentile' and not (0 <= values['low'] and values['high'] <= 100):
+            raise ValueError(f'training.dataset.intensity.low/high are percentiles in [0, 100] for mode "percentile", '
+                f'got {values["low"]}, {values["high"]}')
+        self.mode, self.low, self.high = mode, values['low'], values['high']
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32)
+        if self.mode is None:
+            return x
+        if self.mode == 'fixed':
+            lo, hi = self.low, self.high
+        else:
+            lo, hi = (float(v) for v in np.percentile(x, [self.low, self.high]))
+            if not hi > lo:
+                return np.full_like(x, -1)
+            x = np.clip(x, lo, hi)
+        return ((x - np.float32(lo)) / np.float32(hi - lo) * 2 - 1).astype(np.float32)
+
+#----------------------------------------------------------------------------
+# Labels: integer classes -> one-hot, 2-D float array -> vectors.
+
+def _labels_to_float(labels: np.ndarray, where: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 1 and (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        labels = labels.astype(np.int64)
+        if labels.size and labels.min() < 0:
+            raise ValueError(f'{where}: integer class labels must be >= 0, got {labels.min()}')
+        onehot = np.zeros([labels.shape[0], int(labels.max()) + 1 if labels.size else 0], dtype=np.float32)
+        onehot[np.arange(labels.shape[0]), labels] = 1
+        return onehot
+    if labels.ndim == 2 and (np.issubdtype(labels.dtype, np.floating) or np.issubdtype(labels.dtype, np.integer)):
+        labels = labels.astype(np.float32)
+        if not np.isfinite(labels).all():
+            raise ValueError(f'{where}: label vectors contain NaN or Inf')
+        return labels
+    raise ValueError(f'{where}: labels must be a 1-D integer array (classes) or a 2-D numeric array (vectors), '
+        f'got dtype {labels.dtype} shape {labels.shape}')
+
+#----------------------------------------------------------------------------
+# Abstract base class: subclasses provide raw images and optional labels.
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self,
+        name,                   # Name of the dataset.
+        raw_shape,              # Shape of the raw image data (N, C, H, W).
+        max_size    = None,     # Keep only the first max_size items, None = all.
+        intensity   = None,     # Intensity normalisation, see module docstring.
+        default_range = None,   # Format-specific range for intensity=None.
+    ):
+        self._name = name
+        self._raw_shape = list(raw_shape)
+        if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) or max_size < 1):
+            raise ValueError(f'training.dataset.max_size must be a positive integer or null, got {max_size!r}')
+        self._size = self._raw_shape[0] if max_size is None else min(self._raw_shape[0], int(max_size))
+        if self._size < 1:
+            raise ValueError(f'dataset {name!r} is empty')
+        if len(self._raw_shape) != 4:
+            raise ValueError(f'dataset {name!r}: images must be (C, H, W), got raw shape {self._raw_shape}')
+        if self._raw_shape[2] != self._raw_shape[3]:
+            raise ValueError(f'dataset {name!r}: images must be square, got H x W = {self._raw_shape[2]} x {self._raw_shape[3]}')
+        self._norm = IntensityNorm(intensity, default_range)
+        self._labels = None
+
+    def _load_raw_image(self, raw_idx: int) -> np.ndarray: # To be overridden: (C, H, W) array.
+        raise NotImplementedError
+
+    def _load_raw_labels(self) -> np.ndarray | None: # To be overridden: (N, label_dim) float32 or None.
+        return None
+
+    def _get_labels(self) -> np.ndarray | None:
+        if self._labels is None:
+            labels = self._load_raw_labels()
+            self._labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32) if labels is None else labels
+        return self._labels if self._labels.shape[1] > 0 else None
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, idx: int) -> dict:
+        idx = int(idx)
+        if idx < 0:
+            idx += self._size
+        if not 0 <= idx < self._size:
+            raise IndexError(f'dataset index {idx} out of range for {self._size} items')
+        image = self._load_raw_image(idx)
+        if list(image.shape) != self._raw_shape[1:]:
+            raise ValueError(f'dataset {self._name!r}: item {idx} has shape {list(image.shape)}, expected {self._raw_shape[1:]}')
+        item = dict(image=self._norm(image), idx=idx)
+        labels = self._get_labels()
+        if labels is not None:
+            item['label'] = labels[idx].copy()
+        return item
+
+    def get_label(self, idx: int) -> np.ndarray | None:
+        labels = self._get_labels()
+        return None if labels is None else labels[idx].copy()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def image_shape(self) -> list[int]: # [C, H, W]
+        return list(self._raw_shape[1:])
+
+    @property
+    def num_channels(self) -> int:
+        return self._raw_shape[1]
+
+    @property
+    def resolution(self) -> int:
+        return self._raw_shape[2]
+
+    @property
+    def label_dim(self) -> int:
+        labels = self._get_labels()
+        return 0 if labels is None else int(labels.shape[1])
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_dim > 0
+
+#----------------------------------------------------------------------------
+# Check that a dataset path exists.
+
+def _check_path(path) -> str:
+    if path is None or not os.path.exists(os.fspath(path)):
+        raise FileNotFoundError(f'dataset not found: {path} (set training.dataset.path)')
+    return os.fspath(path)
+
+#----------------------------------------------------------------------------
+# Images (N, C, H, W) or (N, H, W) in a .npz file.
+
+class NpzDataset(Dataset):
+    def __init__(self,
+        path,                   # Path to the .npz file.
+        key         = 'images', # Array of images, (N, C, H, W) or (N, H, W).
+        label_key   = None,     # Array of labels: (N,) integer classes or (N, D) vectors; None = no labels.
+        max_size    = None,     # Keep only the first max_size items, None = all.
+        intensity   = None,     # Intensity normalisation, see module docstring.
+    ):
+        self._path = _check_path(path)
+        try:
+            npz = np.load(self._path, allow_pickle=False)
+        except (OSError, EOFError, ValueError) as err:
+            raise ValueError(f'cannot read dataset file {self._path}: {err}') from None
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError(f'training.dataset.path: {self._path} is not an .npz archive')
+        with npz:
+            for cfg_key, name in (('key', key), ('label_key', label_key)):
+                if name is not None and name not in npz.files:
+                    raise ValueError(f'training.dataset.{cfg_key}: array {name!r} not found in {self._path} (arrays: {sorted(npz.files)})')
+            try:
+                images = npz[key]
+                labels = None if label_key is None else npz[label_key]
+            except (OSError, EOFError, ValueError) as err:
+                raise ValueError(f'cannot read dataset file {self._path}: {err}') from None
+        if images.ndim == 3:
+            images = images[:, None]
+        if images.ndim != 4:
+            raise ValueError(f'training.dataset.key: array {key!r} in {self._path} must be (N, C, H, W) or (N, H, W), got shape {images.shape}')
+
+        # Decide the default intensity range from the dtype.
+        default_range = None
+        if np.issubdtype(images.dtype, np.unsignedinteger):
+            default_range = (0, np.iinfo(images.dtype).max)
+        elif not np.issubdtype(images.dtype, np.floating):
+            if intensity is None or images.dtype == bool or not np.issubdtype(images.dtype, np.integer):
+                raise ValueError(f'training.dataset.intensity: array {key!r} in {self._path} has dtype {images.dtype}; '
+                    f'use float or unsigned integer data, or set training.dataset.intensity for signed integers')
+        else:
+            bad = ~np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
+            if bad.any():
+                raise ValueError(f'training.dataset.path: {self._path} array {key!r} has NaN or Inf in item {int(np.argmax(bad))}')
+        self._images = images
+        if labels is not None:
+            labels = _labels_to_float(labels, f'training.dataset.label_key {label_key!r} in {self._path}')
+            if labels.shape[0] != images.shape[0]:
+                raise ValueError(f'training.dataset.label_key: {label_key!r} has {labels.shape[0]} labels for {images.shape[0]} images in {self._path}')
+        self._npz_labels = labels
+        name = os.path.splitext(os.path.basename(self._path))[0]
+        super().__init__(name=name, raw_shape=images.shape, max_size=max_size, intensity=intensity, default_range=default_range)
+
+    def _load_raw_image(self, raw_idx):
+        return self._images[raw_idx]
+
+    def _load_raw_labels(self):
+        return self._npz_labels
+
+#----------------------------------------------------------------------------
+# Read a PNG as (C, H, W) plus its bit depth; ValueError naming the file.
+
+_PNG_MODES = {'L': 8, 'LA': 8, 'RGB': 8, 'RGBA': 8, 'I;16': 16, 'I;16B': 16, 'I;16L': 16, 'I': 16}
+
+def read_png(fname: str) -> tuple[np.ndarray, int]:
+    try:
+        with Image.open(fname) as img:
+            mode = img.mode
+            if mode not in _PNG_MODES:
+                raise ValueError(f'unsupported image mode {mode!r} (use 8-bit L/RGB or 16-bit grayscale PNGs)')
+            image = np.array(img)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'image file not found: {fname}') from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f'cannot read image file {fname}: {err}') from None
+    if mode == 'I':
+        if image.size and (image.min() < 0 or image.max() > 65535):
+            raise ValueError(f'cannot read image file {fname}: 32-bit values outside the 16-bit range')
+        image = image.astype(np.uint16)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    return image.transpose(2, 0, 1), _PNG_MODES[mode]
+
+#----------------------------------------------------------------------------
+# Folder of PNG files (searched recursively), optional labels in dataset.json.
+
+class ImageFolderDataset(Dataset):
+    def __init__(self,
+        path,                   # Path to the folder.
+        use_labels  = False,    # Read labels from dataset.json in the folder.
+        max_size    = None,     # Keep only the first max_size items (sorted paths), None = all.
+        intensity   = None,     # Intensity normalisation, see module docstring.
+    ):
+        self._path = _check_path(path)
+        if not os.path.isdir(self._path):
+            raise ValueError(f'training.dataset.path: {self._path} is not a folder of PNG files')
+        fnames = []
+        for root, _dirs, files in os.walk(self._path):
+            for f in files:
+                if f.lower().endswith('.png'):
+                    fnames.append(os.path.relpath(os.path.join(root, f), self._path).replace(os.sep, '/'))
+        self._fnames = sorted(fnames)
+        if not self._fnames:
+            raise ValueError(f'training.dataset.path: no .png files found in {self._path}')
+        self._use_labels = bool(use_labels)
+        image, self._bits = read_png(self._file(0))
+        raw_shape = [len(self._fnames)] + list(image.shape)
+        super().__init__(name=os.path.basename(os.path.normpath(self._path)), raw_shape=raw_shape, max_size=max_size,
+            intensity=intensity, default_range=(0, (1 << self._bits) - 1))
+        if self._use_labels:
+            self._get_labels() # Validate dataset.json now.
+
+    def _file(self, raw_idx: int) -> str:
+        return os.path.join(self._path, self._fnames[raw_idx])
+
+    def _load_raw_image(self, raw_idx):
+        fname = self._file(raw_idx)
+        image, bits = read_png(fname)
+        if list(image.shape) != self._raw_shape[1:] or bits != self._bits:
+            raise ValueError(f'image file {fname} has shape {list(image.shape)} ({bits}-bit), but the dataset has '
+                f'{self._raw_shape[1:]} ({self._bits}-bit) from {self._file(0)}; all images must match')
+        return image
+
+    def _load_raw_labels(self):
+        if not self._use_labels:
+            return None
+        fname = os.path.join(self._path, 'dataset.json')
+        if not os.path.isfile(fname):
+            raise FileNotFoundError(f'training.dataset.use_labels is set but {fname} does not exist')
+        try:
+            with open(fname, 'r', encoding='utf-8') as f:
+                table = json.load(f).get('labels')
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f'cannot read labels from {fname}: {err}') from None
+        if not isinstance(table, list):
+            raise ValueError(f'{fname}: "labels" must be a list of [relative/path.png, label] pairs')
+        try:
+            table = {str(k).replace('\\', '/'): v for k, v in table}
+        except (TypeError, ValueError):
+            raise ValueError(f'{fname}: "labels" must be a list of [relative/path.png, label] pairs') from None
+        missing = [f for f in self._fnames if f not in table]
+        if missing:
+            raise ValueError(f'{fname}: no label for image {missing[0]} ({len(missing)} images without labels)')
+        values = [table[f] for f in self._fnames]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return _labels_to_float(np.array(values, dtype=np.int64), fname)
+        if all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1:
+            try:
+                return _labels_to_float(np.array(values, dtype=np.float64), fname)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f'{fname}: label vectors must be numbers ({err})') from None
+        raise ValueError(f'{fname}: labels must be all integers (classes) or all lists of the same length (vectors)')
+
+#----------------------------------------------------------------------------

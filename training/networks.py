@@ -1,0 +1,488 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Denoiser architectures and preconditioning of "Elucidating the Design Space
+of Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
+
+`SongUNet` is DDPM++ / NCSN++ (Song et al. 2021), `DhariwalUNet` is ADM
+(Dhariwal & Nichol 2021); `VPPrecond`, `VEPrecond` and `EDMPrecond` wrap them
+as denoisers D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Eq. 7, Table 1).
+Constructor arguments and state-dict keys match NVlabs/edm. Medical extensions:
+per-pixel sigma, condition images concatenated to the network input
+(`cond_channels`) and continuous embedding vectors (`embedding_dim`).
+"""
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.functional import silu
+
+from torch_utils import persistence
+from training.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+
+
+#----------------------------------------------------------------------------
+# Inputs of the mapping network shared by both U-Nets.
+
+def _class_label_input(class_labels: torch.Tensor | None, label_dim: int, n: int, device: torch.device) -> torch.Tensor | None:
+    if not label_dim:
+        return None
+    if class_labels is None: # Unconditional case: all-zero label vector.
+        return torch.zeros([n, label_dim], device=device)
+    labels = class_labels.to(torch.float32)
+    if labels.numel() % label_dim != 0 or labels.numel() // label_dim not in (1, n):
+        raise ValueError(f'class_labels: expected shape ({n}, {label_dim}) for label_dim={label_dim}, got {tuple(class_labels.shape)}')
+    return labels.reshape(-1, label_dim).expand(n, label_dim)
+
+def _check_embedding(embedding: torch.Tensor | None, embedding_dim: int, n: int) -> None:
+    if embedding_dim and embedding is None:
+        raise ValueError(f'embedding: a ({n}, {embedding_dim}) tensor is required because embedding_dim={embedding_dim}')
+    if not embedding_dim and embedding is not None:
+        raise ValueError('embedding: given, but the network was built with embedding_dim=0')
+    if embedding is not None and tuple(embedding.shape) != (n, embedding_dim):
+        raise ValueError(f'embedding: expected shape ({n}, {embedding_dim}), got {tuple(embedding.shape)}')
+
+def _label_dropout(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # Drop whole label vectors for classifier-free guidance (training only).
+    if training and p:
+        keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
+        labels = labels * keep.to(labels.dtype)
+    return labels
+
+#----------------------------------------------------------------------------
+# DDPM++ and NCSN++ U-Net (Song et al. 2021), EDM config A-F (Table 7).
+
+class SongUNet(torch.nn.Module):
+    def __init__(self,
+        img_resolution,                     # Image resolution at input/output.
+        in_channels,                        # Number of color channels at input.
+        out_channels,                       # Number of color channels at output.
+        label_dim           = 0,            # Number of class labels, 0 = unconditional.
+        augment_dim         = 0,            # Augmentation label dimensionality, 0 = no augmentation.
+
+        model_channels      = 128,          # Base multiplier for the number of channels.
+        channel_mult        = [1,2,2,2],    # Per-resolution multipliers for the number of channels.
+        channel_mult_emb    = 4,            # Multiplier for the dimensionality of the embedding vector.
+        num_blocks          = 4,            # Number of residual blocks per resolution.
+        attn_resolutions    = [16],         # List of resolutions with self-attention.
+        dropout             = 0.10,         # Dropout probability of intermediate activations.
+        label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
+
+        embedding_type      = 'positional', # Timestep embedding type: 'positional' for DDPM++, 'fourier' for NCSN++.
+        channel_mult_noise  = 1,            # Timestep embedding size: 1 for DDPM++, 2 for NCSN++.
+        encoder_type        = 'standard',   # Encoder architecture: 'standard' for DDPM++, 'residual' for NCSN++.
+        decoder_type        = 'standard',   # Decoder architecture: 'standard' for both DDPM++ and NCSN++.
+        resample_filter     = [1,1],        # Resampling filter: [1,1] for DDPM++, [1,3,3,1] for NCSN++.
+        embedding_dim       = 0,            # medEDM: width of a continuous embedding vector, 0 = none.
+    ):
+        if embedding_type not in ('positional', 'fourier'):
+            raise ValueError(f"embedding_type: expected 'positional' or 'fourier', got {embedding_type!r}")
+        if encoder_type not in ('standard', 'skip', 'residual'):
+            raise ValueError(f"encoder_type: expected 'standard', 'skip' or 'residual', got {encoder_type!r}")
+        if decoder_type not in ('standard', 'skip'):
+            raise ValueError(f"decoder_type: expected 'standard' or 'skip', got {decoder_type!r}")
+        super().__init__()
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
+        self.embedding_dim = embedding_dim
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode='xavier_uniform')
+        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
+        init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
+            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=init, init_zero=init_zero, init_attn=init_attn)
+
+        # Mapping network: noise (+ label + augment) embedding [+ embedding vector] -> MLP.
+        self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True) if embedding_type == 'positional' else FourierEmbedding(num_channels=noise_channels)
+        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
+        self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init) if augment_dim else None
+        self.map_layer0 = Linear(in_features=noise_channels + embedding_dim, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        caux = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels
+                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+                if encoder_type == 'skip': # Progressive growing input (StyleGAN2-style), added after the down block.
+                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(in_channels=caux, out_channels=caux, kernel=0, down=True, resample_filter=resample_filter)
+                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(in_channels=caux, out_channels=cout, kernel=1, **init)
+                if encoder_type == 'residual': # NCSN++ input pyramid.
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(in_channels=caux, out_channels=cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init)
+                    caux = cout
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
+        skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
+
+        # Decoder.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = (idx == num_blocks and res in attn_resolutions)
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=attn, **block_kwargs)
+            if decoder_type == 'skip' or level == 0: # Output head(s); 'skip' sums heads of every resolution.
+                if decoder_type == 'skip' and level < len(channel_mult) - 1:
+                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0, up=True, resample_filter=resample_filter)
+                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
+                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+            augment_labels: torch.Tensor | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        n = x.shape[0]
+        _check_embedding(embedding, self.embedding_dim, n)
+
+        # Mapping.
+        emb = self.map_noise(noise_labels)
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # [sin, cos] order of DDPM++.
+        if self.map_label is not None:
+            labels = _label_dropout(_class_label_input(class_labels, self.label_dim, n, x.device), self.label_dropout, self.training)
+            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = emb.expand(n, -1)
+        if embedding is not None:
+            emb = torch.cat([emb, embedding.to(emb.dtype)], dim=1)
+        emb = silu(self.map_layer0(emb))
+        emb = silu(self.map_layer1(emb))
+
+        # Encoder.
+        skips = []
+        aux = x
+        for name, block in self.enc.items():
+            if 'aux_down' in name:
+                aux = block(aux)
+            elif 'aux_skip' in name:
+                x = skips[-1] = x + block(aux)
+            elif 'aux_residual' in name:
+                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+
+        # Decoder.
+        aux = None
+        tmp = None
+        for name, block in self.dec.items():
+            if 'aux_up' in name:
+                aux = block(aux)
+            elif 'aux_norm' in name:
+                tmp = block(x)
+            elif 'aux_conv' in name:
+                tmp = block(silu(tmp))
+                aux = tmp if aux is None else tmp + aux
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return aux
+
+#----------------------------------------------------------------------------
+# ADM U-Net (Dhariwal & Nichol 2021), EDM config for ImageNet-64.
+
+class DhariwalUNet(torch.nn.Module):
+    def __init__(self,
+        img_resolution,                     # Image resolution at input/output.
+        in_channels,                        # Number of color channels at input.
+        out_channels,                       # Number of color channels at output.
+        label_dim           = 0,            # Number of class labels, 0 = unconditional.
+        augment_dim         = 0,            # Augmentation label dimensionality, 0 = no augmentation.
+
+        model_channels      = 192,          # Base multiplier for the number of channels.
+        channel_mult        = [1,2,3,4],    # Per-resolution multipliers for the number of channels.
+        channel_mult_emb    = 4,            # Multiplier for the dimensionality of the embedding vector.
+        num_blocks          = 3,            # Number of residual blocks per resolution.
+        attn_resolutions    = [32,16,8],    # List of resolutions with self-attention.
+        dropout             = 0.10,         # Dropout probability of intermediate activations.
+        label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
+        embedding_dim       = 0,            # medEDM: width of a continuous embedding vector, 0 = none.
+    ):
+        super().__init__()
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
+        self.embedding_dim = embedding_dim
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1/3), init_bias=np.sqrt(1/3))
+        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+
+        # Mapping network: noise (+ augment) embedding [+ embedding vector] -> MLP, then + label embedding.
+        self.map_noise = PositionalEmbedding(num_channels=model_channels)
+        self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_layer0 = Linear(in_features=model_channels + embedding_dim, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_label = Linear(in_features=label_dim, out_features=emb_channels, bias=False, init_mode='kaiming_normal', init_weight=np.sqrt(label_dim)) if label_dim else None
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
+        skips = [block.out_channels for block in self.enc.values()]
+
+        # Decoder.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
+        self.out_norm = GroupNorm(num_channels=cout)
+        self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+            augment_labels: torch.Tensor | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        n = x.shape[0]
+        _check_embedding(embedding, self.embedding_dim, n)
+
+        # Mapping.
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = emb.expand(n, -1)
+        if embedding is not None:
+            emb = torch.cat([emb, embedding.to(emb.dtype)], dim=1)
+        emb = silu(self.map_layer0(emb))
+        emb = self.map_layer1(emb)
+        if self.map_label is not None:
+            labels = _label_dropout(_class_label_input(class_labels, self.label_dim, n, x.device), self.label_dropout, self.training)
+            emb = emb + self.map_label(labels)
+        emb = silu(emb)
+
+        # Encoder.
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+
+        # Decoder.
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(silu(self.out_norm(x)))
+
+#----------------------------------------------------------------------------
+# Inner architectures a preconditioner can wrap.
+
+_MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
+
+# Floor of the per-sample sigma that feeds c_noise when sigma is per pixel, so that
+# ln(0) never reaches the network (where sigma = 0, c_out = 0 and D(x) = x anyway).
+_SIGMA_FLOOR = 1e-20
+
+def _sigma_4d(sigma: Any, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    # Returns sigma broadcastable to x with batch dim N, and whether it varies within a sample.
+    n = x.shape[0]
+    sigma = torch.as_tensor(sigma).to(device=x.device, dtype=torch.float32)
+    if sigma.ndim <= 1 and sigma.numel() in (1, n):
+        return sigma.reshape(-1, 1, 1, 1).expand(n, 1, 1, 1), False
+    if sigma.ndim == x.ndim and sigma.shape[0] in (1, n) and all(s in (1, t) for s, t in zip(sigma.shape[1:], x.shape[1:])):
+        sigma = sigma.expand(n, *sigma.shape[1:])
+        return sigma, sigma[0].numel() > 1
+    raise ValueError(f'sigma: expected a scalar, shape ({n},), ({n}, 1, 1, 1) or a per-pixel map broadcastable to x '
+        f'{tuple(x.shape)}, got shape {tuple(sigma.shape)}')
+
+#----------------------------------------------------------------------------
+# Preconditioning shared by all formulations: D(x) = c_skip x + c_out F(c_in x, c_noise).
+
+class _Precond(torch.nn.Module):
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, cond_channels, embedding_dim, model_kwargs):
+        super().__init__()
+        if model_type not in _MODEL_TYPES:
+            raise ValueError(f"model_type: expected 'SongUNet' or 'DhariwalUNet', got {model_type!r}")
+        if cond_channels < 0 or embedding_dim < 0:
+            raise ValueError(f'cond_channels and embedding_dim must be >= 0, got cond_channels={cond_channels}, embedding_dim={embedding_dim}')
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.cond_channels = cond_channels
+        self.embedding_dim = embedding_dim
+        self.model = _MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels + cond_channels,
+            out_channels=img_channels, label_dim=label_dim, embedding_dim=embedding_dim, **model_kwargs)
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def noise_label(self, sigma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def coefficients(self, sigma: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out, c_in, c_noise) of Table 1, elementwise in sigma."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        return (*self.scalings(sigma), self.noise_label(sigma))
+
+    def round_sigma(self, sigma: Any) -> torch.Tensor:
+        return torch.as_tensor(sigma)
+
+    def forward(self, x: torch.Tensor, sigma: Any, class_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+            embedding: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None, force_fp32: bool = False, **model_kwargs) -> torch.Tensor:
+        x = x.to(torch.float32)
+        n = x.shape[0]
+        if x.ndim != 4 or x.shape[1] != self.img_channels:
+            raise ValueError(f'x: expected shape (N, {self.img_channels}, H, W), got {tuple(x.shape)}')
+        sigma, per_pixel = _sigma_4d(sigma, x)
+        class_labels = _class_label_input(class_labels, self.label_dim, n, x.device)
+        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
+
+        # Coefficients: c_skip, c_out, c_in per element of sigma; c_noise per sample (max over pixels).
+        c_skip, c_out, c_in = self.scalings(sigma)
+        sigma_sample = sigma.reshape(n, -1).amax(dim=1)
+        c_noise = self.noise_label(sigma_sample.clamp(min=_SIGMA_FLOOR) if per_pixel else sigma_sample)
+
+        # Network input: [c_in x, cond]; the condition image is neither noised nor scaled.
+        x_in = c_in * x
+        if self.cond_channels:
+            if cond is None:
+                raise ValueError(f'cond: a condition image of shape ({n}, {self.cond_channels}, H, W) is required because cond_channels={self.cond_channels}')
+            if cond.ndim != 4 or tuple(cond.shape) != (n, self.cond_channels, *x.shape[2:]):
+                raise ValueError(f'cond: expected shape {(n, self.cond_channels, *x.shape[2:])} for x of shape {tuple(x.shape)}, got {tuple(cond.shape)}')
+            x_in = torch.cat([x_in, cond.to(torch.float32)], dim=1)
+        elif cond is not None:
+            raise ValueError('cond: given, but the network was built with cond_channels=0')
+
+        F_x = self.model(x_in.to(dtype), c_noise, class_labels=class_labels, augment_labels=augment_labels, embedding=embedding, **model_kwargs)
+        if F_x.dtype != dtype:
+            raise RuntimeError(f'inner model returned {F_x.dtype}, expected {dtype}')
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        return D_x
+
+#----------------------------------------------------------------------------
+# Preconditioning of the variance preserving (VP) formulation (Song et al. 2021), Table 1.
+
+@persistence.persistent_class
+class VPPrecond(_Precond):
+    """VP preconditioning: c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2+1),
+    c_noise = (M-1) sigma^-1(sigma), with sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)."""
+    def __init__(self,
+        img_resolution,                 # Image resolution.
+        img_channels,                   # Number of color channels.
+        label_dim       = 0,            # Number of class labels, 0 = unconditional.
+        use_fp16        = False,        # Execute the underlying model at FP16 precision (CUDA only)?
+        beta_d          = 19.9,         # Extent of the noise level schedule.
+        beta_min        = 0.1,          # Initial slope of the noise level schedule.
+        M               = 1000,         # Original number of timesteps in the DDPM formulation.
+        epsilon_t       = 1e-5,         # Minimum t-value used during training.
+        model_type      = 'SongUNet',   # Class name of the underlying model.
+        cond_channels   = 0,            # medEDM: channels of the condition image, 0 = none.
+        embedding_dim   = 0,            # medEDM: width of the embedding vector, 0 = none.
+        **model_kwargs,                 # Keyword arguments for the underlying model.
+    ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, cond_channels, embedding_dim, model_kwargs)
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.M = M
+        self.epsilon_t = epsilon_t
+        self.sigma_min = float(self.sigma(epsilon_t))
+        self.sigma_max = float(self.sigma(1))
+        self.sigma_data = 0.5
+
+    def scalings(self, sigma):
+        return torch.ones_like(sigma), -sigma, 1 / (sigma ** 2 + 1).sqrt()
+
+    def noise_label(self, sigma):
+        return (self.M - 1) * self.sigma_inv(sigma)
+
+    def sigma(self, t: Any) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        return torch.expm1(0.5 * self.beta_d * (t ** 2) + self.beta_min * t).sqrt() # expm1: accurate for small t.
+
+    def sigma_inv(self, sigma: Any) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma)
+        return ((self.beta_min ** 2 + 2 * self.beta_d * torch.log1p(sigma ** 2)).sqrt() - self.beta_min) / self.beta_d
+
+#----------------------------------------------------------------------------
+# Preconditioning of the variance exploding (VE) formulation (Song et al. 2021), Table 1.
+
+@persistence.persistent_class
+class VEPrecond(_Precond):
+    """VE preconditioning: c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma/2)."""
+    def __init__(self,
+        img_resolution,                 # Image resolution.
+        img_channels,                   # Number of color channels.
+        label_dim       = 0,            # Number of class labels, 0 = unconditional.
+        use_fp16        = False,        # Execute the underlying model at FP16 precision (CUDA only)?
+        sigma_min       = 0.02,         # Minimum supported noise level.
+        sigma_max       = 100,          # Maximum supported noise level.
+        model_type      = 'SongUNet',   # Class name of the underlying model.
+        cond_channels   = 0,            # medEDM: channels of the condition image, 0 = none.
+        embedding_dim   = 0,            # medEDM: width of the embedding vector, 0 = none.
+        **model_kwargs,                 # Keyword arguments for the underlying model.
+    ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, cond_channels, embedding_dim, model_kwargs)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = 0.5
+
+    def scalings(self, sigma):
+        return torch.ones_like(sigma), sigma, torch.ones_like(sigma)
+
+    def noise_label(self, sigma):
+        return (0.5 * sigma).log()
+
+#----------------------------------------------------------------------------
+# Improved preconditioning proposed in the paper (EDM), Table 1 and Eq. 7.
+
+@persistence.persistent_class
+class EDMPrecond(_Precond):
+    """EDM preconditioning: c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd/sqrt(sigma^2+sd^2),
+    c_in = 1/sqrt(sd^2+sigma^2), c_noise = ln(sigma)/4, with sd = sigma_data.
+
+    sigma may be per sample or per pixel; where sigma = 0, D(x) = x exactly."""
+    def __init__(self,
+        img_resolution,                     # Image resolution.
+        img_channels,                       # Number of color channels.
+        label_dim       = 0,                # Number of class labels, 0 = unconditional.
+        use_fp16        = False,            # Execute the underlying model at FP16 precision (CUDA only)?
+        sigma_min       = 0,                # Minimum supported noise level.
+        sigma_max       = float('inf'),     # Maximum supported noise level.
+        sigma_data      = 0.5,              # Expected standard deviation of the training data.
+        model_type      = 'DhariwalUNet',   # Class name of the underlying model.
+        cond_channels   = 0,                # medEDM: channels of the condition image, 0 = none.
+        embedding_dim   = 0,                # medEDM: width of the embedding vector, 0 = none.
+        **model_kwargs,                     # Keyword arguments for the underlying model.
+    ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, cond_channels, embedding_dim, model_kwargs)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
+
+    def scalings(self, sigma):
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        return c_skip, c_out, c_in
+
+    def noise_label(self, sigma):
+        return sigma.log() / 4
+
+#----------------------------------------------------------------------------
