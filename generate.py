@@ -93,6 +93,8 @@ def run(cfg: DictConfig) -> None:
     # Load network.
     dist.print0(f'Loading network from "{scfg["network_pkl"]}"...')
     net = persistence.load_snapshot(scfg['network_pkl'])['ema'].eval().requires_grad_(False).to(device)
+    if scfg['batch_invariant']:
+        net = sampling.PerSampleNet(net)
     if scfg['class_idx'] is not None and not (0 <= scfg['class_idx'] < max(net.label_dim, 0)):
         raise ValueError(f'sampling.class_idx={scfg["class_idx"]}: the network has {net.label_dim} classes')
     if getattr(net, 'cond_channels', 0):

@@ -42,16 +42,19 @@ config_mod.register()
 class Logger:
     def __init__(self, file_name: str):
         self.file = open(file_name, 'a', encoding='utf-8')
-        self.stdout, self.stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = self, self
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+
+class _Tee:
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
 
     def write(self, text: str) -> None:
-        self.stdout.write(text)
+        self.stream.write(text)
         self.file.write(text)
         self.file.flush()
 
     def flush(self) -> None:
-        self.stdout.flush()
+        self.stream.flush()
         self.file.flush()
 
 #----------------------------------------------------------------------------

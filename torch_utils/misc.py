@@ -232,7 +232,13 @@ def construct_class(config: dict, key: str, **extra_kwargs) -> Any:
         for k in kwargs:
             if k not in sig.parameters:
                 raise ValueError(f'{key}.{k}: not an argument of {config["_target_"]}')
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as err: # A **kwargs pass-through (e.g. a preconditioner's model_kwargs) met an unknown name.
+        m = re.search(r"got an unexpected keyword argument '(\w+)'", str(err))
+        if m and m.group(1) in kwargs:
+            raise ValueError(f'{key}.{m.group(1)}: not an argument of {config["_target_"]}') from None
+        raise
 
 #----------------------------------------------------------------------------
 

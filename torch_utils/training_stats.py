@@ -29,7 +29,7 @@ def report(name: str, value: Any) -> Any:
     reported per pixel)."""
     if name not in _counters:
         _counters[name] = dict()
-    elems = torch.as_tensor(value)
+    elems = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=_counter_dtype)
     if elems.numel() == 0:
         return value
     elems = elems.detach().flatten().to(_counter_dtype)

@@ -77,6 +77,7 @@ class SamplingConfig:
     S_min: float = 0                    # Stochastic sigma range, low end.
     S_max: float = float('inf')         # Stochastic sigma range, high end.
     S_noise: float = 1                  # Noise inflation.
+    batch_invariant: bool = True        # Evaluate the network per sample: seed -> bit-identical sample for any batch/world size.
 
 @dataclass
 class ExperimentConfig:

@@ -76,6 +76,30 @@ def edm_sampler(
     return x_next
 
 #----------------------------------------------------------------------------
+# Evaluate a network one sample at a time. Convolution and matrix kernels
+# (oneDNN, BLAS, cuDNN) pick different algorithms for different batch sizes,
+# which changes results in the last bits; with this wrapper the sample of a
+# seed is bit-identical whatever the batch size and the number of processes.
+
+class PerSampleNet(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__('net'), name)
+
+    def forward(self, x, sigma, **kwargs):
+        def pick(v, i):
+            if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == x.shape[0]:
+                return v[i:i + 1]
+            return v
+        return torch.cat([self.net(x[i:i + 1], pick(sigma, i), **{k: pick(v, i) for k, v in kwargs.items()}) for i in range(x.shape[0])])
+
+#----------------------------------------------------------------------------
 # One torch.Generator per sample: what sample i receives depends only on its
 # seed, never on the batch it lands in or the number of processes.
 

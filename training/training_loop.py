@@ -64,7 +64,7 @@ def training_loop(
 ):
     """Train a network; write snapshots, training states and stats to `run_dir`."""
     # Initialize.
-    start_time = time.time()
+    start_time = launch_time = time.time()
     device = dist.get_device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -146,6 +146,7 @@ def training_loop(
         cur_nimg, cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
         nonfinite_total = int(state.get('nonfinite_total', 0))
         nonfinite_run = int(state.get('nonfinite_run', 0))
+        start_time -= float(state.get('total_elapsed_time', 0)) # The tick line's time counts all invocations.
         if int(state.get('world_size', world_size)) != world_size:
             dist.print0(f'Note: resuming a {state["world_size"]}-process run with {world_size} processes (not bit-identical).')
         del state
@@ -176,7 +177,7 @@ def training_loop(
     slice_end_nimg = start_nimg + int(round(slice_kimg * 1000)) if slice_kimg is not None else None
     tick_start_nimg = cur_nimg
     tick_start_time = time.time()
-    maintenance_time = tick_start_time - start_time
+    maintenance_time = tick_start_time - launch_time
     while True:
 
         # Accumulate gradients.
@@ -285,6 +286,7 @@ def training_loop(
             if rank == 0:
                 training_state.save_state(training_state.state_path(run_dir, cur_nimg), dict(
                     cur_nimg=cur_nimg, cur_tick=cur_tick + 1, seed=seed, batch_size=batch_size, world_size=world_size,
+                    total_elapsed_time=time.time() - start_time,
                     nonfinite_total=nonfinite_total, nonfinite_run=nonfinite_run,
                     net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                     loss_fn=(loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None),
@@ -384,7 +386,7 @@ def _truncate_stats(path: str, cur_nimg: int) -> None:
                 kimg = json.loads(line)['Progress/kimg']['mean']
             except (ValueError, KeyError, TypeError):
                 continue
-            if kimg * 1000 <= cur_nimg + 1e-6:
+            if kimg * 1000 <= cur_nimg + 0.5:
                 keep.append(line if line.endswith('\n') else line + '\n')
     persistence.atomic_write_bytes(path, ''.join(keep).encode('utf-8'))
 
