@@ -68,6 +68,8 @@ def training_loop(
     device = dist.get_device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.backends.cudnn.benchmark = cudnn_benchmark
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False

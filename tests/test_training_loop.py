@@ -1,0 +1,94 @@
+# medEDM: training-loop options in one process (no torchrun): freezing
+# schedule, bf16 autocast, joint augmentation, clipping and lr decay.
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+import launch
+from torch_utils import misc
+from training import training_loop
+
+#----------------------------------------------------------------------------
+
+NETWORK = dict(_target_='training.networks.EDMPrecond', model_type='SongUNet', model_channels=8, channel_mult=[1, 2],
+    num_blocks=1, attn_resolutions=[], dropout=0.0)
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('loop')
+    return launch.make_data(str(folder), n=32)
+
+def _train(tmp_path, data, **overrides):
+    kwargs = dict(run_dir=str(tmp_path), dataset_kwargs=dict(_target_='training.dataset.NpzDataset', path=data),
+        network_kwargs=dict(NETWORK), loss_kwargs=dict(_target_='training.loss.EDMLoss'),
+        optimizer_kwargs=dict(_target_='torch.optim.Adam', lr=1e-2), batch_size=4, total_kimg=0.032, lr_rampup_kimg=0,
+        kimg_per_tick=0.016, snapshot_ticks=None, state_dump_ticks=1, grid_images=0, workers=0, print_summary=False,
+        ema_halflife_kimg=0.01, seed=3)
+    kwargs.update(overrides)
+    training_loop.training_loop(**kwargs)
+    state = sorted(glob.glob(os.path.join(str(tmp_path), 'training-state-*.pt')))[-1]
+    return torch.load(state, map_location='cpu', weights_only=True)
+
+def _initial_weights(**interface):
+    torch.manual_seed(3)
+    return misc.construct_class(dict(NETWORK), 'net', img_resolution=16, img_channels=1, label_dim=0, **interface).state_dict()
+
+#----------------------------------------------------------------------------
+
+def test_freeze_whole_run(tmp_path, data):
+    state = _train(tmp_path, data, freeze=[dict(params='model.enc.*')])
+    init = _initial_weights()
+    enc = [k for k in init if k.startswith('model.enc.') and not k.endswith('resample_filter')]
+    dec = [k for k in init if k.startswith('model.dec.') and k.endswith('weight')]
+    assert enc and all(torch.equal(state['net'][k], init[k]) for k in enc)
+    assert any(not torch.equal(state['net'][k], init[k]) for k in dec)
+
+def test_freeze_first_kimg_then_train(tmp_path, data):
+    # Frozen for the first 16 images (4 steps), trained for the last 16.
+    state = _train(tmp_path, data, freeze=[dict(params='model.map_layer0', start_kimg=0, end_kimg=0.016)])
+    init = _initial_weights()
+    assert not torch.equal(state['net']['model.map_layer0.weight'], init['model.map_layer0.weight'])
+    frozen_all = _train(tmp_path / 'b', data, freeze=[dict(params='model.map_layer0', start_kimg=0, end_kimg=None)])
+    assert torch.equal(frozen_all['net']['model.map_layer0.weight'], init['model.map_layer0.weight'])
+
+def test_freeze_bad_pattern(tmp_path, data):
+    with pytest.raises(ValueError, match=r"training.freeze\[0\].params='nothing.\*' matches no parameter"):
+        _train(tmp_path, data, freeze=[dict(params='nothing.*')])
+
+def test_bf16_autocast(tmp_path, data):
+    state = _train(tmp_path, data, precision='bf16')
+    assert all(torch.isfinite(v).all() for v in state['net'].values())
+    assert state['net']['model.map_layer0.weight'].dtype == torch.float32
+
+def test_fp16_needs_cuda(tmp_path, data):
+    if torch.cuda.is_available():
+        pytest.skip('CUDA present')
+    with pytest.raises(ValueError, match='training.precision=fp16 needs CUDA; use bf16 on CPU'):
+        _train(tmp_path, data, precision='fp16')
+
+def test_augment_pipe_conditions_the_network(tmp_path, data):
+    augment = dict(_target_='training.augment.AugmentPipe', p=1, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    state = _train(tmp_path, data, augment_kwargs=augment)
+    assert state['net']['model.map_augment.weight'].shape[1] == 9
+
+def test_clip_and_cosine_decay_reported(tmp_path, data):
+    _train(tmp_path, data, grad_clip=0.01, lr_decay='cosine', lr_min_ratio=0.5)
+    lines = [json.loads(l) for l in open(tmp_path / 'stats.jsonl')]
+    assert lines[-1]['Loss/learning_rate']['mean'] == pytest.approx(1e-2 * (0.5 + 0.5 * 0.5 * (1 + __import__('math').cos(__import__('math').pi * 28 / 32))))
+    assert lines[-1]['Loss/grad_norm']['num'] > 0
+
+def test_bad_loop_options(tmp_path, data):
+    with pytest.raises(ValueError, match="training.lr_decay: expected 'constant', 'cosine' or 'isqrt', got 'linear'"):
+        _train(tmp_path, data, lr_decay='linear')
+    with pytest.raises(ValueError, match='training.batch_gpu=3 must divide batch_size / processes = 4'):
+        _train(tmp_path, data, batch_gpu=3)
+
+def test_gradient_accumulation_runs_all_rounds(tmp_path, data):
+    # batch_gpu=1 -> 4 accumulation rounds per step; every image counts in Loss/loss (per pixel).
+    _train(tmp_path, data, batch_gpu=1)
+    lines = [json.loads(l) for l in open(tmp_path / 'stats.jsonl')]
+    assert lines[-1]['Loss/loss']['num'] == 3 * 4 * 16 * 16 # 3 steps of 4 images since tick 0.
