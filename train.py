@@ -111,10 +111,10 @@ def run(cfg: DictConfig) -> None:
     _, run_dir, state, tcfg0 = result
     if tcfg0 != tcfg:
         raise ValueError('the ranks composed different training configs (check per-rank overrides and ${now:} resolvers)')
-    training_state.remove_stale_tmp(run_dir) if dist.get_rank() == 0 else None
 
     # Log and save the resolved config.
     if dist.get_rank() == 0:
+        training_state.remove_stale_tmp(run_dir)
         Logger(os.path.join(run_dir, 'log.txt'))
         if state is None or not os.path.isfile(os.path.join(run_dir, 'config.yaml')):
             text = OmegaConf.to_yaml(OmegaConf.create(dict(resume=str(cfg.resume), training=tcfg, sampling=config_mod.to_plain(cfg.sampling))))

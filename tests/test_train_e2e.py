@@ -56,6 +56,7 @@ def test_two_process_runs_are_identical(data_dir):
     for desc in ('p2a', 'p2b'):
         launch.check(launch.run('train.py', [f'training.desc={desc}'], data_dir, nproc=2))
     a, b = _final_state(_run_dir(data_dir, 'p2a')), _final_state(_run_dir(data_dir, 'p2b'))
+    assert not glob.glob(os.path.join(data_dir, 'outputs')) and not glob.glob(os.path.join(data_dir, '**', '.hydra'), recursive=True)
     assert a['world_size'] == 2
     _assert_same_weights(a, b)
 
