@@ -1,0 +1,51 @@
+# medEDM: PSNR, SSIM, NRMSE against direct formulas and their defining properties.
+
+import numpy as np
+import pytest
+
+from training import metrics
+
+def _naive_ssim(x, y, L):
+    # Direct loops over window positions (Wang et al. 2004, Eq. 13, Gaussian window 11, sigma 1.5).
+    w = metrics.gaussian_window().numpy()
+    C1, C2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    vals = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            a, b = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+            cov = (w * (a - ma) * (b - mb)).sum()
+            vals.append((2 * ma * mb + C1) * (2 * cov + C2) / ((ma ** 2 + mb ** 2 + C1) * (va + vb + C2)))
+    return np.mean(vals)
+
+def test_ssim_matches_direct_formula():
+    rng = np.random.default_rng(0)
+    x = rng.random((24, 20))
+    y = x + 0.1 * rng.standard_normal((24, 20))
+    assert metrics.ssim(y, x, data_range=1.0)[0] == pytest.approx(_naive_ssim(y, x, 1.0), rel=1e-10)
+
+def test_ssim_properties():
+    rng = np.random.default_rng(1)
+    x = rng.random((3, 32, 32))
+    assert np.allclose(metrics.ssim(x, x, data_range=1.0), 1.0)
+    noisy = [metrics.ssim(x + s * rng.standard_normal(x.shape), x, data_range=1.0).mean() for s in (0.01, 0.1, 0.5)]
+    assert noisy[0] > noisy[1] > noisy[2]
+    y = x + 0.2 * rng.standard_normal(x.shape)
+    assert np.allclose(metrics.ssim(x, y, data_range=1.0), metrics.ssim(y, x, data_range=1.0)) # Symmetric.
+
+def test_psnr_and_nrmse_golden():
+    ref = np.ones((1, 8, 8))
+    x = ref + 0.1
+    assert metrics.psnr(x, ref, data_range=1.0)[0] == pytest.approx(20.0)
+    assert metrics.nrmse(x, ref)[0] == pytest.approx(0.1)
+    assert metrics.psnr(x, ref, data_range=2.0)[0] == pytest.approx(20.0 + 20 * np.log10(2))
+
+@pytest.mark.parametrize('call, message', [
+    (lambda: metrics.psnr(np.ones((4, 4)), np.ones((5, 4)), 1.0), 'does not match reference shape'),
+    (lambda: metrics.psnr(np.ones((4, 4)), np.ones((4, 4)), 0), 'data_range must be a positive number, got 0'),
+    (lambda: metrics.ssim(np.ones((8, 8)), np.ones((8, 8)), 1.0), 'smaller than the SSIM window'),
+])
+def test_metric_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

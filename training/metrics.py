@@ -1,0 +1,83 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Image-quality metrics for reconstruction-type tasks (PET dose enhancement,
+inpainting): PSNR, SSIM and NRMSE on batches of 2-D images, in float64.
+
+SSIM follows Wang et al. 2004 ("Image quality assessment: from error
+visibility to structural similarity", Eq. 13): Gaussian window 11x11 with
+sigma 1.5, K1 = 0.01, K2 = 0.03, C1 = (K1 L)^2, C2 = (K2 L)^2, averaged over
+the valid (unpadded) window positions. L is the data range, which changes both
+PSNR and SSIM, so every function takes it explicitly (no default)."""
+
+import numpy as np
+import torch
+
+#----------------------------------------------------------------------------
+
+def _as_batch(x) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float64)
+    if x.ndim == 2:
+        x = x[None, None]
+    elif x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise ValueError(f'metrics: expected images [H, W], [N, H, W] or [N, C, H, W], got shape {tuple(x.shape)}')
+    return x
+
+def _check_pair(x, ref) -> tuple[torch.Tensor, torch.Tensor]:
+    x, ref = _as_batch(x), _as_batch(ref)
+    if x.shape != ref.shape:
+        raise ValueError(f'metrics: image shape {tuple(x.shape)} does not match reference shape {tuple(ref.shape)}')
+    return x, ref
+
+def _check_range(data_range: float) -> float:
+    if not (isinstance(data_range, (int, float, np.floating)) and np.isfinite(data_range) and data_range > 0):
+        raise ValueError(f'metrics: data_range must be a positive number, got {data_range!r}')
+    return float(data_range)
+
+#----------------------------------------------------------------------------
+# PSNR = 10 log10(L^2 / MSE), per image.
+
+def psnr(x, ref, data_range: float) -> np.ndarray:
+    """Peak signal-to-noise ratio in dB of each image of `x` against `ref`."""
+    x, ref = _check_pair(x, ref)
+    L = _check_range(data_range)
+    mse = (x - ref).square().flatten(1).mean(1)
+    return (10 * torch.log10(L ** 2 / mse)).numpy()
+
+#----------------------------------------------------------------------------
+# NRMSE = ||x - ref||_2 / ||ref||_2, per image.
+
+def nrmse(x, ref) -> np.ndarray:
+    """Normalised root-mean-square error of each image (relative to the reference's norm)."""
+    x, ref = _check_pair(x, ref)
+    return ((x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).numpy()
+
+#----------------------------------------------------------------------------
+# SSIM (Wang et al. 2004) with a Gaussian window, per image (mean over channels).
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+def ssim(x, ref, data_range: float, win_size: int = 11, sigma: float = 1.5, K1: float = 0.01, K2: float = 0.03) -> np.ndarray:
+    """Structural similarity of each image of `x` against `ref` (Gaussian window, valid positions)."""
+    x, ref = _check_pair(x, ref)
+    L = _check_range(data_range)
+    if min(x.shape[-2:]) < win_size:
+        raise ValueError(f'metrics: images of size {tuple(x.shape[-2:])} are smaller than the SSIM window ({win_size})')
+    n, c = x.shape[:2]
+    w = gaussian_window(win_size, sigma)[None, None]
+    def filt(t):
+        return torch.nn.functional.conv2d(t.reshape(n * c, 1, *t.shape[-2:]), w)
+    mu_x, mu_y = filt(x), filt(ref)
+    sxx = filt(x * x) - mu_x ** 2
+    syy = filt(ref * ref) - mu_y ** 2
+    sxy = filt(x * ref) - mu_x * mu_y
+    C1, C2 = (K1 * L) ** 2, (K2 * L) ** 2
+    s = ((2 * mu_x * mu_y + C1) * (2 * sxy + C2)) / ((mu_x ** 2 + mu_y ** 2 + C1) * (sxx + syy + C2))
+    return s.reshape(n, c, -1).mean(dim=(1, 2)).numpy()
+
+#----------------------------------------------------------------------------
