@@ -13,6 +13,7 @@ import time
 import click
 import numpy as np
 
+from torch_utils import persistence
 from training import mri_phantoms
 
 #----------------------------------------------------------------------------
@@ -28,21 +29,6 @@ def parse_float_range(s: str | tuple) -> tuple[float, float]:
     if not lo < hi:
         raise click.BadParameter(f'low must be below high, got {s!r}')
     return lo, hi
-
-#----------------------------------------------------------------------------
-# Save arrays to an .npz atomically (dest.tmp, fsync, rename).
-
-def save_npz_atomic(dest: str, **arrays) -> None:
-    tmp = dest + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 #----------------------------------------------------------------------------
 # Build 2-D axial brain MRI slices of random subjects (the dataset itself,
@@ -131,10 +117,58 @@ def mri_slices(dest, resolution, subjects, slices_per_subject, z_mm, voxel_mm, s
         raise click.ClickException(str(err)) from None
     if os.path.dirname(dest):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-    save_npz_atomic(dest, **data)
+    persistence.atomic_write(dest, lambda f: np.savez(f, **data))
     n, c, h, w = data['images'].shape
     print(f'Wrote {dest}: {n} images {c}x{h}x{w} ({subjects} subjects x {slices_per_subject} slices, '
         f'z {z_mm[0]:g}..{z_mm[1]:g} mm, seed {seed}) in {time.time() - t0:.1f} s')
+
+#----------------------------------------------------------------------------
+# Command: PET phantoms and simulated full-/low-dose reconstructions.
+
+@main.command('pet-data')
+@click.option('--dest',                 help='Output .npz file', metavar='PATH',                            type=str, required=True)
+@click.option('--resolution',           help='Image size in pixels', metavar='INT',                         type=click.IntRange(min=8), default=64, show_default=True)
+@click.option('--subjects',             help='Number of random subjects', metavar='INT',                    type=click.IntRange(min=1), default=20, show_default=True)
+@click.option('--slices-per-subject',   help='Axial slices per subject', metavar='INT',                     type=click.IntRange(min=1), default=16, show_default=True)
+@click.option('--seed',                 help='Random seed (use different seeds for train/val/test)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--total-counts',         help='Expected full-dose counts per image', metavar='FLOAT',        type=click.FloatRange(min=1), default=1e6, show_default=True)
+@click.option('--dose-fraction',        help='Low dose / full dose', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1, min_open=True), default=0.25, show_default=True)
+@click.option('--n-iter',               help='MLEM iterations', metavar='INT',                              type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--phantoms-only',        help='Skip the simulation (for training with simulate=true)',       is_flag=True)
+@click.option('--cache-dir',            help='Projector cache folder', metavar='PATH',                      type=str, default='projector_matrices', show_default=True)
+def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts, dose_fraction, n_iter, phantoms_only, cache_dir):
+    """Brain PET activity phantoms (MNI152 GM/WM, 4:1:0, lesions) with full-dose
+    and low-dose MLEM reconstructions.
+
+    Saves `phantoms` [N,1,R,R] and, unless --phantoms-only, `full` and `low`
+    (MLEM of Poisson counts and of their binomial thinning, both in full-dose
+    counts per pixel), plus `subject` and `slice`.
+    """
+    import torch
+    from tomography_utils.dose import simulate_dose
+    from tomography_utils.projector import get_system_matrix
+    from training import pet_phantoms
+    if not dest.endswith('.npz'):
+        raise click.BadParameter(f'--dest must end with .npz, got {dest!r}', param_hint='--dest')
+    t0 = time.time()
+    try:
+        data = pet_phantoms.build_pet_phantoms(resolution=resolution, subjects=subjects, slices_per_subject=slices_per_subject, seed=seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    if not phantoms_only:
+        A = get_system_matrix(resolution, cache_dir=cache_dir)
+        gen = torch.Generator().manual_seed(seed)
+        full, low = [], []
+        for batch in torch.from_numpy(data['phantoms']).split(256):
+            f, l, _, _ = simulate_dose(batch[:, 0], A, total_counts=total_counts, dose_fraction=dose_fraction, n_iter=n_iter, generator=gen)
+            full.append(f[:, None].numpy())
+            low.append(l[:, None].numpy())
+        data.update(full=np.concatenate(full), low=np.concatenate(low))
+    if os.path.dirname(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    persistence.atomic_write(dest, lambda f: np.savez(f, **data))
+    print(f'Wrote {dest}: {len(data["phantoms"])} phantoms {resolution}x{resolution}'
+        f'{"" if phantoms_only else f" with full/low-dose MLEM ({total_counts:g} counts, fraction {dose_fraction:g}, {n_iter} iterations)"} in {time.time() - t0:.1f} s')
 
 #----------------------------------------------------------------------------
 

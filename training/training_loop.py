@@ -113,11 +113,10 @@ def training_loop(
     net = misc.construct_class(network_kwargs, 'training.network', **{k: v for k, v in interface_kwargs.items() if k not in network_kwargs})
     net.train().requires_grad_(True).to(device)
     if rank == 0 and print_summary:
-        example = dataset_obj[0]
-        x = torch.zeros([batch_gpu, *np.shape(example['image'])], device=device)
+        x = torch.zeros([batch_gpu, *dataset_obj.image_shape], device=device)
         kwargs = dict(class_labels=torch.zeros([batch_gpu, net.label_dim], device=device) if net.label_dim else None)
-        if 'cond' in example:
-            kwargs['cond'] = torch.zeros([batch_gpu, *np.shape(example['cond'])], device=device)
+        if getattr(dataset_obj, 'cond_channels', 0):
+            kwargs['cond'] = torch.zeros([batch_gpu, dataset_obj.cond_channels, *dataset_obj.image_shape[1:]], device=device)
         misc.print_module_summary(net, [x, torch.ones([batch_gpu], device=device)], kwargs, max_nesting=2)
 
     # Set up loss and optimizer.
@@ -166,7 +165,8 @@ def training_loop(
     if workers > 0:
         loader_kwargs.update(prefetch_factor=2, persistent_workers=True)
     dataset_iterator = iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
-    grid = _grid_setup(dataset_obj, grid_images, seed) if rank == 0 and grid_images > 0 and snapshot_ticks is not None else None
+    device_transform = getattr(dataset_obj, 'device_transform', lambda batch: batch) # On-device data simulation (e.g. PET).
+    grid = _grid_setup(dataset_obj, grid_images, seed, device, device_transform) if rank == 0 and grid_images > 0 and snapshot_ticks is not None else None
 
     # Train.
     dist.print0(f'Training for {total_kimg} kimg...')
@@ -188,7 +188,7 @@ def training_loop(
         for round_idx in range(num_accumulation_rounds):
             misc.set_random_seed(seed, rank, cur_nimg, round_idx)
             with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                batch = _to_device(next(dataset_iterator), device)
+                batch = device_transform(_to_device(next(dataset_iterator), device))
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=(autocast_dtype is not None)):
                     loss = loss_fn(net=ddp, batch=batch, augment_pipe=augment_pipe)
                 loss = loss.float()
@@ -396,13 +396,17 @@ def _truncate_stats(path: str, cur_nimg: int) -> None:
 # Sample grid at snapshot time: fixed seeds, labels and conditions, so grids of
 # successive snapshots are comparable.
 
-def _grid_setup(dataset_obj, grid_images: int, seed: int) -> dict:
+def _grid_setup(dataset_obj, grid_images: int, seed: int, device: torch.device, device_transform) -> dict:
     n = int(grid_images)
     grid = dict(seeds=list(range(seed, seed + n)))
     if dataset_obj.label_dim:
         grid['class_labels'] = torch.eye(dataset_obj.label_dim)[torch.arange(n) % dataset_obj.label_dim]
     if getattr(dataset_obj, 'cond_channels', 0):
-        grid['cond'] = torch.stack([torch.as_tensor(dataset_obj[i % len(dataset_obj)]['cond']) for i in range(n)]).float()
+        items = [dataset_obj[i % len(dataset_obj)] for i in range(n)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            batch = device_transform(_to_device(torch.utils.data.default_collate(items), device))
+        grid['cond'] = batch['cond'].float().cpu()
     return grid
 
 @torch.no_grad()
