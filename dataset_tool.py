@@ -142,10 +142,11 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
 
     Saves `phantoms` [N,1,R,R] and, unless --phantoms-only, `full` and `low`
     (MLEM of Poisson counts and of their binomial thinning, both in full-dose
-    counts per pixel), plus `subject` and `slice`.
+    counts per pixel), `phantom_counts` (the phantom in those units: what both
+    reconstructions estimate), the simulation settings, `subject` and `slice`.
     """
     import torch
-    from tomography_utils.dose import simulate_dose
+    from tomography_utils.dose import phantom_counts, simulate_dose
     from tomography_utils.projector import get_system_matrix
     from training import pet_phantoms
     if not dest.endswith('.npz'):
@@ -163,7 +164,9 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
             f, l, _, _ = simulate_dose(batch[:, 0], A, total_counts=total_counts, dose_fraction=dose_fraction, n_iter=n_iter, generator=gen)
             full.append(f[:, None].numpy())
             low.append(l[:, None].numpy())
-        data.update(full=np.concatenate(full), low=np.concatenate(low))
+        data.update(full=np.concatenate(full), low=np.concatenate(low),
+            phantom_counts=phantom_counts(torch.from_numpy(data['phantoms']), A, total_counts)[:, None].numpy(),
+            total_counts=np.float64(total_counts), dose_fraction=np.float64(dose_fraction), n_iter=np.int64(n_iter))
     if os.path.dirname(dest):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
     persistence.atomic_write(dest, lambda f: np.savez(f, **data))
