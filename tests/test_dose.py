@@ -9,6 +9,15 @@ from tomography_utils import dose, projector
 
 #----------------------------------------------------------------------------
 
+# Small problems: one thread is as fast, and immune to a busy machine's
+# thread oversubscription.
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope='module')
 def sm():
     return projector.get_system_matrix(24, cache_dir=None)

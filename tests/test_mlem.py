@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from tomography_utils import projector
+from tomography_utils import mlem as mlem_module, projector
 from tomography_utils.mlem import mlem, poisson_log_likelihood, subset_operators
 
 #----------------------------------------------------------------------------
@@ -27,6 +27,15 @@ def noisy_counts(sm, phantoms, total=1e5, seed=0):
     ybar = sm.forward(phantoms)
     ybar = ybar * (total / ybar.sum(dim=(1, 2), keepdim=True))
     return torch.poisson(ybar, generator=torch.Generator().manual_seed(seed))
+
+# Small problems: one thread is as fast, and immune to a busy machine's
+# thread oversubscription.
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 @pytest.fixture(scope='module')
 def sm64():
@@ -88,6 +97,21 @@ def test_osem_subsets():
     # Corner pixels are not seen by every subset; OSEM must not zero them.
     flat = torch.ones(1, 32, 32, dtype=torch.float64)
     assert mlem(sm.forward(flat), sm, n_iter=5, n_subsets=8).min() > 0.5
+
+def test_cache_blocking_does_not_change_results(monkeypatch):
+    # Several forward groups (forced by a tiny block size) and a resolution
+    # that is not a multiple of the pixel tile give the same images as one group.
+    sm = projector.get_system_matrix(20, dtype='float64', cache_dir=None)
+    y = noisy_counts(sm, blobs(20, 3))
+    for n_subsets in (1, 5):
+        reference = mlem(y, sm, n_iter=8, n_subsets=n_subsets)
+        monkeypatch.setattr(mlem_module, 'BLOCK_BYTES', 1000)
+        assert mlem_module.n_groups(sm, 3) > 1
+        blocked = mlem(y, sm, n_iter=8, n_subsets=n_subsets)
+        monkeypatch.undo()
+        assert ((blocked - reference).abs().max() / reference.max()).item() < 1e-12
+    order, rank = mlem_module.pixel_order(20)
+    assert torch.equal(order.sort().values, torch.arange(400)) and torch.equal(order[rank], torch.arange(400))
 
 def test_mask_initial_image_and_callback(sm64):
     y = noisy_counts(sm64, blobs(32, 2))

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from tomography_utils.projector import SystemMatrix, csr_from_coo, csr_row_indices, make_csr
+from tomography_utils.projector import SystemMatrix, csr_row_indices, make_csr
 
 #----------------------------------------------------------------------------
 # Check a batch of sinograms: shape, finite, non-negative, non-empty.
@@ -57,7 +57,7 @@ def check_counts(sinograms: torch.Tensor, system_matrix: SystemMatrix, name: str
     return flat.to(system_matrix.dtype).T.contiguous()
 
 #----------------------------------------------------------------------------
-# Check an image-shaped input (initial image or mask); returns [n_pixels, B] or [n_pixels, 1].
+# Check an image-shaped input (initial image or mask); returns [B or 1, n_pixels].
 
 def _check_image_arg(x: torch.Tensor, system_matrix: SystemMatrix, batch: int, name: str, allow_shared: bool) -> torch.Tensor:
     n = system_matrix.resolution
@@ -72,40 +72,101 @@ def _check_image_arg(x: torch.Tensor, system_matrix: SystemMatrix, batch: int, n
     flat = flat.to(system_matrix.dtype)
     if not bool(torch.isfinite(flat).all()) or bool((flat < 0).any()):
         raise ValueError(f'{name} must be finite and non-negative')
-    return flat.T.contiguous()
+    return flat
 
 #----------------------------------------------------------------------------
-# Per-subset operators, cached on the system matrix: the row index of the
-# subset's rays (None for all rays), A_k, the back-projector diag(1/s_k) A_k^T,
-# and the pixels that subset does not see but others do (kept unchanged).
+# Cache blocking (CPU). Inside the loop pixels are numbered tile by tile
+# (TILE x TILE tiles, row-major inside a tile), so that the pixels near each
+# other in the image are near each other in X: the back-projection of one
+# tile then gathers from a small part of the ratio sinogram. The forward
+# product is split into groups of consecutive (tile-ordered) pixels, each
+# group's block of X small enough to stay in a core's L2 cache
+# (BLOCK_BYTES), and the groups' products are summed into A x:
+# A x = sum_g A[:, g] x[g]. At 128 x 128 with B = 64 this halves the time of
+# a product on this 2-core CPU; on GPUs there is one group.
 
-def subset_operators(system_matrix: SystemMatrix, n_subsets: int) -> list[tuple]:
-    key = ('subsets', n_subsets)
+TILE = 16                               # Pixel tile edge for the in-loop pixel order.
+BLOCK_BYTES = 1 << 20                   # Target size of one group's block of X on CPU.
+MAX_CACHED = 4                          # Operator sets (subsets x groups) kept per system matrix.
+
+# Pixel order of the loop: order[new] = old pixel index, rank[old] = new index.
+def pixel_order(resolution: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    i = torch.arange(resolution, device=device)[:, None]
+    j = torch.arange(resolution, device=device)[None, :]
+    tiles_per_row = -(-resolution // TILE)
+    key = ((i // TILE) * tiles_per_row + j // TILE) * TILE * TILE + (i % TILE) * TILE + j % TILE
+    order = torch.argsort(key.reshape(-1))
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=device)
+    return order, rank
+
+# Number of forward groups for a batch size (shape-dependent only).
+def n_groups(system_matrix: SystemMatrix, batch: int) -> int:
+    if system_matrix.device.type != 'cpu':
+        return 1
+    block = system_matrix.shape[1] * batch * system_matrix.A.values().element_size()
+    return max(1, min(-(-block // BLOCK_BYTES), system_matrix.shape[1] // TILE))
+
+#----------------------------------------------------------------------------
+# Per-subset operators, cached on the system matrix, all in the loop's pixel
+# order: the subset's rays (row index, None for all rays), the forward parts
+# [(A_k[:, g], first pixel, last pixel + 1)], the back-projector
+# diag(1/s_k) A_k^T, and the pixels that this subset does not see but
+# others do (their update factor is 1). Built from the stored CSR arrays by
+# masks and gathers only (no sorting).
+
+def subset_operators(system_matrix: SystemMatrix, n_subsets: int, groups: int = 1) -> list[tuple]:
+    key = ('subsets', n_subsets, groups, TILE)
     if key in system_matrix._derived:
         return system_matrix._derived[key]
     sm, dev = system_matrix, system_matrix.device
-    seen = sm.sensitivity > 0
+    n_rays, n_pixels = sm.shape
+    order, rank = pixel_order(sm.resolution, dev)
+    # A as COO with rows ascending; columns in the loop's pixel order.
+    a_rows, a_cols, a_vals = csr_row_indices(sm.A), rank[sm.A.col_indices().long()], sm.A.values()
+    # A^T with its rows (pixels) gathered into the loop's pixel order.
+    crow = sm.AT.crow_indices().long()
+    count = (crow[1:] - crow[:-1])[order]
+    start = crow[:-1][order]
+    new_crow = torch.zeros(n_pixels + 1, dtype=torch.long, device=dev)
+    new_crow[1:] = torch.cumsum(count, 0)
+    pos = torch.repeat_interleave(start - new_crow[:-1], count) + torch.arange(int(new_crow[-1]), device=dev)
+    t_rows, t_cols, t_vals = torch.repeat_interleave(torch.arange(n_pixels, device=dev), count), sm.AT.col_indices()[pos].long(), sm.AT.values()[pos]
+    seen = sm.sensitivity[order] > 0
+    bounds = [round(g * n_pixels / groups) for g in range(groups + 1)]
     ops = []
     for k in range(n_subsets):
         if n_subsets == 1:
-            rows, a, at = None, sm.A, sm.AT
-        else: # Rows of angles k, k + S, ...: contiguous blocks of n_bins rows each.
+            rows, local, a_sel, t_sel, n_local = None, torch.arange(n_rays, device=dev), slice(None), slice(None), n_rays
+        else: # Rays of angles k, k + S, ...; renumbered 0 .. n_local - 1.
             angles = torch.arange(k, sm.n_angles, n_subsets, device=dev)
             rows = (angles[:, None] * sm.n_bins + torch.arange(sm.n_bins, device=dev)).reshape(-1)
-            crow = sm.A.crow_indices().long()
-            start, count = crow[rows], crow[rows + 1] - crow[rows]
-            new_crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=dev)
-            new_crow[1:] = torch.cumsum(count, 0)
-            pos = torch.repeat_interleave(start - new_crow[:-1], count) + torch.arange(int(new_crow[-1]), device=dev)
-            a = make_csr(new_crow.to(torch.int32), sm.A.col_indices()[pos], sm.A.values()[pos], (rows.numel(), sm.shape[1]))
-            at = csr_from_coo(a.col_indices(), csr_row_indices(a), a.values(), (sm.shape[1], rows.numel()))
-        s = torch.zeros(sm.shape[1], dtype=sm.dtype, device=dev).index_add_(0, a.col_indices().long(), a.values())
-        inv_s = torch.where(s > 0, 1 / torch.where(s > 0, s, 1), 0)     # Pixels no ray sees: set to 0.
-        back = make_csr(at.crow_indices(), at.col_indices(), at.values() * inv_s[csr_row_indices(at)], at.shape)
+            n_local = rows.numel()
+            local = torch.full((n_rays,), -1, dtype=torch.long, device=dev)
+            local[rows] = torch.arange(n_local, device=dev)
+            a_sel, t_sel = local[a_rows] >= 0, local[t_cols] >= 0
+        r, c, v = local[a_rows[a_sel]], a_cols[a_sel], a_vals[a_sel]
+        s = torch.zeros(n_pixels, dtype=sm.dtype, device=dev).index_add_(0, c, v)     # s_k = A_k^T 1.
+        parts = []
+        for g in range(groups):
+            m = (c >= bounds[g]) & (c < bounds[g + 1])
+            parts.append((_csr_sorted_rows(r[m], c[m] - bounds[g], v[m], (n_local, bounds[g + 1] - bounds[g])), bounds[g], bounds[g + 1]))
+        inv_s = torch.where(s > 0, 1 / torch.where(s > 0, s, 1), 0)                     # Pixels no ray sees: set to 0.
+        tr, tc, tv = t_rows[t_sel], local[t_cols[t_sel]], t_vals[t_sel]
+        back = _csr_sorted_rows(tr, tc, tv * inv_s[tr], (n_pixels, n_local))
         keep = ((s == 0) & seen).to(sm.dtype)[:, None]
-        ops.append((rows, a, back, keep if bool(keep.any()) else None))
-    system_matrix._derived[key] = ops
+        ops.append((rows, parts, back, keep if bool(keep.any()) else None))
+    cached = [k for k in sm._derived if k[0] == 'subsets']
+    for k in cached[:len(cached) - MAX_CACHED + 1]:                    # Bounded memory: drop the oldest.
+        del sm._derived[k]
+    sm._derived[key] = ops
     return ops
+
+# CSR from COO triplets whose rows are already in ascending order.
+def _csr_sorted_rows(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int32, device=vals.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+    return make_csr(crow, cols.to(torch.int32), vals.contiguous(), shape)
 
 #----------------------------------------------------------------------------
 # Batched MLEM / OSEM.
@@ -125,10 +186,11 @@ def mlem(
     per unit of A (counts per pixel for a column-normalised A).
 
     Pixels that no ray sees, pixels outside `mask` and pixels that are 0 in
-    `x0` stay 0 (the update is multiplicative). `callback` receives a
-    read-only view of the current images [B, N, N]; clone it to keep it.
-    Bad input (wrong shapes, NaN, negative or all-zero counts) raises
-    ValueError before any work is done.
+    `x0` stay 0 (the update is multiplicative). `callback(it, images)`
+    receives a new [B, N, N] tensor after every iteration (made only when a
+    callback is given; it copies, so it costs a little). Bad input (wrong
+    shapes, NaN, negative or all-zero counts) raises ValueError before any
+    work is done.
     """
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f'n_iter must be a non-negative integer, got {n_iter!r}')
@@ -138,31 +200,35 @@ def mlem(
         raise ValueError(f'eps must be non-negative, got {eps!r}')
     y = check_counts(sinograms, system_matrix)                              # [P, B]
     batch, n = y.shape[1], system_matrix.resolution
-    if x0 is None:
-        x = torch.ones(system_matrix.shape[1], batch, dtype=system_matrix.dtype, device=system_matrix.device)
-    else:
-        x = _check_image_arg(x0, system_matrix, batch, 'x0', allow_shared=False)
+    sm, dev, dtype = system_matrix, system_matrix.device, system_matrix.dtype
+    if x0 is not None:
+        x0 = _check_image_arg(x0, sm, batch, 'x0', allow_shared=False)
     if mask is not None:
-        x.mul_(_check_image_arg(mask.to(system_matrix.dtype) if isinstance(mask, torch.Tensor) else mask,
-            system_matrix, batch, 'mask', allow_shared=True) != 0)
+        mask = _check_image_arg(mask.to(dtype) if isinstance(mask, torch.Tensor) else mask, sm, batch, 'mask', allow_shared=True)
+    ops = subset_operators(sm, n_subsets, n_groups(sm, batch))
+    order, rank = pixel_order(n, dev)
 
-    ops = subset_operators(system_matrix, n_subsets)
+    # Loop state in the loop's pixel order, [n_pixels, B], updated in place.
+    x = torch.ones(sm.shape[1], batch, dtype=dtype, device=dev) if x0 is None else x0[:, order].T.contiguous()
+    if mask is not None:
+        x.mul_((mask[:, order] != 0).T)
     ys = [y if rows is None else y.index_select(0, rows) for rows, *_ in ops]
-    fwd = [torch.empty_like(yk) for yk in ys]                               # A_k x, then the ratio, in place.
+    fwd = [torch.empty_like(yk) for yk in ys]                               # A x, then the ratio, in place.
     upd = torch.empty_like(x)                                               # The multiplicative update.
-    view = x.T.view(batch, n, n)
+    images = lambda: x.T[:, rank].reshape(batch, n, n)
     for it in range(1, n_iter + 1):
-        for (rows, a, back, keep), yk, f in zip(ops, ys, fwd):
-            torch.mm(a, x, out=f)                                           # A x
+        for (rows, parts, back, keep), yk, f in zip(ops, ys, fwd):
+            for g, (part, lo, hi) in enumerate(parts):                      # A x = sum_g A[:, g] x[g]
+                torch.addmm(f, part, x[lo:hi], beta=0 if g == 0 else 1, out=f) # (addmm into f: mm(out=) would allocate, zero and copy a temporary)
             f.add_(eps)
             torch.div(yk, f, out=f)                                         # y / (A x + eps)
-            torch.mm(back, f, out=upd)                                      # A^T(...) / s
+            torch.addmm(upd, back, f, beta=0, out=upd)                      # A^T(...) / s
             if keep is not None:
                 upd.add_(keep)                                              # Pixels this subset does not see: factor 1.
             x.mul_(upd)
         if callback is not None:
-            callback(it, view)
-    out = x.T.reshape(batch, n, n).contiguous()
+            callback(it, images())
+    out = images()
     return out[:, None] if sinograms.ndim == 4 else out
 
 #----------------------------------------------------------------------------
