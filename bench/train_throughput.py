@@ -19,11 +19,14 @@ The variants run alternately (bare, full, bare, full, ...) and the median of
 each is reported, to reduce noise on a shared machine. The headline is the
 ratio of the two throughputs; the loop overhead is the extra wall time per
 image, bare_img_per_s / full_img_per_s - 1. Goal: overhead under 10%.
+Further lines split the full loop's time into training steps and maintenance
+and compare rank 0's CPU time per image, which other processes on a shared
+machine hardly disturb (the wall-time numbers they do: see `other load`).
 
 Examples:
 
 \b
-# Defaults: 2 processes, 32x32 images, batch 32, 1 kimg per run (~3 minutes on 2 cores):
+# Defaults: 2 processes, 32x32 images, batch 32, 1 kimg per run (about 3 minutes on 2 idle cores):
 python bench/train_throughput.py
 
 \b
@@ -91,10 +94,32 @@ def peak_rss_mib() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+def read_json(path: str) -> dict:
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
 def write_json(path: str, obj: dict) -> None:
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
         json.dump(obj, f)
     os.replace(path + '.tmp', path)
+
+#----------------------------------------------------------------------------
+# CPU seconds used on the whole machine (Linux /proc/stat) and by this
+# process's finished children. Their difference over a run is the load of
+# other processes, which makes the timings noisy on a shared machine.
+
+def machine_cpu_s() -> float | None:
+    try:
+        with open('/proc/stat', encoding='ascii') as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf('SC_CLK_TCK') # All but idle and iowait.
+    except (OSError, ValueError, IndexError):
+        return None
+
+def children_cpu_s() -> float:
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 #----------------------------------------------------------------------------
 # Worker: the bare loop. Rank 0 times the steps after the warm-up step (the
@@ -109,48 +134,63 @@ def worker_bare(out: str, data: str, batch: int, channels: int, sched: dict) -> 
     from training.loss import EDMLoss
 
     dist.init()
+    device = dist.get_device() # The training loop's device: cpu, or cuda:<local rank> where CUDA exists.
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     batch_per_rank = batch // world_size
     images = torch.from_numpy(np.load(data)['images'])
     torch.manual_seed(0)
     net = misc.construct_class(network_kwargs(channels), 'network', img_resolution=images.shape[-1], img_channels=images.shape[1], label_dim=0)
-    net.train().requires_grad_(True)
-    ddp = torch.nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
+    net.train().requires_grad_(True).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) if world_size > 1 else net
     optimizer = misc.construct_class(OPTIMIZER_KWARGS, 'optimizer', params=list(net.parameters()))
     loss_fn = EDMLoss()
     gen = torch.Generator().manual_seed(rank)
-    batches = [images[torch.randint(len(images), [batch_per_rank], generator=gen)] for _ in range(sched['total_steps'])]
+    batches = [images[torch.randint(len(images), [batch_per_rank], generator=gen)].to(device) for _ in range(sched['total_steps'])]
 
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step, x in enumerate(batches):
         if step == sched['total_steps'] - sched['timed_steps']:
+            sync()
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(ddp, {'image': x})
         loss.sum().mul(1 / batch_per_rank).backward()
         optimizer.step()
-    seconds = time.perf_counter() - start
+    sync()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     write_json(os.path.join(out, f'rank{rank}.json'), dict(peak_rss_mib=peak_rss_mib(),
-        images=sched['timed_steps'] * batch, seconds=seconds))
+        images=sched['timed_steps'] * batch, seconds=seconds, cpu_seconds=cpu_seconds))
     dist.shutdown(0)
 
 #----------------------------------------------------------------------------
 # Worker: the full loop, as train.py calls it (minus Hydra and the log file).
+# The process CPU time is noted at each tick's stats update (once per tick,
+# next to the stats.jsonl timestamp): CPU seconds per image hardly depend on
+# what other processes do, unlike wall time on a shared machine.
 
 def worker_full(out: str, data: str, batch: int, channels: int, sched: dict, cadence: dict) -> None:
     from torch_utils import distributed as dist
+    from torch_utils import training_stats
     from training import training_loop
 
     dist.init()
+    cpu_marks = []
+    update = training_stats.default_collector.update
+    def update_and_mark() -> None:
+        update()
+        cpu_marks.append(time.process_time())
+    training_stats.default_collector.update = update_and_mark
     training_loop.training_loop(run_dir=out,
         dataset_kwargs=dict(_target_='training.dataset.NpzDataset', path=data),
         network_kwargs=network_kwargs(channels), loss_kwargs=dict(_target_='training.loss.EDMLoss'),
         optimizer_kwargs=dict(OPTIMIZER_KWARGS), seed=0, batch_size=batch,
         total_kimg=sched['total_kimg'], kimg_per_tick=sched['kimg_per_tick'],
         ema_halflife_kimg=1, lr_rampup_kimg=0.5, print_summary=False, **cadence)
-    write_json(os.path.join(out, f'rank{dist.get_rank()}.json'), dict(peak_rss_mib=peak_rss_mib()))
+    write_json(os.path.join(out, f'rank{dist.get_rank()}.json'), dict(peak_rss_mib=peak_rss_mib(),
+        cpu_seconds=(cpu_marks[-1] - cpu_marks[0]) if len(cpu_marks) >= 2 else None))
     dist.shutdown(0)
 
 #----------------------------------------------------------------------------
@@ -192,24 +232,26 @@ def launch(variant: str, out: str, opts: dict) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // nproc)), TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1',
         PYTHONPATH=os.pathsep.join([ROOT] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])))
-    start = time.time()
+    start, machine0, children0 = time.time(), machine_cpu_s(), children_cpu_s()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    wall = time.time() - start
+    wall, machine1, children1 = time.time() - start, machine_cpu_s(), children_cpu_s()
+    other_load = None if machine0 is None or machine1 is None else max(machine1 - machine0 - (children1 - children0), 0) / wall
     if proc.returncode != 0:
         raise click.ClickException(f'{variant} run failed (exit {proc.returncode}): {" ".join(cmd)}\n'
             f'STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}')
-    ranks = [json.load(open(os.path.join(out, f'rank{r}.json'), encoding='utf-8')) for r in range(nproc)]
+    ranks = [read_json(os.path.join(out, f'rank{r}.json')) for r in range(nproc)]
     if variant == 'bare':
         rate = dict(images=ranks[0]['images'], seconds=ranks[0]['seconds'])
         rate['img_per_s'] = rate['images'] / rate['seconds']
     else:
         rate = full_loop_rate(os.path.join(out, 'stats.jsonl'))
-    return dict(rate, rss_mib=[r['peak_rss_mib'] for r in ranks], wall_s=wall)
+    rate['cpu_ms_per_img'] = ranks[0]['cpu_seconds'] / rate['images'] * 1e3 if ranks[0]['cpu_seconds'] is not None else float('nan')
+    return dict(rate, rss_mib=[r['peak_rss_mib'] for r in ranks], wall_s=wall, other_load=other_load)
 
 #----------------------------------------------------------------------------
 
 @click.command(help=__doc__.split('\n\n')[0])
-@click.option('--nproc',            help='Processes per run (torchrun; 1 = plain python)', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--nproc',            help='Processes per run (torchrun, gloo on CPU; 1 = plain python)', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--resolution',       help='Image resolution', metavar='INT',                   type=click.IntRange(min=8), default=32, show_default=True)
 @click.option('--batch',            help='Total batch size over all processes', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--kimg',             help='Training length of each run (approximate)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
@@ -227,8 +269,7 @@ def launch(variant: str, out: str, opts: dict) -> dict:
 def main(**opts):
     """Run bare and full loop alternately; print overhead and peak memory."""
     if opts['worker'] is not None:
-        with open(opts['config'], encoding='utf-8') as f:
-            opts.update({k: v for k, v in json.load(f).items() if k not in ('worker', 'outdir', 'config')})
+        opts.update({k: v for k, v in read_json(opts['config']).items() if k not in ('worker', 'outdir', 'config')})
     if opts['batch'] % opts['nproc'] != 0:
         raise click.BadParameter(f'--batch={opts["batch"]} must be a multiple of --nproc={opts["nproc"]}')
     sched = schedule(opts['kimg'], opts['batch'], opts['ticks'])
@@ -248,7 +289,8 @@ def main(**opts):
     print(f'medEDM training throughput: {opts["nproc"]} process(es), {opts["resolution"]}x{opts["resolution"]}, batch {opts["batch"]}, '
         f'model_channels {opts["channels"]}, {sched["total_steps"]} steps ({sched["total_kimg"]:.3f} kimg) per run, '
         f'{sched["timed_steps"]} timed ({opts["ticks"]} ticks x {sched["steps_per_tick"]} steps)')
-    print(f'full loop cadence: snapshot every {opts["snapshot_ticks"]} ticks ({opts["grid_images"]}-image grid, {opts["grid_steps"]} steps), '
+    grid = f'{opts["grid_images"]}-image grid, {opts["grid_steps"]} steps' if opts['grid_images'] else 'no grid'
+    print(f'full loop cadence: snapshot every {opts["snapshot_ticks"]} ticks ({grid}), '
         f'state dump every {opts["state_dump_ticks"]} ticks, final snapshot and dump, workers={opts["workers"]}')
     results = dict(bare=[], full=[])
     with tempfile.TemporaryDirectory(prefix='medEDM-bench-') as tmp:
@@ -260,21 +302,30 @@ def main(**opts):
             results[variant].append(r)
             extra = f', steps only {r["steps_img_per_s"]:.2f} img/s, maintenance {r["maintenance_s"]:.1f} s' if variant == 'full' else ''
             print(f'  [{idx + 1}/{len(order)}] {variant:<4s} {r["img_per_s"]:7.2f} img/s ({r["images"]:.0f} images in {r["seconds"]:.1f} s{extra}), '
-                f'peak RSS rank 0 {r["rss_mib"][0]:.0f} MiB, wall {r["wall_s"]:.0f} s', flush=True)
+                f'rank-0 CPU {r["cpu_ms_per_img"]:.1f} ms/img, peak RSS rank 0 {r["rss_mib"][0]:.0f} MiB, wall {r["wall_s"]:.0f} s'
+                + (f', other load {r["other_load"]:.1f} cores' if r['other_load'] is not None else ''), flush=True)
 
     # Report medians.
-    med = lambda variant, key: statistics.median(r[key] if key != 'rss0' else r['rss_mib'][0] for r in results[variant])
-    bare, full = med('bare', 'img_per_s'), med('full', 'img_per_s')
-    ratio = full / bare
+    def med(variant: str, key: str) -> float:
+        return statistics.median(r['rss_mib'][0] if key == 'rss0' else r[key] for r in results[variant])
+    bare, full, steps = med('bare', 'img_per_s'), med('full', 'img_per_s'), med('full', 'steps_img_per_s')
     overhead = bare / full - 1
+    ticks = opts['ticks']
+    snapshots = sum(1 for k in range(1, ticks + 1) if k % opts['snapshot_ticks'] == 0 or k == ticks)
+    dumps = sum(1 for k in range(1, ticks + 1) if k % opts['state_dump_ticks'] == 0 or k == ticks)
     print()
-    print(f'loop overhead: {overhead * 100:.1f}% (full loop {full:.1f} img/s vs bare {bare:.1f} img/s, ratio {ratio:.3f})')
+    print(f'loop overhead: {overhead * 100:.1f}% (full loop {full:.1f} img/s vs bare {bare:.1f} img/s, ratio {full / bare:.3f})')
     print(f'peak RSS: rank 0 {med("full", "rss0"):.0f} MiB (full loop) vs {med("bare", "rss0"):.0f} MiB (bare)')
-    steps = med('full', 'steps_img_per_s')
-    print(f'absolute: bare {med("bare", "seconds"):.1f} s, full {med("full", "seconds"):.1f} s for {sched["timed_steps"] * opts["batch"]} images '
-        f'(median of {opts["repeats"]}); full loop without maintenance {steps:.1f} img/s (overhead {(bare / steps - 1) * 100:.1f}%), '
-        f'maintenance {med("full", "maintenance_s"):.1f} s per run')
+    print(f'absolute (median of {opts["repeats"]}): {sched["timed_steps"] * opts["batch"]} images in {med("bare", "seconds"):.1f} s bare, '
+        f'{med("full", "seconds"):.1f} s full loop, of which {med("full", "maintenance_s"):.1f} s maintenance '
+        f'({snapshots} snapshot(s){" with grid" if opts["grid_images"] else ""}, {dumps} state dump(s), {ticks} stats lines)')
+    print(f'full loop training steps alone (Timing/sec_per_tick): {steps:.1f} img/s, overhead {(bare / steps - 1) * 100:.1f}%')
+    print(f'rank-0 CPU time per image (hardly affected by other load): full loop {med("full", "cpu_ms_per_img"):.1f} ms vs bare '
+        f'{med("bare", "cpu_ms_per_img"):.1f} ms, overhead {(med("full", "cpu_ms_per_img") / med("bare", "cpu_ms_per_img") - 1) * 100:.1f}%')
     print(f'goal: overhead < {GOAL_OVERHEAD * 100:.0f}%: {"met" if overhead < GOAL_OVERHEAD else "NOT met"}')
+    loads = [r['other_load'] for r in results['bare'] + results['full'] if r['other_load'] is not None]
+    if loads and max(loads) > 0.25:
+        print(f'warning: other processes kept up to {max(loads):.1f} cores busy during the runs; the timings are noisy, rerun on a quiet machine')
 
 #----------------------------------------------------------------------------
 

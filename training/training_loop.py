@@ -131,6 +131,7 @@ def training_loop(
     autocast_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
     freeze_groups = _resolve_freeze(net, freeze)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
 
     # Resume training from a previous state.
     cur_nimg, cur_tick, nonfinite_total, nonfinite_run = 0, 0, 0, 0
@@ -166,7 +167,7 @@ def training_loop(
         loader_kwargs.update(prefetch_factor=2, persistent_workers=True)
     dataset_iterator = iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
     device_transform = getattr(dataset_obj, 'device_transform', lambda batch: batch) # On-device data simulation (e.g. PET).
-    grid = _grid_setup(dataset_obj, grid_images, seed, device, device_transform) if rank == 0 and grid_images > 0 and snapshot_ticks is not None else None
+    grid = _grid_setup(dataset_obj, grid_images, seed, device, device_transform) if grid_images > 0 and snapshot_ticks is not None else None
 
     # Train.
     dist.print0(f'Training for {total_kimg} kimg...')
@@ -242,8 +243,7 @@ def training_loop(
         if finite:
             beta = ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
             with torch.no_grad():
-                for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                    p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+                torch._foreach_lerp_(ema_params, net_params, 1 - beta) # p_ema = beta * p_ema + (1 - beta) * p_net.
 
         # Perform maintenance tasks once per tick.
         cur_nimg += batch_size
@@ -279,9 +279,9 @@ def training_loop(
                     data[key] = value.cpu()
             if rank == 0:
                 persistence.save_snapshot(data, training_state.snapshot_path(run_dir, cur_nimg))
-                if grid is not None:
-                    _save_grid(ema, grid, grid_steps, os.path.join(run_dir, f'samples-{cur_nimg // 1000:06d}.png'))
             del data
+            if grid is not None: # Every rank samples its share of the grid.
+                _save_grid(ema, grid, grid_steps, os.path.join(run_dir, f'samples-{cur_nimg // 1000:06d}.png'))
 
         # Save full dump of the training state.
         if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and (cur_tick != 0):
@@ -411,14 +411,24 @@ def _grid_setup(dataset_obj, grid_images: int, seed: int, device: torch.device, 
 
 @torch.no_grad()
 def _save_grid(ema: torch.nn.Module, grid: dict, num_steps: int, path: str) -> None:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     device = next(ema.parameters()).device
-    net = ema.to(device)
-    rnd = sampling.StackedRandomGenerator(device, grid['seeds'])
-    latents = rnd.randn([len(grid['seeds']), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    labels = grid.get('class_labels')
-    cond = grid.get('cond')
-    images = sampling.edm_sampler(net, latents, class_labels=None if labels is None else labels.to(device),
-        cond=None if cond is None else cond.to(device), randn_like=rnd.randn_like, num_steps=num_steps)
-    image_io.save_image_grid(images.float().cpu().numpy(), path, drange=(-1, 1))
+    idx = list(range(rank, len(grid['seeds']), world_size))
+    images = torch.zeros([0, ema.img_channels, ema.img_resolution, ema.img_resolution])
+    if idx:
+        seeds = [grid['seeds'][i] for i in idx]
+        rnd = sampling.StackedRandomGenerator(device, seeds)
+        latents = rnd.randn([len(seeds), ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
+        labels, cond = grid.get('class_labels'), grid.get('cond')
+        images = sampling.edm_sampler(ema, latents, class_labels=None if labels is None else labels[idx].to(device),
+            cond=None if cond is None else cond[idx].to(device), randn_like=rnd.randn_like, num_steps=num_steps).float().cpu()
+    parts = [images]
+    if world_size > 1:
+        parts = [None] * world_size if rank == 0 else None
+        torch.distributed.gather_object(images, parts, dst=0)
+    if rank == 0:
+        order = [i for r in range(world_size) for i in range(r, len(grid['seeds']), world_size)]
+        stacked = torch.cat(parts)[torch.argsort(torch.as_tensor(order))]
+        image_io.save_image_grid(stacked.numpy(), path, drange=(-1, 1))
 
 #----------------------------------------------------------------------------
