@@ -1,0 +1,86 @@
+# medEDM: PET family: dataset, on-device simulation, and a short end-to-end
+# run (dataset_tool pet-data -> torchrun training -> evaluate.py pet).
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import launch
+from training import pet_dataset
+
+#----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def pet_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('pet')
+    for name, seed, subjects in (('train', 0, 2), ('val', 1, 1), ('test', 2, 1)):
+        proc = subprocess.run([sys.executable, os.path.join(launch.ROOT, 'dataset_tool.py'), 'pet-data', '--dest', str(folder / f'{name}.npz'),
+            '--resolution', '16', '--subjects', str(subjects), '--slices-per-subject', '4', '--seed', str(seed), '--n-iter', '10',
+            '--cache-dir', str(folder / 'proj')], cwd=folder, env=launch.env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    return folder
+
+def test_normalisation_round_trip_and_scale_from_condition(pet_dir):
+    ds = pet_dataset.PETDataset(str(pet_dir / 'train.npz'))
+    assert ds.cond_channels == 1 and ds.num_channels == 1 and ds.resolution == 16 and len(ds) == 8
+    raw = np.load(pet_dir / 'train.npz')
+    item = ds[3]
+    scale = torch.as_tensor([item['scale']])
+    assert scale[0] == pytest.approx(float(np.quantile(raw['low'][3], 0.995)) / 2, rel=1e-5)
+    back = pet_dataset.pet_denormalize(torch.as_tensor(item['image'])[None], scale)[0].numpy()
+    assert np.allclose(back, raw['full'][3], rtol=1e-5, atol=1e-3)
+    assert item['cond'].min() == pytest.approx(-1, abs=1e-3) # (Almost) zero activity -> -1.
+
+def test_simulation_on_device_is_seeded(pet_dir):
+    ds = pet_dataset.PETDataset(str(pet_dir / 'train.npz'), simulate=True, n_iter=5, cache_dir=str(pet_dir / 'proj'))
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    assert set(batch) == {'phantom', 'idx'}
+    torch.manual_seed(5)
+    a = ds.device_transform(batch)
+    torch.manual_seed(5)
+    b = ds.device_transform(batch)
+    torch.manual_seed(6)
+    c = ds.device_transform(batch)
+    assert torch.equal(a['image'], b['image']) and torch.equal(a['cond'], b['cond'])
+    assert not torch.equal(a['cond'], c['cond'])
+    assert a['image'].shape == (4, 1, 16, 16) and a['cond'].shape == (4, 1, 16, 16)
+
+def test_missing_arrays_message(pet_dir, tmp_path):
+    np.savez(tmp_path / 'p.npz', phantoms=np.ones((2, 1, 16, 16), np.float32))
+    with pytest.raises(ValueError, match=r"lacks arrays \['full', 'low'\] .*training.dataset.simulate=true"):
+        pet_dataset.PETDataset(str(tmp_path / 'p.npz'))
+
+def test_pet_end_to_end(pet_dir):
+    args = ['-cd', os.path.join(launch.ROOT, 'configs'), '-cn', 'edm_pet', f'training.dataset.path={pet_dir / "train.npz"}',
+        'training.outdir=runs', 'training.total_kimg=0.064', 'training.kimg_per_tick=0.032', 'training.batch_size=8',
+        'training.network.model_channels=8', 'training.grid_images=2', 'training.grid_steps=2', 'training.print_summary=false',
+        'training.dataset.simulate=true', 'training.dataset.n_iter=5', f'training.dataset.cache_dir={pet_dir / "proj"}']
+    launch.check(subprocess.run(launch.torchrun_cmd('train.py', 2) + args, cwd=pet_dir, env=launch.env(), capture_output=True, text=True, timeout=240))
+    snapshot = sorted(glob.glob(str(pet_dir / 'runs' / '*-pet64-cond-edm' / 'network-snapshot-*.pkl')))[-1]
+    proc = subprocess.run([sys.executable, os.path.join(launch.ROOT, 'evaluate.py'), 'pet', '--network', snapshot, '--data', str(pet_dir / 'test.npz'),
+        '--val-data', str(pet_dir / 'val.npz'), '--outdir', str(pet_dir / 'eval'), '--samples', '2', '--steps', '2'],
+        cwd=pet_dir, env=launch.env(), capture_output=True, text=True, timeout=240)
+    launch.check(proc)
+    result = json.loads((pet_dir / 'eval' / 'metrics.json').read_text())
+    for method in ('low_dose_mlem', 'low_dose_mlem_gauss', 'edm_posterior_mean'):
+        for ref in ('full_dose_mlem', 'phantom'):
+            assert set(result['metrics'][f'{method}_vs_{ref}']) == {'psnr', 'ssim', 'nrmse'}
+    assert result['images'] == 4 and result['samples'] == 2
+    assert (pet_dir / 'eval' / 'panel.png').is_file()
+    assert len((pet_dir / 'eval' / 'metrics.csv').read_text().splitlines()) == 1 + 4 * 3 * 2
+
+def test_evaluate_refuses_unconditional_network(pet_dir, tmp_path):
+    from torch_utils import persistence
+    from training import networks
+    net = networks.EDMPrecond(img_resolution=16, img_channels=1, model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    persistence.save_snapshot(dict(ema=net), tmp_path / 'u.pkl')
+    proc = subprocess.run([sys.executable, os.path.join(launch.ROOT, 'evaluate.py'), 'pet', '--network', str(tmp_path / 'u.pkl'), '--data', str(pet_dir / 'test.npz'),
+        '--val-data', str(pet_dir / 'val.npz'), '--outdir', str(tmp_path / 'e')], env=launch.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert 'expected a conditional network with 1 condition channel (PET), got cond_channels=0' in proc.stderr
