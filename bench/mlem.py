@@ -98,6 +98,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 #----------------------------------------------------------------------------
+# Measure one resolution (variants alternate, best round kept) and print its report.
 
 def bench_resolution(n: int, batch: int, iters: int, single_images: int, repeats: int, dense_max_gib: float,
         cache_dir: str, copy_bw: float) -> None:

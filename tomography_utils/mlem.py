@@ -45,11 +45,12 @@ def check_counts(sinograms: torch.Tensor, system_matrix: SystemMatrix, name: str
             f'move one of them (SystemMatrix.to(device))')
     if flat.shape[0] == 0:
         raise ValueError(f'{name} is an empty batch (shape {tuple(sinograms.shape)})')
-    if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
+    totals = flat.sum(dim=1, dtype=torch.float64)                           # Two passes: NaN/inf make a total non-finite,
+    if not bool(torch.isfinite(totals).all()):                              # a sum of non-negative finite counts never is.
         raise ValueError(f'{name} contain NaN or infinite values; counts must be finite and non-negative')
-    if bool((flat < 0).any()):
-        raise ValueError(f'{name} contain negative values (minimum {flat.min().item():g}); counts must be non-negative')
-    totals = flat.sum(dim=1, dtype=torch.float64)
+    minimum = flat.min()
+    if bool(minimum < 0):
+        raise ValueError(f'{name} contain negative values (minimum {minimum.item():g}); counts must be non-negative')
     if bool((totals == 0).any()):
         i = int(torch.nonzero(totals == 0)[0, 0])
         raise ValueError(f'{name}[{i}] has zero total counts: an empty acquisition has no MLEM reconstruction '
