@@ -10,16 +10,55 @@ torchrun --standalone --nproc_per_node=2 generate.py -cn=edm_mri \\
     sampling.network_pkl=training-runs/00000-mni/network-snapshot-000200.pkl sampling.seeds=0-63
 
 \b
-# Seeds 0, 3 and 10-19 into one images.npz (quote lists for Hydra):
-python generate.py -cn=edm_mri sampling.network_pkl=... 'sampling.seeds="0,3,10-19"' sampling.format=npz
+# Seeds 0, 3 and 10-19 into one images.npz with DPM-Solver++(3M) at 15 evaluations (quote lists for Hydra):
+python generate.py -cn=edm_mri sampling.network_pkl=... 'sampling.seeds="0,3,10-19"' sampling.format=npz \\
+    sampling.solver=dpmpp_3m sampling.discretization=logsnr sampling.num_steps=15
+
+\b
+# Conditional network (cond_channels > 0): 16 samples for each of the conditions 0-9 of a dataset
+# whose items carry `cond` (default: the snapshot's training set), with posterior mean and std:
+python generate.py -cn=<experiment> sampling.network_pkl=... sampling.format=npz \\
+    sampling.cond_indices=0-9 sampling.samples_per_cond=16 \\
+    'sampling.cond_dataset={_target_: <dataset class>, path: test-set.npz}'
+
+Solvers (`sampling.solver`, NFE = network evaluations for N = `sampling.num_steps`):
+heun (EDM Algorithm 2, 2N-1; stochastic with sampling.S_churn > 0), euler (N),
+dpmpp_2m and dpmpp_3m (DPM-Solver++ multistep, N), dpmpp_2m_sde (SDE, N).
+Time steps (`sampling.discretization`): edm (rho), vp, ve, logsnr; the multistep
+solvers do best with logsnr (bench/sampler_accuracy.py: dpmpp_3m + logsnr reaches
+the accuracy of heun at 35 evaluations with about 15). Classifier-free
+guidance (`sampling.guidance` = w): D = D_uncond + w (D_cond - D_uncond) with the
+zero label vector as the unconditional case; the network must be trained with
+`training.network.label_dropout` > 0 (e.g. 0.1) to learn it. w = 1 is off, and
+costs one network call per evaluation; other w cost two.
 
 The sample of a seed is the same whatever the batch size and the number of
-processes. Snapshots load through a restricted unpickler: only this project's
-classes and tensors, never arbitrary code.
+processes. In conditional mode sample j of dataset item i uses the seed
+`sampling.cond_seed + i * sampling.samples_per_cond + j` (`sampling.seeds` is
+not used), so it depends only on the item, j and these two settings.
+Conditional outputs: images.npz with `images` [K, S, C, ...], `seeds` [K, S],
+`cond_images` [K, Cc, ...], `mean` and `std` [K, C, ...] (population std over
+the S samples, ddof = 0), `indices` [K] (and `reference_images`, `labels` where
+the dataset has them); or one PNG panel per item (condition | reference |
+samples | mean | std scaled to its maximum; volumes show their middle slice);
+or NIfTI files `<index>-mean.nii.gz`, `-std.nii.gz`, `-samples.nii.gz` (samples
+along the 4th axis), float32, with the affine and header of the item (its
+`affine`, `header` or `nifti_path` entries) and the tensor's spatial axes as
+the NIfTI axes.
+
+Snapshots load through a restricted unpickler: only this project's classes and
+tensors, never arbitrary code. An NVlabs/edm `network-snapshot-*.pkl` is read
+with `sampling.trust_edm_pickle=true`: its format is designed to execute the
+Python source it carries; the importer (training/edm_import.py) never runs that
+source and copies only the weights into this project's networks, but use the
+flag for files from a trusted source only.
 """
 
+import gzip
+import io
 import os
 import sys
+import time
 
 import hydra
 import numpy as np
@@ -30,51 +69,93 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from training import config as config_mod
+from training import edm_import
 from training import image_io
 from training import sampling
+from training import solvers
 
 config_mod.register()
 
-SOLVERS = ('heun',)
-FORMATS = ('png', 'npz')
+SOLVERS = solvers.SOLVERS
+FORMATS = ('png', 'npz', 'nifti')
 
 #----------------------------------------------------------------------------
+# Per-batch progress line on rank 0: images done, time per batch, remaining time.
+
+class Progress:
+    def __init__(self, num_batches: int, what: str = 'images'):
+        self.num_batches = num_batches
+        self.what = what
+        self.start = time.time()
+        self.done = 0
+
+    def update(self, batch_idx: int, batch_len: int) -> None:
+        self.done += batch_len
+        elapsed = time.time() - self.start
+        eta = elapsed / (batch_idx + 1) * (self.num_batches - batch_idx - 1)
+        dist.print0(f'batch {batch_idx + 1}/{self.num_batches}: {self.done} {self.what} on rank 0, '
+            f'{elapsed / (batch_idx + 1):.1f} s/batch, elapsed {misc.format_time(elapsed)}, eta {misc.format_time(eta)}', flush=True)
+
+#----------------------------------------------------------------------------
+# Solver settings of the config, as keyword arguments of sampling.sample.
+
+def sampler_kwargs(scfg: dict) -> dict:
+    keys = ('solver', 'discretization', 'num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'guidance')
+    return {k: scfg[k] for k in keys}
+
+#----------------------------------------------------------------------------
+# Unconditional / class-conditional generation, one batch of seeds at a time.
 
 def generate_images(
     net,                        # Network (EMA) from a snapshot.
     seeds,                      # Seeds of this process, split into batches (list of lists).
     device,                     # Device to run on.
-    class_idx   = None,         # Class label, None = random.
-    sampler_kwargs = {},        # Arguments of sampling.edm_sampler.
+    class_idx   = None,         # Class label, None = random per seed.
+    sampler_kwargs = {},        # Arguments of sampling.sample (solver, num_steps, guidance, ...).
 ):
-    """Yield (seeds, images float32 [B, C, H, W] in [-1, 1]-ish units) per batch."""
+    """Yield (seeds, images float32 [B, C, ...] in [-1, 1]-ish units) per batch."""
+    shape = sampling.sample_shape(net)
     for batch_seeds in seeds:
         if len(batch_seeds) == 0:
             continue
         rnd = sampling.StackedRandomGenerator(device, batch_seeds)
-        latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        latents = rnd.randn([len(batch_seeds), *shape], device=device)
         class_labels = None
         if net.label_dim:
             class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(batch_seeds)], device=device)]
             if class_idx is not None:
                 class_labels[:, :] = 0
                 class_labels[:, class_idx] = 1
-        images = sampling.edm_sampler(net, latents, class_labels=class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+        images = sampling.sample(net, latents, class_labels=class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
         yield batch_seeds, images.to(torch.float32)
 
 #----------------------------------------------------------------------------
+# Checks of the config that need no network.
 
 def _check(scfg: dict) -> list[int]:
     if not scfg['network_pkl']:
         raise ValueError('sampling.network_pkl is required: the network-snapshot-*.pkl to sample from')
     if scfg['solver'] not in SOLVERS:
         raise ValueError(f'sampling.solver: unknown solver {scfg["solver"]!r} (choose from {", ".join(SOLVERS)})')
+    if scfg['discretization'] not in sampling.DISCRETIZATIONS:
+        raise ValueError(f'sampling.discretization: unknown discretization {scfg["discretization"]!r} (choose from {", ".join(sampling.DISCRETIZATIONS)})')
     if scfg['format'] not in FORMATS:
         raise ValueError(f'sampling.format: expected one of {", ".join(FORMATS)}, got {scfg["format"]!r}')
     if scfg['num_steps'] < 1:
         raise ValueError(f'sampling.num_steps must be >= 1, got {scfg["num_steps"]}')
     if scfg['batch'] < 1:
         raise ValueError(f'sampling.batch must be >= 1, got {scfg["batch"]}')
+    if scfg['samples_per_cond'] < 1:
+        raise ValueError(f'sampling.samples_per_cond must be >= 1, got {scfg["samples_per_cond"]}')
+    if not (0 < scfg['sigma_min'] < scfg['sigma_max']):
+        raise ValueError(f'sampling.sigma_min / sigma_max: need 0 < sigma_min < sigma_max, got {scfg["sigma_min"]}, {scfg["sigma_max"]}')
+    if not np.isfinite(scfg['guidance']):
+        raise ValueError(f'sampling.guidance must be a finite number, got {scfg["guidance"]}')
+    if scfg['S_churn'] < 0:
+        raise ValueError(f'sampling.S_churn must be >= 0, got {scfg["S_churn"]}')
+    if scfg['S_churn'] > 0 and scfg['solver'] not in solvers.STOCHASTIC_CHURN_SOLVERS:
+        raise ValueError(f'sampling.S_churn applies to the heun and euler solvers, not {scfg["solver"]!r} '
+            f'(use solver=dpmpp_2m_sde for a stochastic multistep sampler)')
     seeds = misc.parse_int_list(scfg['seeds'], 'sampling.seeds')
     if len(seeds) == 0:
         raise ValueError('sampling.seeds: no seeds given')
@@ -82,45 +163,214 @@ def _check(scfg: dict) -> list[int]:
         raise ValueError('sampling.seeds: seeds repeat')
     return seeds
 
-def run(cfg: DictConfig) -> None:
-    config_mod.check_keys(cfg)
-    scfg = config_mod.to_plain(cfg.sampling)
-    seeds = _check(scfg)
-    dist.init()
-    device = dist.get_device()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+#----------------------------------------------------------------------------
+# Load the network: a medEDM snapshot (restricted unpickler) or, with the
+# opt-in flag, an NVlabs/edm snapshot.
 
-    # Load network.
-    dist.print0(f'Loading network from "{scfg["network_pkl"]}"...')
-    net = persistence.load_snapshot(scfg['network_pkl'])['ema'].eval().requires_grad_(False).to(device)
-    if scfg['batch_invariant']:
-        net = sampling.PerSampleNet(net)
-    if scfg['class_idx'] is not None and not (0 <= scfg['class_idx'] < max(net.label_dim, 0)):
-        raise ValueError(f'sampling.class_idx={scfg["class_idx"]}: the network has {net.label_dim} classes')
-    if getattr(net, 'cond_channels', 0):
-        raise ValueError('this network needs condition images (cond_channels > 0); generate.py samples unconditional and class-conditional networks')
+def load_network(path: str, trust_edm_pickle: bool = False) -> tuple[torch.nn.Module, dict]:
+    if trust_edm_pickle:
+        data = edm_import.load_snapshot(path)
+    else:
+        try:
+            data = persistence.load_snapshot(path)
+        except ValueError:
+            if edm_import.looks_like_edm_pickle(path):
+                raise ValueError(f'{path} is an NVlabs/edm snapshot: its format executes the Python source it carries. '
+                    f'To import its weights into medEDM networks (the source is never run), set sampling.trust_edm_pickle=true '
+                    f'-- for files from a trusted source only') from None
+            raise
+    net = data['ema']
+    if not isinstance(net, torch.nn.Module):
+        raise ValueError(f'network snapshot {path}: "ema" is not a network')
+    return net.eval().requires_grad_(False), data
 
-    # Output location.
-    outdir = scfg['outdir'] or os.path.splitext(scfg['network_pkl'])[0] + '-samples'
-    if rank == 0:
-        os.makedirs(outdir, exist_ok=True)
-    dist.barrier()
+#----------------------------------------------------------------------------
+# Conditional generation: the conditions (dataset items) and their checks.
 
-    # Generate.
-    batches = sampling.split_seeds(seeds, scfg['batch'], rank, world_size)
-    sampler_kwargs = {k: scfg[k] for k in ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise')}
-    dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
+def _to_numpy(x) -> np.ndarray: # Dataset items may hold tensors or arrays.
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+def load_conditions(net, scfg: dict, snapshot: dict) -> dict:
+    """Items of the condition dataset: cond [K, Cc, ...], labels, references, per-item metadata."""
+    if scfg['cond_dataset'] is not None:
+        dataset = misc.construct_class(scfg['cond_dataset'], 'sampling.cond_dataset')
+    else:
+        kwargs = snapshot.get('dataset_kwargs') or {}
+        if not isinstance(kwargs, dict) or '_target_' not in kwargs:
+            raise ValueError('sampling.cond_dataset: the network needs condition images (cond_channels > 0) and the snapshot '
+                'has no usable dataset_kwargs; set sampling.cond_dataset={_target_: ..., path: ...}')
+        dataset = misc.construct_class(kwargs, 'dataset_kwargs of the snapshot (override with sampling.cond_dataset)')
+    n = len(dataset)
+    indices = list(range(n)) if scfg['cond_indices'] is None else misc.parse_int_list(scfg['cond_indices'], 'sampling.cond_indices')
+    if len(indices) == 0:
+        raise ValueError('sampling.cond_indices: no items given')
+    if len(set(indices)) != len(indices):
+        raise ValueError('sampling.cond_indices: indices repeat')
+    for i in indices:
+        if not 0 <= i < n:
+            raise ValueError(f'sampling.cond_indices: index {i} out of range for a condition dataset of {n} items')
+
+    # Read and check the items.
+    shape = sampling.sample_shape(net)
+    expected = (net.cond_channels, *shape[1:])
+    conds, labels, refs, meta = [], [], [], []
+    for i in indices:
+        item = dataset[i]
+        if 'cond' not in item:
+            raise ValueError(f'sampling.cond_dataset: item {i} has no "cond" (condition image); the network needs {net.cond_channels} condition channel(s)')
+        cond = _to_numpy(item['cond']).astype(np.float32)
+        if tuple(cond.shape) != expected:
+            raise ValueError(f'sampling.cond_dataset: the condition of item {i} has shape {tuple(cond.shape)}, but the network '
+                f'expects {expected} (cond_channels={net.cond_channels}, sample shape {tuple(shape)})')
+        conds.append(cond)
+        if net.label_dim:
+            if 'label' in item:
+                label = _to_numpy(item['label']).astype(np.float32).reshape(-1)
+                if label.shape != (net.label_dim,):
+                    raise ValueError(f'sampling.cond_dataset: the label of item {i} has {label.size} entries, the network has label_dim={net.label_dim}')
+            elif scfg['class_idx'] is not None:
+                label = np.eye(net.label_dim, dtype=np.float32)[scfg['class_idx']]
+            else:
+                raise ValueError(f'sampling.cond_dataset: item {i} has no label and the network is class-conditional; set sampling.class_idx')
+            labels.append(label)
+        image = item.get('image')
+        refs.append(None if image is None or tuple(np.shape(image)) != tuple(shape) else _to_numpy(image).astype(np.float32))
+        meta.append({k: item[k] for k in ('affine', 'header', 'nifti_header', 'nifti_path') if k in item})
+    return dict(indices=indices, cond=np.stack(conds), labels=np.stack(labels) if labels else None,
+        references=np.stack(refs) if all(r is not None for r in refs) else None, meta=meta)
+
+#----------------------------------------------------------------------------
+# Conditional generation: S seeds per condition, tasks (item k, sample j)
+# split over processes and batches like seeds; gathered on rank 0.
+
+def generate_posterior(net, conds: dict, scfg: dict, device, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return (samples [K, S, C, ...], seeds [K, S]) on rank 0, None elsewhere."""
+    K, S = len(conds['indices']), scfg['samples_per_cond']
+    seeds = np.array([[scfg['cond_seed'] + i * S + j for j in range(S)] for i in conds['indices']], dtype=np.int64)
+    shape = sampling.sample_shape(net)
+    batches = sampling.split_seeds(list(range(K * S)), scfg['batch'], rank, world_size)
+    progress = Progress(len(batches), 'samples')
+    kwargs = sampler_kwargs(scfg)
     results = []
-    for i, (batch_seeds, images) in enumerate(generate_images(net, batches, device, scfg['class_idx'], sampler_kwargs)):
+    for b, tasks in enumerate(batches):
+        if len(tasks) > 0:
+            items = [t // S for t in tasks]
+            rnd = sampling.StackedRandomGenerator(device, [int(seeds.flat[t]) for t in tasks])
+            latents = rnd.randn([len(tasks), *shape], device=device)
+            cond = torch.as_tensor(conds['cond'][items], device=device)
+            labels = None if conds['labels'] is None else torch.as_tensor(conds['labels'][items], device=device)
+            images = sampling.sample(net, latents, class_labels=labels, cond=cond, randn_like=rnd.randn_like, **kwargs)
+            results.append((tasks, images.to(torch.float32).cpu().numpy()))
+        progress.update(b, len(tasks))
+    gathered = [results]
+    if world_size > 1:
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, results)
+    if rank != 0:
+        return None
+    samples = np.zeros([K * S, *shape], dtype=np.float32)
+    for part in gathered:
+        for tasks, images in part:
+            samples[tasks] = images
+    return samples.reshape(K, S, *shape), seeds
+
+#----------------------------------------------------------------------------
+# NIfTI output (float32), with the affine and header of the item. The
+# tensor's spatial axes are the NIfTI axes; channels (if C > 1) and samples
+# go after them.
+
+def _nifti_affine_header(meta: dict): # From the item's affine / header / nifti_path; identity otherwise.
+    import nibabel as nib
+    affine, header = meta.get('affine'), meta.get('header', meta.get('nifti_header'))
+    if (affine is None or header is None) and meta.get('nifti_path'):
+        src = nib.load(os.fspath(meta['nifti_path']))
+        affine = src.affine if affine is None else affine
+        header = src.header if header is None else header
+    if isinstance(header, (bytes, bytearray)):
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(header)))
+    header = nib.Nifti1Header() if header is None else nib.Nifti1Header.from_header(header)
+    affine = np.eye(4) if affine is None else np.asarray(_to_numpy(affine), dtype=np.float64).reshape(4, 4)
+    return affine, header
+
+def write_nifti(path: str, data_c: np.ndarray, meta: dict, extra_axis: bool = False) -> None:
+    """Write [C, *spatial] (or [S, C, *spatial] with extra_axis) as float32 NIfTI."""
+    import nibabel as nib
+    data = np.asarray(data_c, dtype=np.float32)
+    if extra_axis: # [S, C, *sp] -> [*sp, S, C].
+        data = np.moveaxis(np.moveaxis(data, 0, -1), 0, -1)
+        data = data[..., 0] if data.shape[-1] == 1 else data
+    else: # [C, *sp] -> [*sp, C].
+        data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
+    affine, header = _nifti_affine_header(meta)
+    header.set_data_dtype(np.float32)
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine, header=header)
+    img.header.set_slope_inter(None, None)
+    persistence.atomic_write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
+
+#----------------------------------------------------------------------------
+# PNG panel of one condition: one grayscale tile per channel of the
+# condition, the reference, the first 8 samples, the mean and the std
+# (shown from 0 to its maximum). Volumes show their middle slice.
+
+def _middle_slice(x: np.ndarray) -> np.ndarray: # [C, D, H, W] -> [C, H, W].
+    while x.ndim > 3:
+        x = x[:, x.shape[1] // 2]
+    return x
+
+def _tiles(x: np.ndarray) -> list[np.ndarray]: # One [1, H, W] tile per channel.
+    return [c[None] for c in _middle_slice(x)]
+
+def write_panel(path: str, cond: np.ndarray, samples: np.ndarray, mean: np.ndarray, std: np.ndarray, reference: np.ndarray | None) -> None:
+    tiles = _tiles(cond) + (_tiles(reference) if reference is not None else [])
+    for s in samples[:8]:
+        tiles += _tiles(s)
+    tiles += _tiles(mean) + _tiles(std / max(float(std.max()), 1e-12) * 2 - 1)
+    image_io.save_image_grid(np.stack(tiles), path, grid_size=(len(tiles), 1))
+
+#----------------------------------------------------------------------------
+# Write the outputs of conditional generation (rank 0).
+
+def write_posterior(outdir: str, fmt: str, conds: dict, samples: np.ndarray, seeds: np.ndarray) -> None:
+    mean, std = sampling.posterior_stats(samples, axis=1)
+    indices = conds['indices']
+    if fmt == 'npz':
+        arrays = dict(images=samples, seeds=seeds, cond_images=conds['cond'], mean=mean, std=std, indices=np.asarray(indices, dtype=np.int64))
+        if conds['references'] is not None:
+            arrays['reference_images'] = conds['references']
+        if conds['labels'] is not None:
+            arrays['labels'] = conds['labels']
+        persistence.atomic_write(os.path.join(outdir, 'images.npz'), lambda f: np.savez(f, **arrays))
+        return
+    for k, idx in enumerate(indices):
+        if fmt == 'png':
+            ref = None if conds['references'] is None else conds['references'][k]
+            write_panel(os.path.join(outdir, f'{idx:06d}.png'), conds['cond'][k], samples[k], mean[k], std[k], ref)
+        else:
+            write_nifti(os.path.join(outdir, f'{idx:06d}-mean.nii.gz'), mean[k], conds['meta'][k])
+            write_nifti(os.path.join(outdir, f'{idx:06d}-std.nii.gz'), std[k], conds['meta'][k])
+            write_nifti(os.path.join(outdir, f'{idx:06d}-samples.nii.gz'), samples[k], conds['meta'][k], extra_axis=True)
+
+#----------------------------------------------------------------------------
+# Unconditional / class-conditional generation and its outputs.
+
+def run_unconditional(net, scfg: dict, seeds: list[int], outdir: str, device, rank: int, world_size: int) -> None:
+    batches = sampling.split_seeds(seeds, scfg['batch'], rank, world_size)
+    dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
+    progress = Progress(len(batches))
+    results = []
+    for i, (batch_seeds, images) in enumerate(generate_images(net, batches, device, scfg['class_idx'], sampler_kwargs(scfg))):
         images = images.cpu().numpy()
-        if scfg['format'] == 'png':
+        if scfg['format'] in ('png', 'nifti'):
             for seed, image in zip(batch_seeds, images):
                 folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if scfg['subdirs'] else outdir
                 os.makedirs(folder, exist_ok=True)
-                image_io.save_png(image, os.path.join(folder, f'{seed:06d}.png'))
+                if scfg['format'] == 'png':
+                    image_io.save_png(_middle_slice(image), os.path.join(folder, f'{seed:06d}.png'))
+                else:
+                    write_nifti(os.path.join(folder, f'{seed:06d}.nii.gz'), image, {})
         else:
             results.append((batch_seeds, images))
-        dist.print0(f'batch {i + 1}/{len(batches)} ({len(batch_seeds)} images on rank 0)')
+        progress.update(i, len(batch_seeds))
 
     # Collect npz output on rank 0, in the order of the seed list.
     if scfg['format'] == 'npz':
@@ -133,6 +383,48 @@ def run(cfg: DictConfig) -> None:
             images = np.stack([by_seed[s] for s in seeds]).astype(np.float32)
             path = os.path.join(outdir, 'images.npz')
             persistence.atomic_write(path, lambda f: np.savez(f, images=images, seeds=np.asarray(seeds, dtype=np.int64)))
+
+#----------------------------------------------------------------------------
+
+def run(cfg: DictConfig) -> None:
+    config_mod.check_keys(cfg)
+    scfg = config_mod.to_plain(cfg.sampling)
+    seeds = _check(scfg)
+    dist.init()
+    device = dist.get_device()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+
+    # Load network.
+    dist.print0(f'Loading network from "{scfg["network_pkl"]}"...')
+    net, snapshot = load_network(scfg['network_pkl'], scfg['trust_edm_pickle'])
+    net = net.to(device)
+    if scfg['batch_invariant']:
+        net = sampling.PerSampleNet(net)
+    if scfg['class_idx'] is not None and not (0 <= scfg['class_idx'] < max(net.label_dim, 0)):
+        raise ValueError(f'sampling.class_idx={scfg["class_idx"]}: the network has {net.label_dim} classes')
+    if scfg['guidance'] != 1 and not net.label_dim:
+        raise ValueError(f'sampling.guidance={scfg["guidance"]:g}: classifier-free guidance needs a class-conditional network '
+            f'(label_dim > 0, trained with label_dropout > 0); this network has no labels (use sampling.guidance=1)')
+    conditional = bool(getattr(net, 'cond_channels', 0))
+    if not conditional and scfg['cond_dataset'] is not None:
+        raise ValueError('sampling.cond_dataset: the network takes no condition images (cond_channels=0)')
+    conds = load_conditions(net, scfg, snapshot) if conditional else None
+
+    # Output location.
+    outdir = scfg['outdir'] or os.path.splitext(scfg['network_pkl'])[0] + '-samples'
+    if rank == 0:
+        os.makedirs(outdir, exist_ok=True)
+    dist.barrier()
+
+    # Generate.
+    if not conditional:
+        run_unconditional(net, scfg, seeds, outdir, device, rank, world_size)
+    else:
+        K, S = len(conds['indices']), scfg['samples_per_cond']
+        dist.print0(f'Generating {S} samples for each of {K} conditions to "{outdir}"...')
+        result = generate_posterior(net, conds, scfg, device, rank, world_size)
+        if rank == 0:
+            write_posterior(outdir, scfg['format'], conds, *result)
     dist.barrier()
     dist.print0('Done.')
 

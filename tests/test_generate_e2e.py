@@ -13,6 +13,7 @@ import launch
 from torch_utils import persistence
 from training import loss as loss_mod
 from training import networks
+from training import sampling
 
 #----------------------------------------------------------------------------
 
@@ -78,6 +79,23 @@ def test_class_conditional_two_channels(snapshots):
     launch.check(_generate(folder, paths['labels'], out, 0, 'sampling.seeds=0-3', 'sampling.class_idx=2', 'sampling.format=npz'))
     assert np.load(out / 'images.npz')['images'].shape == (4, 2, 16, 16)
 
+def test_multistep_solver_and_guidance_per_seed(snapshots):
+    # DPM-Solver++(3M) with guidance and logSNR steps, 2 processes x batch 1, equals
+    # the samples computed here in one batch from the same snapshot.
+    folder, paths = snapshots
+    out = folder / 'guided'
+    launch.check(_generate(folder, paths['labels'], out, 2, 'sampling.batch=1', 'sampling.seeds=0-3', 'sampling.format=npz',
+        'sampling.solver=dpmpp_3m', 'sampling.discretization=logsnr', 'sampling.num_steps=6', 'sampling.guidance=2.5'))
+    images = np.load(out / 'images.npz')['images']
+    net = sampling.PerSampleNet(persistence.load_snapshot(paths['labels'])['ema'])
+    rnd = sampling.StackedRandomGenerator('cpu', range(4))
+    latents = rnd.randn([4, 2, 16, 16])
+    labels = torch.eye(3)[rnd.randint(3, size=[4])]
+    with torch.no_grad():
+        ref = sampling.sample(net, latents, class_labels=labels, randn_like=rnd.randn_like, solver='dpmpp_3m',
+            discretization='logsnr', num_steps=6, guidance=2.5)
+    assert np.array_equal(images, ref.float().numpy())
+
 #----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('args, message', [
@@ -85,8 +103,9 @@ def test_class_conditional_two_channels(snapshots):
     (['sampling.seeds=a-b'], "sampling.seeds: bad range 'a-b'"),
     (['sampling.solver=rk45'], "sampling.solver: unknown solver 'rk45'"),
     (['sampling.num_steps=0'], 'sampling.num_steps must be >= 1, got 0'),
-    (['sampling.format=tiff'], "sampling.format: expected one of png, npz, got 'tiff'"),
+    (['sampling.format=tiff'], "sampling.format: expected one of png, npz, nifti, got 'tiff'"),
     (['sampling.class_idx=1'], 'sampling.class_idx=1: the network has 0 classes'),
+    (['sampling.guidance=2'], 'sampling.guidance=2: classifier-free guidance needs a class-conditional network'),
 ])
 def test_bad_sampling_input(snapshots, args, message):
     folder, paths = snapshots

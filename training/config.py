@@ -62,21 +62,28 @@ class TrainingConfig:
 @dataclass
 class SamplingConfig:
     network_pkl: Optional[str] = None   # Network snapshot (network-snapshot-*.pkl).
+    trust_edm_pickle: bool = False      # Read an NVlabs/edm snapshot (trusted files only: that format is built to run code).
     seeds: Any = '0-63'                 # Seeds: 0-63, "0,3,10-19" or [0, 2, 5].
     batch: int = 64                     # Maximum batch size per process.
     outdir: Optional[str] = None        # Output folder, None = <snapshot>-samples next to the snapshot.
-    format: str = 'png'                 # 'png' (one file per seed) or 'npz' (images.npz).
+    format: str = 'png'                 # 'png' (one file per seed / panel per condition), 'npz' (images.npz) or 'nifti'.
     subdirs: bool = False               # PNG: one subfolder per 1000 seeds.
     class_idx: Optional[int] = None     # Class label, None = random.
-    solver: str = 'heun'                # Sampler: 'heun' (EDM Algorithm 2).
-    num_steps: int = 18                 # Number of sampling steps.
+    solver: str = 'heun'                # 'heun' (EDM Algorithm 2), 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde'.
+    discretization: str = 'edm'         # Time steps: 'edm' (rho), 'vp', 've', 'logsnr' (uniform log sigma; best for dpmpp_*).
+    num_steps: int = 18                 # Number of sampling steps (heun: 2N-1 network evaluations, others N).
     sigma_min: float = 0.002            # Lowest noise level.
     sigma_max: float = 80               # Highest noise level.
     rho: float = 7                      # Time-step exponent.
-    S_churn: float = 0                  # Stochasticity strength.
+    S_churn: float = 0                  # Stochasticity strength (heun, euler).
     S_min: float = 0                    # Stochastic sigma range, low end.
     S_max: float = float('inf')         # Stochastic sigma range, high end.
     S_noise: float = 1                  # Noise inflation.
+    guidance: float = 1                 # Classifier-free guidance weight w (1 = off, 0 = unconditional); needs label_dropout in training.
+    cond_dataset: Any = None            # Conditions: {_target_: ..., path: ...}; None = the snapshot's dataset_kwargs.
+    cond_indices: Any = None            # Items of the condition dataset: 0-9, "0,4,7"; None = all.
+    samples_per_cond: int = 8           # S samples (seeds) per condition -> posterior mean and std.
+    cond_seed: int = 0                  # Sample j of item i uses seed cond_seed + i * samples_per_cond + j.
     batch_invariant: bool = True        # Evaluate the network per sample: seed -> bit-identical sample for any batch/world size.
 
 @dataclass

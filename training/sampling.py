@@ -1,14 +1,34 @@
 # medEDM: diffusion-model training toolkit for medical imaging.
 
-"""Samplers (solvers of the probability-flow ODE / SDE) as pure functions of
-(net, latents, schedule, conditioning), reusable by every family, plus the
-per-seed random generator that makes a sample depend only on its seed.
+"""Sampling with any network of the project: noise-level schedules, the
+denoiser with classifier-free guidance, full generation, inpainting (masked
+sampling) and partial-noise reconstruction, plus the per-seed random
+generator and seed splitting that make a sample depend only on its seed.
+The ODE/SDE solvers themselves live in training/solvers.py.
 
-Reference: Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
-Generative Models", Algorithm 2 and Eq. 5 (time steps)."""
+Families call:
+    sample(net, latents, ...)                       generation from pure noise
+    inpaint(net, latents, known, mask, ...)         the known region (mask == 0) is replaced at
+                                                    every step by the known values noised to the
+                                                    current level; exactly the known values at the end
+    reconstruct(net, images, latents, sigma_start)  partial-noise reconstruction: start at
+                                                    images + sigma_start * latents, not at pure noise
+    edm_sampler(net, latents, ...)                  EDM Algorithm 2 (Heun, EDM time steps), unchanged
+
+References: Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+Generative Models" (Eq. 5 and Table 1 time steps, Algorithm 2); Lu et al. 2022,
+"DPM-Solver++" (uniform log-SNR steps); Ho & Salimans 2022, "Classifier-Free
+Diffusion Guidance" (Eq. 6, written for denoisers); Lugmayr et al. 2022,
+"RePaint" (replacing the known region at every step)."""
+
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from training import solvers
+
+DISCRETIZATIONS = ('edm', 'vp', 've', 'logsnr')
 
 #----------------------------------------------------------------------------
 # Time steps (Eq. 5): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho)
@@ -17,16 +37,187 @@ import torch
 def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
         round_sigma=None, device: torch.device | str = 'cpu') -> torch.Tensor:
     """EDM noise levels for `num_steps` steps, with a trailing 0 (float64)."""
-    if num_steps < 1:
+    return sigma_steps(num_steps, sigma_min, sigma_max, 'edm', rho=rho, round_sigma=round_sigma, device=device)
+
+#----------------------------------------------------------------------------
+# Noise levels of the discretisations of EDM Table 1 ("time steps" row),
+# all running from sigma_max down to sigma_min, then 0:
+#   edm     Eq. 5, polynomial in sigma^(1/rho).
+#   vp      t_i = 1 + i/(N-1) (eps_s - 1), sigma_i = sigma_vp(t_i) with
+#           sigma_vp(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1); beta_d and
+#           beta_min solved from sigma_vp(1) = sigma_max, sigma_vp(eps_s) = sigma_min.
+#   ve      t_i = sigma_max^2 (sigma_min^2 / sigma_max^2)^(i/(N-1)), sigma = sqrt(t):
+#           geometric in sigma.
+#   logsnr  uniform in lambda = -log sigma (half the log-SNR), DPM-Solver's
+#           "logSNR" steps. For sigma(t) = sqrt(t) this is the same sequence as 've'.
+
+def sigma_steps(
+    num_steps:      int,                # Number of noise levels > 0 (solver steps).
+    sigma_min:      float,              # Lowest noise level > 0.
+    sigma_max:      float,              # Highest noise level (start).
+    discretization: str = 'edm',        # One of DISCRETIZATIONS.
+    rho:            float = 7,          # EDM: time-step exponent.
+    epsilon_s:      float = 1e-3,       # VP: smallest t.
+    round_sigma:    Callable | None = None, # The network's round_sigma.
+    device:         torch.device | str = 'cpu',
+) -> torch.Tensor:
+    """Decreasing noise levels sigma_0 = sigma_max, ..., sigma_(N-1) = sigma_min, 0 (float64)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f'num_steps must be >= 1, got {num_steps}')
-    if not (0 < sigma_min < sigma_max):
+    if not (0 < sigma_min < sigma_max < float('inf')):
         raise ValueError(f'need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}')
-    step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
-    denom = max(num_steps - 1, 1)
-    t_steps = (sigma_max ** (1 / rho) + step_indices / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    if discretization not in DISCRETIZATIONS:
+        raise ValueError(f'discretization: unknown discretization {discretization!r} (choose from {", ".join(DISCRETIZATIONS)})')
+    frac = torch.arange(num_steps, dtype=torch.float64, device=device) / max(num_steps - 1, 1) # i / (N - 1).
+    if discretization == 'edm':
+        if not rho > 0:
+            raise ValueError(f'rho must be > 0, got {rho}')
+        t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    elif discretization == 'vp':
+        if not 0 < epsilon_s < 1:
+            raise ValueError(f'epsilon_s must be in (0, 1), got {epsilon_s}')
+        l_max, l_min = np.log1p(sigma_max ** 2), np.log1p(sigma_min ** 2)
+        beta_d = 2 * (l_min / epsilon_s - l_max) / (epsilon_s - 1)
+        beta_min = l_max - 0.5 * beta_d
+        tt = 1 + frac * (epsilon_s - 1)
+        t = torch.expm1(0.5 * beta_d * tt ** 2 + beta_min * tt).sqrt()
+    else: # 've', 'logsnr': geometric.
+        t = torch.exp(np.log(sigma_max) + frac * (np.log(sigma_min) - np.log(sigma_max)))
+    if discretization != 'edm': # Hit the end points exactly (EDM's formula is kept bit for bit).
+        t[0], t[-1] = sigma_max, (sigma_min if num_steps > 1 else sigma_max)
     if round_sigma is not None:
-        t_steps = torch.as_tensor(round_sigma(t_steps), dtype=torch.float64, device=device)
-    return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+        t = torch.as_tensor(round_sigma(t), dtype=torch.float64, device=device)
+    return torch.cat([t, torch.zeros_like(t[:1])])
+
+#----------------------------------------------------------------------------
+# The denoiser seen by the solvers: float64 in and out, the network in
+# float32, with classifier-free guidance (Ho & Salimans 2022, Eq. 6 written
+# for denoisers): D = D_uncond + w (D_cond - D_uncond), where the
+# unconditional case is the zero label vector (what `label_dropout` trains).
+# w = 1 is the plain conditional network and w = 0 the unconditional one,
+# both exactly (one network call); other w cost two calls per evaluation.
+
+def make_denoiser(
+    net,                                # Preconditioned network D(x; sigma, ...).
+    class_labels:   torch.Tensor | None = None, # [N, label_dim] or None.
+    cond:           torch.Tensor | None = None, # Condition images [N, Cc, ...] or None.
+    embedding:      torch.Tensor | None = None, # Embedding vectors [N, E] or None.
+    guidance:       float = 1,          # Guidance weight w.
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Return denoise(x float64, sigma 0-d float64) -> float64 for the solvers."""
+    extra = {} if embedding is None else dict(embedding=embedding)
+    def call(x, sigma, labels):
+        return net(x.to(torch.float32), sigma.to(torch.float32), class_labels=labels, cond=cond, **extra).to(torch.float64)
+
+    guidance = float(guidance)
+    if not np.isfinite(guidance):
+        raise ValueError(f'guidance must be a finite number, got {guidance}')
+    if guidance == 1:
+        return lambda x, sigma: call(x, sigma, class_labels)
+    if not getattr(net, 'label_dim', 0):
+        raise ValueError(f'guidance={guidance:g}: classifier-free guidance needs a class-conditional network '
+            f'(label_dim > 0, trained with label_dropout > 0); this network has label_dim=0 (use guidance=1)')
+    if class_labels is None:
+        raise ValueError(f'guidance={guidance:g}: classifier-free guidance needs class labels (got none)')
+    uncond = torch.zeros_like(class_labels)
+    if guidance == 0:
+        return lambda x, sigma: call(x, sigma, uncond)
+    def guided(x, sigma):
+        d_uncond = call(x, sigma, uncond)
+        return d_uncond + guidance * (call(x, sigma, class_labels) - d_uncond)
+    return guided
+
+#----------------------------------------------------------------------------
+# Masked sampling (inpainting, RePaint-style replacement): `mask` is 1 where
+# the sample is generated and 0 where it is known (the DESIGN's batch
+# convention: 1 where the inpainting applies). At noise level sigma the
+# known region is set to known + sigma * n with fresh per-seed noise n; at
+# sigma = 0 it is set to the known values themselves, bit for bit.
+
+def known_region_projector(known: torch.Tensor, mask: torch.Tensor, randn_like: Callable,
+        shape: torch.Size) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    known = torch.as_tensor(known)
+    mask = torch.as_tensor(mask)
+    for name, t in (('known', known), ('mask', mask)):
+        if t.ndim != len(shape) or any(s not in (1, n) for s, n in zip(t.shape, shape)):
+            raise ValueError(f'{name}: expected a tensor broadcastable to the samples {tuple(shape)}, got shape {tuple(t.shape)}')
+    if not torch.isfinite(known).all():
+        raise ValueError('known: values contain NaN or Inf')
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError('mask: expected 0 (known) and 1 (generate) values only')
+    keep = (mask == 0).expand(shape)
+    known = known.to(torch.float64).expand(shape)
+
+    def project(x, sigma):
+        value = known if sigma == 0 else known + sigma * randn_like(x)
+        return torch.where(keep.to(x.device), value.to(x.device), x)
+    return project
+
+#----------------------------------------------------------------------------
+# Generation, inpainting and partial-noise reconstruction share one driver.
+
+def sample(
+    net,                                # Preconditioned network (sigma_min, sigma_max, round_sigma).
+    latents:        torch.Tensor,       # Standard normal latents [N, C, ...] (images, volumes or vectors).
+    class_labels:   torch.Tensor | None = None, # Class labels / vectors [N, label_dim] or None.
+    cond:           torch.Tensor | None = None, # Condition images [N, Cc, ...] or None.
+    embedding:      torch.Tensor | None = None, # Embedding vectors [N, E] or None.
+    randn_like:     Callable = torch.randn_like, # Noise source (StackedRandomGenerator.randn_like for per-seed results).
+    solver:         str = 'heun',       # 'heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde'.
+    discretization: str = 'edm',        # 'edm', 'vp', 've', 'logsnr'.
+    num_steps:      int = 18,           # Number of noise levels > 0.
+    sigma_min:      float = 0.002,      # Lowest noise level (raised to net.sigma_min).
+    sigma_max:      float = 80,         # Highest noise level (lowered to net.sigma_max).
+    rho:            float = 7,          # EDM time-step exponent.
+    S_churn:        float = 0,          # Churn of heun / euler; 0 = deterministic.
+    S_min:          float = 0,          # Lowest sigma where churn is applied.
+    S_max:          float = float('inf'), # Highest sigma where churn is applied.
+    S_noise:        float = 1,          # Noise inflation of the churn.
+    guidance:       float = 1,          # Classifier-free guidance weight; 1 = off.
+    known:          torch.Tensor | None = None, # Inpainting: known values (data space).
+    mask:           torch.Tensor | None = None, # Inpainting: 1 = generate, 0 = known.
+    images:         torch.Tensor | None = None, # Partial noise: images to start from ...
+    sigma_start:    float | None = None, # ... noised to this level (replaces sigma_max).
+) -> torch.Tensor:
+    """Run a solver from noise (or from noised `images`) to sigma = 0; float64 [N, C, ...]."""
+    sigma_min = max(sigma_min, net.sigma_min)
+    if images is not None:
+        if sigma_start is None or not 0 < sigma_start <= net.sigma_max:
+            raise ValueError(f'sigma_start: expected a noise level in (0, {net.sigma_max}] for partial-noise reconstruction, got {sigma_start}')
+        if not sigma_start > sigma_min:
+            raise ValueError(f'sigma_start={sigma_start} must exceed sigma_min={sigma_min}')
+        if tuple(images.shape) != tuple(latents.shape):
+            raise ValueError(f'images: expected shape {tuple(latents.shape)} (the latents), got {tuple(images.shape)}')
+        sigma_max = sigma_start
+    sigma_max = min(sigma_max, net.sigma_max)
+    sigmas = sigma_steps(num_steps, sigma_min, sigma_max, discretization, rho=rho, round_sigma=net.round_sigma, device=latents.device)
+    denoise = make_denoiser(net, class_labels=class_labels, cond=cond, embedding=embedding, guidance=guidance)
+    x = latents.to(torch.float64) * sigmas[0]
+    if images is not None:
+        x = images.to(torch.float64) + x
+    project = None
+    if known is not None or mask is not None:
+        if known is None or mask is None:
+            raise ValueError('inpainting needs both `known` and `mask`')
+        project = known_region_projector(known, mask, randn_like, latents.shape)
+    return solvers.solve(denoise, x, sigmas, solver=solver, randn_like=randn_like, S_churn=S_churn, S_min=S_min,
+        S_max=S_max, S_noise=S_noise, round_sigma=net.round_sigma, project=project)
+
+#----------------------------------------------------------------------------
+# Inpainting: generate where mask == 1, keep `known` where mask == 0.
+
+def inpaint(net, latents: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Masked sampling; the result equals `known` exactly where mask == 0 (float64)."""
+    return sample(net, latents, known=known, mask=mask, **kwargs)
+
+#----------------------------------------------------------------------------
+# Partial-noise reconstruction: noise `images` to sigma_start with the
+# latents and solve back to 0 (num_steps = 1 with Euler is the one-step
+# denoiser D(images + sigma_start n; sigma_start)).
+
+def reconstruct(net, images: torch.Tensor, latents: torch.Tensor, sigma_start: float, **kwargs) -> torch.Tensor:
+    """Start at images + sigma_start * latents, not at pure noise (float64)."""
+    return sample(net, latents, images=images, sigma_start=sigma_start, **kwargs)
 
 #----------------------------------------------------------------------------
 # EDM sampler (Algorithm 2): Heun's 2nd-order method with optional stochastic
@@ -49,31 +240,9 @@ def edm_sampler(
     S_noise         = 1,        # Noise inflation of the churn.
 ) -> torch.Tensor:
     """Generate images from latents with EDM's Algorithm 2."""
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, net.round_sigma, latents.device)
-
-    def denoise(x, t):
-        return net(x.to(torch.float32), t.to(torch.float32), class_labels=class_labels, cond=cond).to(torch.float64)
-
-    x_next = latents.to(torch.float64) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        x_cur = x_next
-
-        # Increase noise temporarily (the draw happens every step, as in EDM).
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
-        t_hat = torch.as_tensor(net.round_sigma(t_cur + gamma * t_cur), dtype=torch.float64, device=latents.device)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
-
-        # Euler step.
-        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-
-        # Apply 2nd order correction.
-        if i < num_steps - 1:
-            d_prime = (x_next - denoise(x_next, t_next)) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next
+    return sample(net, latents, class_labels=class_labels, cond=cond, randn_like=randn_like, solver='heun',
+        discretization='edm', num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+        S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
 
 #----------------------------------------------------------------------------
 # Evaluate a network one sample at a time. Convolution and matrix kernels
@@ -130,5 +299,24 @@ def split_seeds(seeds: list[int], max_batch_size: int, rank: int, world_size: in
     num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
     all_batches = torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)
     return [b.tolist() for b in all_batches[rank::world_size]]
+
+#----------------------------------------------------------------------------
+# Shape of one sample [C, *spatial] of a network: `img_shape` where a network
+# declares it (volumes, non-square images), else EDM's square images.
+
+def sample_shape(net) -> list[int]:
+    shape = getattr(net, 'img_shape', None)
+    if shape is not None:
+        return [int(s) for s in shape]
+    return [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
+
+#----------------------------------------------------------------------------
+# Posterior statistics over the S samples of one condition: per-pixel mean
+# and standard deviation (population std, ddof = 0, numpy's default),
+# accumulated in float64 and returned as float32.
+
+def posterior_stats(samples: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    samples = np.asarray(samples, dtype=np.float64)
+    return samples.mean(axis=axis).astype(np.float32), samples.std(axis=axis).astype(np.float32)
 
 #----------------------------------------------------------------------------

@@ -1,0 +1,205 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Sampler accuracy against network evaluations (NFE), for every deterministic
+solver of training/solvers.py, in three settings measured in the same run:
+
+  gaussian  data N(0, s^2 I): the ideal denoiser and the exact solution of the
+            probability-flow ODE are known in closed form (no reference run).
+  mixture   a Gaussian mixture in 16 dimensions (8 components, std 0.3):
+            closed-form ideal denoiser, nonlinear trajectories; reference =
+            the same ODE solved with 1000 EDM Heun steps (1999 NFE).
+  network   a small SongUNet (EDMPrecond, 16x16, 1 channel) trained on the fly
+            (--train-steps Adam steps at batch 32, about 30 s on 2 idle cores; a
+            fixed count, so the result does not depend on the machine's load)
+            on smooth random blobs; reference
+            = 1000 steps of DPM-Solver++(3M) on the same latents (1000 NFE;
+            --ref heun for 1000 Heun steps, 1999 NFE, slower).
+
+Error = RMS(x - x_ref) / RMS(x_ref) at sigma = 0, over a batch of latents; all
+solvers start from the same latents (x = latents * sigma_max). Time steps:
+EDM's (rho = 7) unless a row says logsnr. The SDE solver (dpmpp_2m_sde) and
+EDM's churn are stochastic: they do not follow the ODE and are not compared.
+
+Headline: the NFE each solver needs to reach the error of EDM Heun at 35 NFE
+(18 steps, EDM's CIFAR-10 setting) -- the smallest NFE of the ladder from which
+on every measured NFE has an error at most Heun's -- and the ratio 35 / NFE.
+Goal: DPM-Solver++(2M) or (3M) within 12 evaluations.
+
+Examples:
+
+\b
+# Everything (about 2-3 minutes on 2 idle cores):
+python bench/sampler_accuracy.py
+
+\b
+# Closed forms only (seconds):
+python bench/sampler_accuracy.py --no-network
+"""
+
+import os
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training import loss as loss_mod
+from training import networks
+from training import sampling
+from training import solvers
+
+HEUN_STEPS = 18 # 35 NFE.
+GOAL_NFE = 12
+LADDER = [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 25, 30, 35, 40, 50, 60]
+ROWS = [('euler', 'edm'), ('heun', 'edm'), ('dpmpp_2m', 'edm'), ('dpmpp_3m', 'edm'), ('dpmpp_2m', 'logsnr'), ('dpmpp_3m', 'logsnr')]
+
+#----------------------------------------------------------------------------
+# Closed-form denoisers.
+
+def gaussian_denoiser(s: float):
+    return lambda x, sigma: s ** 2 / (s ** 2 + sigma ** 2) * x
+
+def mixture_denoiser(dim: int = 16, components: int = 8, std: float = 0.3, seed: int = 0):
+    # D(x; sigma) = sum_k w_k(x) [mu_k + s^2/(s^2+sigma^2) (x - mu_k)], w_k = posterior of component k.
+    mu = torch.rand([components, dim], dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    def denoise(x, sigma):
+        var = std ** 2 + sigma ** 2
+        diff = x[:, None, :] - mu[None]
+        w = torch.softmax(-0.5 * (diff ** 2).sum(-1) / var, dim=1)
+        return (w[..., None] * (mu[None] + std ** 2 / var * diff)).sum(1)
+    return denoise
+
+#----------------------------------------------------------------------------
+# A small network trained on smooth random blobs in [-1, 1].
+
+def blobs(n: int, res: int, rng: np.random.Generator) -> torch.Tensor:
+    yy, xx = np.mgrid[:res, :res] / res
+    cx, cy = rng.uniform(0.25, 0.75, (2, n, 1, 1))
+    r = rng.uniform(0.12, 0.3, (n, 1, 1))
+    soft = 1 / (1 + np.exp(-(r ** 2 - (xx - cx) ** 2 - (yy - cy) ** 2) * 150))
+    return torch.as_tensor(soft * 2 - 1, dtype=torch.float32)[:, None]
+
+def train_network(num_steps: int, res: int = 16, batch: int = 32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = networks.EDMPrecond(img_resolution=res, img_channels=1, model_type='SongUNet', model_channels=16, channel_mult=[1, 2],
+        num_blocks=1, attn_resolutions=[], dropout=0.0)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    loss_fn = loss_mod.EDMLoss()
+    data = blobs(4096, res, rng)
+    for _ in range(num_steps):
+        idx = torch.as_tensor(rng.integers(len(data), size=batch))
+        loss = loss_fn(net, {'image': data[idx]}).sum() / batch
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval().requires_grad_(False)
+
+def network_denoiser(net):
+    def denoise(x, sigma):
+        with torch.no_grad():
+            return net(x.to(torch.float32), sigma.to(torch.float32)).to(torch.float64)
+    return denoise
+
+#----------------------------------------------------------------------------
+# Solve from the latents with a solver, a discretisation and N steps.
+
+def run(denoise, latents, solver, disc, num_steps, sigma_min=0.002, sigma_max=80):
+    sigmas = sampling.sigma_steps(num_steps, sigma_min, sigma_max, disc)
+    return solvers.solve(denoise, latents.to(torch.float64) * sigmas[0], sigmas, solver)
+
+def rel_error(x, ref) -> float:
+    return float((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+
+def steps_for_nfe(solver: str, nfe: int) -> int | None:
+    if solver == 'heun':
+        return (nfe + 1) // 2 if nfe % 2 == 1 else None # NFE = 2N - 1.
+    return nfe
+
+#----------------------------------------------------------------------------
+# Error table and headline for one setting. Without `full`, a row stops once
+# it has matched Heun at 35 NFE on three ladder points in a row (saves evaluations).
+
+def evaluate(name: str, denoise, latents, ref, full: bool) -> dict:
+    target = rel_error(run(denoise, latents, 'heun', 'edm', HEUN_STEPS), ref)
+    print(f'\n== {name}: relative RMS error vs NFE (EDM Heun @ 35 NFE: {target:.2e})')
+    headline = {}
+    for solver, disc in ROWS:
+        cells, matched, run_len = [], None, 0
+        for nfe in LADDER:
+            n = steps_for_nfe(solver, nfe)
+            if n is None or (solver == 'heun' and not full and nfe not in (5, 9, 15, 25, 35)):
+                continue
+            if solver == 'euler' and not full and nfe not in (10, 20, 35, 60):
+                continue
+            err = rel_error(run(denoise, latents, solver, disc, n), ref)
+            cells.append(f'{nfe}:{err:.1e}')
+            if err <= target * (1 + 1e-9):
+                matched = nfe if matched is None else matched
+                run_len += 1
+            else:
+                matched, run_len = None, 0
+            if not full and run_len >= 3:
+                break
+        headline[(solver, disc)] = matched
+        print(f'  {solver:<9s} {disc:<7s} ' + ' '.join(cells))
+    return headline
+
+def print_headline(name: str, headline: dict) -> None:
+    parts = []
+    for (solver, disc), nfe in headline.items():
+        label = solver if disc == 'edm' else f'{solver}/{disc}'
+        parts.append(f'{label} {">" + str(LADDER[-1]) if nfe is None else nfe}' + ('' if nfe is None else f' ({35 / nfe:.1f}x)'))
+    best = min((nfe for (s, _), nfe in headline.items() if s.startswith('dpmpp') and nfe is not None), default=None)
+    verdict = 'met' if best is not None and best <= GOAL_NFE else 'NOT met'
+    print(f'  {name:<8s} NFE to match Heun@35: ' + ', '.join(parts) + f'  -> goal (DPM-Solver++ within {GOAL_NFE}): {verdict}')
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--train-steps', help='Training steps of the small network', metavar='INT', type=int, default=300, show_default=True)
+@click.option('--batch', help='Latents per setting (network)', metavar='INT', type=int, default=16, show_default=True)
+@click.option('--ref', help='Reference solver of the network setting', type=click.Choice(['dpmpp_3m', 'heun']), default='dpmpp_3m', show_default=True)
+@click.option('--network/--no-network', help='Include the trained network', default=True, show_default=True)
+@click.option('--threads', help='torch threads', metavar='INT', type=int, default=1, show_default=True)
+def main(train_steps, batch, ref, network, threads):
+    """Accuracy of the samplers against network evaluations; see the module docstring."""
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    headlines = {}
+    gen = torch.Generator().manual_seed(1)
+
+    # Gaussian: exact solution x(0) = x(sigma_max) s / sqrt(s^2 + sigma_max^2).
+    s = 0.5
+    latents = torch.randn([512, 16], dtype=torch.float64, generator=gen)
+    exact = latents * 80 * s / np.sqrt(s ** 2 + 80 ** 2)
+    headlines['gaussian'] = evaluate('gaussian (closed form, exact solution)', gaussian_denoiser(s), latents, exact, full=True)
+
+    # Gaussian mixture: 1000 Heun steps as reference.
+    denoise = mixture_denoiser()
+    latents = torch.randn([128, 16], dtype=torch.float64, generator=gen)
+    reference = run(denoise, latents, 'heun', 'edm', 1000)
+    headlines['mixture'] = evaluate('mixture (closed-form denoiser; reference: 1000 Heun steps)', denoise, latents, reference, full=True)
+
+    # Small trained network.
+    if network:
+        t1 = time.time()
+        net = train_network(train_steps)
+        denoise = network_denoiser(net)
+        latents = torch.randn([batch, 1, 16, 16], dtype=torch.float64, generator=gen)
+        t2 = time.time()
+        reference = run(denoise, latents, ref, 'edm', 1000)
+        name = (f'network (SongUNet 16x16 trained {train_steps} steps / {t2 - t1:.0f} s on blobs; '
+            f'reference: 1000 {ref} steps, {time.time() - t2:.0f} s)')
+        headlines['network'] = evaluate(name, denoise, latents, reference, full=False)
+
+    print(f'\nHeadline ({time.time() - t0:.0f} s): evaluations needed to match EDM Heun at 35 NFE (35 / NFE in brackets)')
+    for name, headline in headlines.items():
+        print_headline(name, headline)
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------

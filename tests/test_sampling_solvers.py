@@ -1,0 +1,197 @@
+# medEDM: the ODE/SDE solvers and time discretisations against closed forms.
+#
+# For Gaussian data N(0, s^2 I) the ideal denoiser is D(x; sigma) = s^2/(s^2+sigma^2) x
+# and the probability-flow ODE dx/dsigma = (x - D)/sigma has the solution
+# x(sigma) = x(sigma_max) sqrt((s^2 + sigma^2) / (s^2 + sigma_max^2)).
+
+import numpy as np
+import pytest
+import torch
+
+from training import networks
+from training import sampling
+from training import solvers
+
+S_DATA = 0.5
+SIGMA_MIN, SIGMA_MAX = 0.002, 80
+
+def gaussian_denoiser(x, sigma):
+    return S_DATA ** 2 / (S_DATA ** 2 + sigma ** 2) * x
+
+def exact(x_start, sigma_start, sigma):
+    return x_start * np.sqrt((S_DATA ** 2 + sigma ** 2) / (S_DATA ** 2 + sigma_start ** 2))
+
+def _x_start(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dtype=torch.float64, generator=g) * np.sqrt(SIGMA_MAX ** 2 + S_DATA ** 2)
+
+def _error(solver, levels, discretization='edm'):
+    # ODE from sigma_max to sigma_min (no final jump to 0): the asymptotic order shows cleanly.
+    sigmas = sampling.sigma_steps(levels, SIGMA_MIN, SIGMA_MAX, discretization)[:-1]
+    x0 = _x_start()
+    out = solvers.solve(gaussian_denoiser, x0, sigmas, solver)
+    return float((out - exact(x0, SIGMA_MAX, SIGMA_MIN)).abs().max() / exact(x0, SIGMA_MAX, SIGMA_MIN).abs().max())
+
+#----------------------------------------------------------------------------
+# Time discretisations.
+
+def test_edm_discretization_is_eq5():
+    t = sampling.sigma_steps(18, SIGMA_MIN, SIGMA_MAX, 'edm')
+    assert torch.equal(t, sampling.edm_sigma_steps(18, SIGMA_MIN, SIGMA_MAX, 7))
+    i = np.arange(18)
+    ref = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert np.allclose(t[:-1].numpy(), ref, rtol=1e-14) and t[-1] == 0
+
+def test_vp_discretization_matches_vp_precond():
+    # With VPPrecond's sigma range, the fitted beta_d, beta_min are 19.9 and 0.1, so
+    # sigma_i = sigma_vp(t_i) for t_i = 1 + i/(N-1) (eps_s - 1) (EDM Table 1).
+    vp = networks.VPPrecond(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    eps_s = 1e-3
+    s_min, s_max = float(vp.sigma(torch.tensor(eps_s, dtype=torch.float64))), float(vp.sigma(torch.tensor(1.0, dtype=torch.float64)))
+    t = sampling.sigma_steps(10, s_min, s_max, 'vp', epsilon_s=eps_s)
+    ref = vp.sigma(1 + torch.arange(10, dtype=torch.float64) / 9 * (eps_s - 1))
+    assert torch.allclose(t[:-1], ref, rtol=1e-10)
+
+@pytest.mark.parametrize('disc', sampling.DISCRETIZATIONS)
+def test_discretizations_run_from_sigma_max_to_sigma_min(disc):
+    for n in (1, 2, 7, 40):
+        t = sampling.sigma_steps(n, SIGMA_MIN, SIGMA_MAX, disc)
+        assert t.dtype == torch.float64 and len(t) == n + 1 and t[-1] == 0
+        assert t[0] == pytest.approx(SIGMA_MAX, rel=1e-12)
+        if n > 1:
+            assert t[-2] == pytest.approx(SIGMA_MIN, rel=1e-12)
+        assert (t[1:] < t[:-1]).all()
+
+def test_ve_and_logsnr_are_uniform_in_log_sigma():
+    ve = sampling.sigma_steps(12, SIGMA_MIN, SIGMA_MAX, 've')[:-1]
+    assert torch.allclose(ve, sampling.sigma_steps(12, SIGMA_MIN, SIGMA_MAX, 'logsnr')[:-1], rtol=1e-14)
+    steps = torch.diff(torch.log(ve))
+    assert torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-10)
+
+def test_discretization_bad_input():
+    with pytest.raises(ValueError, match="unknown discretization 'cosine'"):
+        sampling.sigma_steps(5, SIGMA_MIN, SIGMA_MAX, 'cosine')
+    with pytest.raises(ValueError, match='num_steps must be >= 1'):
+        sampling.sigma_steps(0, SIGMA_MIN, SIGMA_MAX)
+
+#----------------------------------------------------------------------------
+# Exactness and convergence order on the Gaussian closed form: the error ratio
+# when the number of steps doubles is 2^order.
+
+ORDER_CASES = [
+    ('euler',    [32, 64, 128],  1, 0.15),
+    ('heun',     [32, 64, 128],  2, 0.2),
+    ('dpmpp_2m', [32, 64, 128],  2, 0.25),
+    ('dpmpp_3m', [48, 96, 192],  3, 0.35),
+]
+
+@pytest.mark.parametrize('solver, levels, order, tol', ORDER_CASES)
+def test_gaussian_closed_form_convergence_order(solver, levels, order, tol):
+    errors = [_error(solver, n) for n in levels]
+    rates = [np.log2(a / b) for a, b in zip(errors[:-1], errors[1:])]
+    assert all(abs(r - order) < tol for r in rates), (solver, errors, rates)
+    assert errors[-1] < {1: 3e-2, 2: 1e-3, 3: 3e-5}[order], (solver, errors)
+
+@pytest.mark.parametrize('solver', ['euler', 'heun', 'dpmpp_2m', 'dpmpp_3m'])
+@pytest.mark.parametrize('disc', sampling.DISCRETIZATIONS)
+def test_gaussian_closed_form_full_sampler(solver, disc):
+    # With the trailing sigma = 0 (last step x = D(x; sigma_min)) the result approaches
+    # x(0) up to that final step's error, relative ~ sigma_min^2 / (2 s^2) = 8e-6. The VP
+    # steps are coarse at low noise (few levels below sigma = 0.01), hence its looser bound.
+    x0 = _x_start()
+    sigmas = sampling.sigma_steps(256, SIGMA_MIN, SIGMA_MAX, disc)
+    out = solvers.solve(gaussian_denoiser, x0, sigmas, solver)
+    ref = exact(x0, SIGMA_MAX, 0)
+    tol = 3e-2 if solver == 'euler' else 1e-2 if disc == 'vp' else 5e-4
+    assert float((out - ref).abs().max() / ref.abs().max()) < tol
+
+def test_multistep_solvers_beat_heun_at_equal_evaluations():
+    # 35 evaluations: Heun with 18 levels vs DPM-Solver++ with 35 levels (EDM schedule).
+    heun = _error('heun', 18)
+    assert _error('dpmpp_2m', 35) < heun / 2
+    assert _error('dpmpp_3m', 35) < heun / 10
+
+#----------------------------------------------------------------------------
+# Reverse SDE and churn: the marginal at sigma = 0 is N(0, s^2).
+
+@pytest.mark.parametrize('solver, kwargs', [('dpmpp_2m_sde', {}), ('heun', dict(S_churn=40)), ('euler', dict(S_churn=10))])
+def test_stochastic_solvers_reach_data_distribution(solver, kwargs):
+    torch.manual_seed(0)
+    x0 = torch.randn(40000, dtype=torch.float64) * np.sqrt(SIGMA_MAX ** 2 + S_DATA ** 2)
+    sigmas = sampling.sigma_steps(100, SIGMA_MIN, SIGMA_MAX, 'logsnr')
+    out = solvers.solve(gaussian_denoiser, x0, sigmas, solver, **kwargs)
+    assert float(out.std()) == pytest.approx(S_DATA, rel=0.03 if solver != 'euler' else 0.06) # Euler: 1st-order bias.
+    assert abs(float(out.mean())) < 0.02
+    # Different from the ODE solution: the noise is really used.
+    assert not torch.allclose(out, solvers.solve(gaussian_denoiser, x0, sigmas, 'heun'))
+
+#----------------------------------------------------------------------------
+# The same code serves images, volumes and label vectors; NFE counts.
+
+@pytest.mark.parametrize('solver', solvers.SOLVERS)
+def test_solvers_are_shape_agnostic(solver):
+    x = _x_start(2 * 3 * 4 * 4 * 4)
+    sigmas = sampling.sigma_steps(6, SIGMA_MIN, SIGMA_MAX)
+    outs = []
+    for shape in ([2, 3, 4, 16], [2, 3, 4, 4, 4], [2 * 3 * 4 * 4, 4]): # Images, volumes, label vectors.
+        noise = iter(torch.randn(50, x.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+        out = solvers.solve(gaussian_denoiser, x.reshape(shape), sigmas, solver, randn_like=lambda t: next(noise).reshape(t.shape))
+        assert out.shape == torch.Size(shape) and out.dtype == torch.float64
+        outs.append(out.flatten())
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+@pytest.mark.parametrize('solver, nfe', [('heun', 2 * 9 - 1), ('euler', 9), ('dpmpp_2m', 9), ('dpmpp_3m', 9), ('dpmpp_2m_sde', 9)])
+def test_number_of_evaluations(solver, nfe):
+    calls = []
+    def counting(x, sigma):
+        calls.append(float(sigma))
+        return gaussian_denoiser(x, sigma)
+    sigmas = sampling.sigma_steps(9, SIGMA_MIN, SIGMA_MAX)
+    solvers.solve(counting, _x_start(4), sigmas, solver)
+    assert len(calls) == nfe == solvers.num_evaluations(solver, sigmas)
+    assert min(calls) > 0 # sigma = 0 is never passed to the network.
+
+def test_bad_solver_arguments():
+    sigmas = sampling.sigma_steps(4, SIGMA_MIN, SIGMA_MAX)
+    with pytest.raises(ValueError, match=r"solver: unknown solver 'rk45' \(choose from heun, euler, dpmpp_2m"):
+        solvers.solve(gaussian_denoiser, _x_start(4), sigmas, 'rk45')
+    with pytest.raises(ValueError, match='S_churn: churn applies to the heun and euler solvers'):
+        solvers.solve(gaussian_denoiser, _x_start(4), sigmas, 'dpmpp_2m', S_churn=1)
+    with pytest.raises(ValueError, match='must decrease strictly'):
+        solvers.solve(gaussian_denoiser, _x_start(4), sigmas.flip(0)[1:], 'euler')
+
+#----------------------------------------------------------------------------
+# edm_sampler (used by the training loop for sample grids) is still EDM's
+# Algorithm 2, bit for bit: an independent transcription of the algorithm.
+
+def _algorithm2(net, latents, randn_like, num_steps, S_churn):
+    t = sampling.edm_sigma_steps(num_steps, 0.002, 80, 7)
+    x = latents.to(torch.float64) * t[0]
+    for i in range(num_steps):
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1)
+        t_hat = torch.as_tensor(t[i] + gamma * t[i], dtype=torch.float64)
+        x_hat = x + (t_hat ** 2 - t[i] ** 2).sqrt() * randn_like(x)
+        d = (x_hat - net(x_hat.float(), t_hat.float()).double()) / t_hat
+        x = x_hat + (t[i + 1] - t_hat) * d
+        if i < num_steps - 1:
+            d2 = (x - net(x.float(), t[i + 1].float()).double()) / t[i + 1]
+            x = x_hat + (t[i + 1] - t_hat) * (0.5 * d + 0.5 * d2)
+    return x
+
+@pytest.mark.parametrize('S_churn', [0, 5])
+def test_edm_sampler_is_algorithm_2(S_churn):
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', model_channels=8, channel_mult=[1],
+        num_blocks=1, attn_resolutions=[], dropout=0).eval().requires_grad_(False)
+    results = []
+    for fn in (_algorithm2, None):
+        rnd = sampling.StackedRandomGenerator('cpu', [3, 4])
+        latents = rnd.randn([2, 1, 8, 8])
+        with torch.no_grad():
+            if fn is None:
+                results.append(sampling.edm_sampler(net, latents, randn_like=rnd.randn_like, num_steps=4, S_churn=S_churn))
+            else:
+                results.append(fn(net, latents, rnd.randn_like, 4, S_churn))
+    assert torch.equal(results[0], results[1])
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,219 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Solvers of the probability-flow ODE and of the reverse SDE in EDM's
+parametrisation (sigma(t) = t, s(t) = 1): dx/dsigma = (x - D(x; sigma)) / sigma
+(Karras et al. 2022, Eq. 4 with Table 1).
+
+Every solver is a pure function of a denoiser `denoise(x, sigma) -> D(x)`
+(float64 in, float64 out, sigma a 0-d float64 tensor), the initial state
+x = x(sigmas[0]) and a decreasing noise-level sequence `sigmas` (normally
+ending in 0). Nothing here knows about networks, labels or batches, so the
+same code serves 2-D images, 3-D volumes and label vectors.
+
+Solvers (NFE = number of denoiser evaluations for N noise levels > 0 followed by 0):
+    euler         Euler steps (EDM Algorithm 2 without the correction), NFE = N.
+    heun          EDM Algorithm 2: Heun's 2nd-order method with optional churn
+                  (S_churn > 0 makes it stochastic), NFE = 2N - 1.
+    dpmpp_2m      DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++: Fast Solver
+                  for Guided Sampling of Diffusion Probabilistic Models"),
+                  Algorithm 2: 2nd-order multistep in lambda = -log sigma, NFE = N.
+    dpmpp_3m      3rd-order multistep variant of the same exponential integrator
+                  (Taylor terms up to D'' estimated from three past outputs), NFE = N.
+    dpmpp_2m_sde  SDE-DPM-Solver++(2M) (Lu et al. 2022, Sec. 5 / App.): the
+                  reverse SDE integrated with the same multistep data
+                  prediction, fresh Gaussian noise every step, NFE = N.
+
+An optional `project(x, sigma) -> x` is applied to the initial state and after
+every step at the new noise level; inpainting uses it to replace the known
+region (training/sampling.py).
+"""
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+SOLVERS = ('heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde')
+STOCHASTIC_CHURN_SOLVERS = ('heun', 'euler') # Solvers that accept EDM's churn (S_churn > 0).
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Projector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#----------------------------------------------------------------------------
+# Validate a noise-level sequence: float64, 1-D, positive and strictly
+# decreasing, except that the last entry may be 0.
+
+def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f'sigmas: expected a 1-D sequence of at least 2 noise levels, got shape {tuple(sigmas.shape)}')
+    if not torch.isfinite(sigmas).all() or (sigmas[:-1] <= 0).any() or sigmas[-1] < 0:
+        raise ValueError(f'sigmas: noise levels must be finite and > 0 (the last may be 0), got {sigmas.tolist()}')
+    if (sigmas[1:] >= sigmas[:-1]).any():
+        raise ValueError(f'sigmas: noise levels must decrease strictly, got {sigmas.tolist()}')
+    return sigmas
+
+#----------------------------------------------------------------------------
+# EDM's churn (Algorithm 2, lines 4-6): raise the noise level from t_cur to
+# t_hat = t_cur (1 + gamma) by adding fresh noise. As in EDM, the noise is
+# drawn every step whenever S_churn > 0 (also where gamma = 0), so the random
+# stream of a seed does not depend on S_min / S_max.
+
+def _churn(x, t_cur, num_steps, randn_like, S_churn, S_min, S_max, S_noise, round_sigma):
+    gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+    t_hat = t_cur + gamma * t_cur
+    if round_sigma is not None:
+        t_hat = torch.as_tensor(round_sigma(t_hat), dtype=torch.float64, device=x.device)
+    if S_churn > 0:
+        x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
+    return x, t_hat
+
+#----------------------------------------------------------------------------
+# Euler and Heun (EDM Algorithm 2). Heun applies the 2nd-order correction
+# on every step that does not end at sigma = 0 (with a trailing 0 that is
+# EDM's `i < N - 1`), so NFE = 2N - 1.
+
+def _euler_heun(denoise, x, sigmas, second_order, randn_like, S_churn, S_min, S_max, S_noise, round_sigma, project):
+    num_steps = len(sigmas) - 1
+    x_next = x
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x_cur = x_next
+
+        # Increase noise temporarily.
+        x_hat, t_hat = _churn(x_cur, t_cur, num_steps, randn_like, S_churn, S_min, S_max, S_noise, round_sigma)
+
+        # Euler step.
+        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+
+        # Apply 2nd order correction.
+        if second_order and t_next > 0:
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        if project is not None:
+            x_next = project(x_next, t_next)
+    return x_next
+
+#----------------------------------------------------------------------------
+# Exponential-integrator coefficients in lambda = -log sigma (Lu et al. 2022,
+# Eq. 9-10 with alpha = 1): over a step of length h,
+#   x(t) = (sigma_t / sigma_s) x(s) + sum_k J_k(h) D^(k)(lambda_s),
+#   J_k(h) = int_0^h e^-u (h - u)^k / k! du,
+# so J_0 = 1 - e^-h, J_1 = h - J_0, J_2 = h^2 / 2 - J_1 (integration by parts).
+
+def _phi(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    j0 = -torch.expm1(-h)
+    j1 = h - j0
+    j2 = 0.5 * h ** 2 - j1
+    return j0, j1, j2
+
+#----------------------------------------------------------------------------
+# DPM-Solver++ multistep, order 2 (Algorithm 2 of Lu et al. 2022) or 3.
+# The first steps use the orders that the history allows; the step to
+# sigma = 0 is first order (x = D), since lambda = inf there.
+
+def _dpmpp_multistep(denoise, x, sigmas, order, project):
+    denoised = [] # D of the last `order` steps, newest first.
+    lambdas = []  # Their lambda = -log sigma.
+    for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
+        d = denoise(x, t_cur)
+        lam = -torch.log(t_cur)
+        denoised = [d] + denoised[:order - 1]
+        lambdas = [lam] + lambdas[:order - 1]
+        if t_next == 0:
+            x = d
+        else:
+            h = -torch.log(t_next) - lam # lambda_next - lambda_cur > 0.
+            ratio = t_next / t_cur
+            if len(denoised) == 1:
+                x = ratio * x + _phi(h)[0] * d
+            elif order == 2 or len(denoised) == 2:
+                # Lu et al. 2022, Alg. 2: D~ = (1 + 1/(2r)) D_i - 1/(2r) D_(i-1), r = h_(i-1) / h_i.
+                r = (lambdas[0] - lambdas[1]) / h
+                d_tilde = (1 + 1 / (2 * r)) * denoised[0] - (1 / (2 * r)) * denoised[1]
+                x = ratio * x + _phi(h)[0] * d_tilde
+            else:
+                # Newton interpolation through the last three outputs (lambda_s, lambda_s - h1, lambda_s - h1 - h2):
+                # D' = d1_0 + h1 (d1_0 - d1_1) / (h1 + h2), D'' = 2 (d1_0 - d1_1) / (h1 + h2).
+                h1 = lambdas[0] - lambdas[1]
+                h2 = lambdas[1] - lambdas[2]
+                d1_0 = (denoised[0] - denoised[1]) / h1
+                d1_1 = (denoised[1] - denoised[2]) / h2
+                d2 = (d1_0 - d1_1) / (h1 + h2)
+                j0, j1, j2 = _phi(h)
+                x = ratio * x + j0 * d + j1 * (d1_0 + h1 * d2) + j2 * (2 * d2)
+        if project is not None:
+            x = project(x, t_next)
+    return x
+
+#----------------------------------------------------------------------------
+# SDE-DPM-Solver++(2M). The reverse SDE dx = 2 (x - D) / sigma dsigma +
+# sqrt(2 sigma) dw (EDM Eq. 6 with beta = sigma'/sigma) reads, in lambda,
+# dx = 2 (D - x) dlambda + noise. Its exponential integrator over a step h:
+#   x(t) = e^-2h x(s) + K_0 D + K_1 D' + sigma_t sqrt(K_0) z,
+#   K_0 = 1 - e^-2h, K_1 = 2 int_0^h e^-2u (h - u) du = h - K_0 / 2,
+# with D' estimated from the previous output; the noise term keeps the
+# marginal variance sigma_t^2 exact.
+
+def _dpmpp_2m_sde(denoise, x, sigmas, randn_like, project):
+    d_prev, lam_prev = None, None
+    for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
+        d = denoise(x, t_cur)
+        lam = -torch.log(t_cur)
+        if t_next == 0:
+            x = d
+        else:
+            h = -torch.log(t_next) - lam
+            k0 = -torch.expm1(-2 * h)
+            x = torch.exp(-2 * h) * x + k0 * d + t_next * k0.sqrt() * randn_like(x)
+            if d_prev is not None:
+                x = x + (h - 0.5 * k0) * (d - d_prev) / (lam - lam_prev)
+        d_prev, lam_prev = d, lam
+        if project is not None:
+            x = project(x, t_next)
+    return x
+
+#----------------------------------------------------------------------------
+# Run a solver from x = x(sigmas[0]) down the sequence `sigmas`.
+
+def solve(
+    denoise:        Denoiser,           # D(x; sigma): float64 [N, ...] and 0-d float64 sigma -> float64 [N, ...].
+    x:              torch.Tensor,       # Initial state at sigmas[0], float64 [N, ...].
+    sigmas:         torch.Tensor,       # Decreasing noise levels, normally ending in 0.
+    solver:         str = 'heun',       # One of SOLVERS.
+    randn_like:     Callable = torch.randn_like, # Noise source (per seed, for reproducibility).
+    S_churn:        float = 0,          # EDM churn (heun, euler): stochasticity strength, 0 = deterministic.
+    S_min:          float = 0,          # Lowest sigma where churn is applied.
+    S_max:          float = float('inf'), # Highest sigma where churn is applied.
+    S_noise:        float = 1,          # Noise inflation of the churn.
+    round_sigma:    Callable | None = None, # The network's round_sigma (churned levels).
+    project:        Projector | None = None, # x <- project(x, sigma) at the start and after every step.
+) -> torch.Tensor:
+    """Integrate from sigmas[0] to sigmas[-1] with `solver`; returns float64."""
+    if solver not in SOLVERS:
+        raise ValueError(f'solver: unknown solver {solver!r} (choose from {", ".join(SOLVERS)})')
+    if S_churn < 0:
+        raise ValueError(f'S_churn must be >= 0, got {S_churn}')
+    if S_churn > 0 and solver not in STOCHASTIC_CHURN_SOLVERS:
+        raise ValueError(f'S_churn: churn applies to the {" and ".join(STOCHASTIC_CHURN_SOLVERS)} solvers; '
+            f'{solver!r} is {"an SDE solver already" if solver.endswith("sde") else "a deterministic multistep solver"} (set S_churn=0)')
+    sigmas = check_sigmas(sigmas).to(x.device)
+    x = x.to(torch.float64)
+    if project is not None:
+        x = project(x, sigmas[0])
+    if solver in ('euler', 'heun'):
+        return _euler_heun(denoise, x, sigmas, solver == 'heun', randn_like, S_churn, S_min, S_max, S_noise, round_sigma, project)
+    if solver == 'dpmpp_2m_sde':
+        return _dpmpp_2m_sde(denoise, x, sigmas, randn_like, project)
+    return _dpmpp_multistep(denoise, x, sigmas, 2 if solver == 'dpmpp_2m' else 3, project)
+
+#----------------------------------------------------------------------------
+# Number of denoiser evaluations of a solver for a noise-level sequence.
+
+def num_evaluations(solver: str, sigmas: torch.Tensor) -> int:
+    steps = len(sigmas) - 1
+    if solver == 'heun': # No correction on a step that ends at sigma = 0.
+        return 2 * steps - int(float(sigmas[-1]) == 0)
+    return steps
+
+#----------------------------------------------------------------------------
