@@ -80,11 +80,11 @@ def test_class_conditional_two_channels(snapshots):
     assert np.load(out / 'images.npz')['images'].shape == (4, 2, 16, 16)
 
 def test_multistep_solver_and_guidance_per_seed(snapshots):
-    # DPM-Solver++(3M) with guidance and logSNR steps, 2 processes x batch 1, equals
-    # the samples computed here in one batch from the same snapshot.
+    # DPM-Solver++(3M) with guidance and logSNR steps, batches of 3 + 1, equals the
+    # samples computed here in one batch of 4 from the same snapshot.
     folder, paths = snapshots
     out = folder / 'guided'
-    launch.check(_generate(folder, paths['labels'], out, 2, 'sampling.batch=1', 'sampling.seeds=0-3', 'sampling.format=npz',
+    launch.check(_generate(folder, paths['labels'], out, 0, 'sampling.batch=3', 'sampling.seeds=0-3', 'sampling.format=npz',
         'sampling.solver=dpmpp_3m', 'sampling.discretization=logsnr', 'sampling.num_steps=6', 'sampling.guidance=2.5'))
     images = np.load(out / 'images.npz')['images']
     net = sampling.PerSampleNet(persistence.load_snapshot(paths['labels'])['ema'])
