@@ -146,6 +146,13 @@ def test_cache_damaged_file_is_rebuilt(tmp_path, damage):
     assert again.source == 'built' and torch.equal(again.A.values(), good.A.values())
     assert projector.get_system_matrix(16, cache_dir=tmp_path).source == 'loaded'
 
+def test_unwritable_cache_dir_warns_and_still_returns_the_matrix(tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    with pytest.warns(RuntimeWarning, match=re.escape(f'could not write projector cache file {blocker}')):
+        sm = projector.get_system_matrix(8, cache_dir=blocker / 'sub')
+    assert sm.source == 'built' and sm.path is None and sm.nnz > 0
+
 def test_cache_leaves_no_temporary_files(tmp_path):
     projector.get_system_matrix(12, cache_dir=tmp_path / 'sub' / 'dir')
     assert [f.endswith('.npz') for f in os.listdir(tmp_path / 'sub' / 'dir')] == [True]

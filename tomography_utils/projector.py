@@ -36,6 +36,7 @@ import json
 import os
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -117,23 +118,7 @@ def siddon_coo(geometry: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
 
 #----------------------------------------------------------------------------
-# Torch CSR (int32 indices) from COO triplets, duplicates summed. Works on
-# any device; also used to transpose and to slice rows for OSEM subsets.
-
-def csr_from_coo(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    n_rows, n_cols = shape
-    if vals.numel() >= 2**31:
-        raise ValueError(f'system matrix has {vals.numel()} non-zeros; 32-bit indices allow at most 2^31 - 1')
-    key = rows.long() * n_cols + cols.long()
-    key, order = torch.sort(key, stable=True)
-    vals = vals[order]
-    if key.numel() > 1 and bool((key[1:] == key[:-1]).any()):
-        key, inverse = torch.unique_consecutive(key, return_inverse=True)
-        vals = torch.zeros(key.numel(), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals)
-    counts = torch.bincount(key // n_cols, minlength=n_rows)
-    crow = torch.zeros(n_rows + 1, dtype=torch.int32, device=vals.device)
-    crow[1:] = torch.cumsum(counts, 0)
-    return make_csr(crow, (key % n_cols).to(torch.int32), vals, shape)
+# CSR helpers.
 
 # Build a CSR tensor without torch's beta-state and invariant-check warnings.
 def make_csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -145,10 +130,6 @@ def make_csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, shape: t
 def csr_row_indices(m: torch.Tensor) -> torch.Tensor:
     crow = m.crow_indices()
     return torch.repeat_interleave(torch.arange(m.shape[0], device=crow.device), (crow[1:] - crow[:-1]).long())
-
-# Transpose of a CSR tensor, as a CSR tensor.
-def csr_transpose(m: torch.Tensor) -> torch.Tensor:
-    return csr_from_coo(m.col_indices(), csr_row_indices(m), m.values(), (m.shape[1], m.shape[0]))
 
 #----------------------------------------------------------------------------
 # Build the CSR arrays (numpy, int32 indices) of A and A^T for a geometry.
@@ -318,7 +299,9 @@ def get_system_matrix(
     """Return the system matrix of a geometry, loaded from `cache_dir` when a
     valid file exists, else built (and written there atomically). `.source`
     tells which happened. A cache file that is damaged or whose stored key
-    differs from the geometry is rebuilt, with a warning naming the file."""
+    differs from the geometry is rebuilt, with a warning naming the file; a
+    cache folder that cannot be written gives a warning and an uncached
+    matrix (`.path` None)."""
     geometry = make_geometry(resolution, n_angles, n_bins, bin_width, normalize, dtype)
     if cache_dir is None:
         return SystemMatrix(geometry, build_arrays(geometry), 'built', None, device)
@@ -326,12 +309,16 @@ def get_system_matrix(
     if os.path.exists(path):
         try:
             return SystemMatrix(geometry, _load_arrays(path, geometry), 'loaded', path, device)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             warnings.warn(f'projector cache file {path} is damaged or does not match its geometry ({e}); rebuilding it',
                 RuntimeWarning, stacklevel=2)
     arrays = build_arrays(geometry)
-    os.makedirs(cache_dir, exist_ok=True)
-    _save_arrays(path, geometry, arrays)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        _save_arrays(path, geometry, arrays)
+    except OSError as e: # A read-only or full disk costs a rebuild next time, not this run.
+        warnings.warn(f'could not write projector cache file {path} ({e}); the matrix is not cached', RuntimeWarning, stacklevel=2)
+        path = None
     return SystemMatrix(geometry, arrays, 'built', path, device)
 
 #----------------------------------------------------------------------------
