@@ -64,27 +64,23 @@ def _choose_sigma(val: dict, candidates) -> tuple[float, dict]:
     scores = {float(s): float(_per_image(metrics.psnr, _gaussian(val['low'], s), val['full']).mean()) for s in candidates}
     return max(scores, key=scores.get), scores
 
-# Posterior samples of the conditional EDM: S seeds per condition, batched.
+# Posterior samples of the conditional EDM: S seeds per condition, batched;
+# seeds as generate.py's conditional mode (condition i, draw k: seed + i * S + k).
 @torch.no_grad()
-def pet_posterior(net, low: np.ndarray, samples: int, num_steps: int, batch: int, device, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Return the posterior mean and std [N,1,R,R] in counts per pixel. The sample
-    of condition i and draw k uses seed `seed + i * samples + k`."""
+def pet_posterior(net, low: np.ndarray, samples: int, batch: int, device, seed: int = 0, **sampler_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Return the posterior mean and std [N,1,R,R] in counts per pixel."""
     low_t = torch.as_tensor(low, dtype=torch.float32)
     scale = pet_scale(low_t)
     cond = pet_normalize(low_t, scale)
-    n = len(low)
-    pairs = [(i, k) for i in range(n) for k in range(samples)]
-    out = torch.zeros([n, samples, *low.shape[1:]], dtype=torch.float64)
-    for start in range(0, len(pairs), batch):
-        chunk = pairs[start:start + batch]
-        idx = torch.as_tensor([i for i, _ in chunk])
-        rnd = sampling.StackedRandomGenerator(device, [seed + i * samples + k for i, k in chunk])
-        latents = rnd.randn([len(chunk), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        x = sampling.edm_sampler(net, latents, cond=cond[idx].to(device), randn_like=rnd.randn_like, num_steps=num_steps)
-        x = pet_denormalize(x.cpu(), scale[idx].double())
-        for (i, k), image in zip(chunk, x):
-            out[i, k] = image
-    return out.mean(1).numpy(), out.std(1, unbiased=samples > 1).numpy()
+    tasks = [(i, k) for i in range(len(low)) for k in range(samples)]
+    out = []
+    for start in range(0, len(tasks), batch):
+        idx = torch.as_tensor([i for i, _ in tasks[start:start + batch]])
+        rnd = sampling.StackedRandomGenerator(device, [seed + i * samples + k for i, k in tasks[start:start + batch]])
+        latents = rnd.randn([len(idx), *sampling.sample_shape(net)], device=device)
+        x = sampling.sample(net, latents, cond=cond[idx].to(device), randn_like=rnd.randn_like, **sampler_kwargs)
+        out.append(pet_denormalize(x.cpu().double(), scale[idx].double()).numpy())
+    return sampling.posterior_stats(np.concatenate(out).reshape(len(low), samples, *low.shape[1:]), axis=1)
 
 #----------------------------------------------------------------------------
 
@@ -94,11 +90,13 @@ def pet_posterior(net, low: np.ndarray, samples: int, num_steps: int, batch: int
 @click.option('--val-data',              help='Validation split, to choose the Gaussian filter width', metavar='NPZ', type=str, required=True)
 @click.option('--outdir',                help='Where to write metrics and the panel', metavar='DIR',        type=str, required=True)
 @click.option('--samples',               help='Posterior samples per condition', metavar='INT',             type=click.IntRange(min=1), default=8, show_default=True)
-@click.option('--steps',                 help='Sampler steps (EDM Heun)', metavar='INT',                    type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--solver',                help='Sampler (training.solvers)', metavar='NAME',                 type=click.Choice(['heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde']), default='heun', show_default=True)
+@click.option('--discretization',        help='Time steps', metavar='NAME',                                 type=click.Choice(['edm', 'vp', 've', 'logsnr']), default='edm', show_default=True)
+@click.option('--steps',                 help='Sampler steps', metavar='INT',                               type=click.IntRange(min=1), default=18, show_default=True)
 @click.option('--max-images',            help='Evaluate at most this many test images', metavar='INT',      type=click.IntRange(min=1), default=None)
 @click.option('--batch',                 help='Sampling batch size', metavar='INT',                         type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--panel-images',          help='Cases shown in panel.png', metavar='INT',                    type=click.IntRange(min=1), default=6, show_default=True)
-def pet(network_pkl, data, val_data, outdir, samples, steps, max_images, batch, panel_images):
+def pet(network_pkl, data, val_data, outdir, samples, solver, discretization, steps, max_images, batch, panel_images):
     """PSNR, SSIM and NRMSE of low-dose MLEM, Gaussian-filtered low-dose MLEM and
     the EDM posterior mean, against the full-dose MLEM and against the phantom.
 
@@ -123,8 +121,8 @@ def pet(network_pkl, data, val_data, outdir, samples, steps, max_images, batch, 
     # Methods.
     sigma, sigma_scores = _choose_sigma(val, [0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0])
     print(f'Gaussian filter chosen on {val_data}: sigma = {sigma} px')
-    print(f'Sampling {samples} posterior samples for each of {len(test["low"])} conditions ({steps} steps)...')
-    mean, std = pet_posterior(net, test['low'], samples, steps, batch, device)
+    print(f'Sampling {samples} posterior samples for each of {len(test["low"])} conditions ({solver}, {discretization}, {steps} steps)...')
+    mean, std = pet_posterior(net, test['low'], samples, batch, device, solver=solver, discretization=discretization, num_steps=steps)
     methods = {'low_dose_mlem': test['low'], f'low_dose_mlem_gauss': _gaussian(test['low'], sigma), 'edm_posterior_mean': mean}
 
     # Metrics per image.
@@ -138,7 +136,7 @@ def pet(network_pkl, data, val_data, outdir, samples, steps, max_images, batch, 
             rows += [dict(image=i, method=method, reference=ref_name, psnr=psnr[i], ssim=ssim[i], nrmse=nrmse[i]) for i in range(len(ref))]
 
     # Write results.
-    result = dict(network=network_pkl, data=data, val_data=val_data, images=len(test['low']), samples=samples, steps=steps,
+    result = dict(network=network_pkl, data=data, val_data=val_data, images=len(test['low']), samples=samples, solver=solver, discretization=discretization, steps=steps,
         gaussian_sigma_px=sigma, gaussian_sigma_val_psnr=sigma_scores,
         data_range='per image: max - min of the reference image (counts per pixel), whole image',
         ssim='Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03', metrics=summary)

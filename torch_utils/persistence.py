@@ -181,24 +181,30 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f'classes of this project and torch tensor rebuilders (nothing was executed)')
         return fn
 
-def load_snapshot(path: str | os.PathLike) -> dict:
-    """Load a network snapshot (`network-snapshot-*.pkl`) safely.
-
-    Raises ValueError naming the file if it is damaged or names anything but
-    this project's classes."""
+def unpickle_snapshot(path: str | os.PathLike, unpickler_cls: type, what: str = 'load network snapshot',
+        kind: str = 'medEDM snapshot') -> dict:
+    """Unpickle a snapshot dict with `unpickler_cls`; every failure becomes a
+    ValueError `cannot <what> <path>: ...` naming the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'network snapshot not found: {path}')
     try:
         with open(path, 'rb') as f:
-            data = RestrictedUnpickler(f).load()
-    except pickle.UnpicklingError as err:
-        raise ValueError(f'cannot load network snapshot {path}: {err}') from None
-    except (EOFError, ValueError, RuntimeError, TypeError, AttributeError, KeyError, IndexError) as err:
-        raise ValueError(f'cannot load network snapshot {path}: damaged or not a medEDM snapshot ({type(err).__name__}: {err})') from None
+            data = unpickler_cls(f).load()
+    except (pickle.UnpicklingError, ValueError) as err:
+        raise ValueError(f'cannot {what} {path}: {err}') from None
+    except (EOFError, RuntimeError, TypeError, AttributeError, KeyError, IndexError) as err:
+        raise ValueError(f'cannot {what} {path}: damaged or not a {kind} ({type(err).__name__}: {err})') from None
     if not isinstance(data, dict) or 'ema' not in data:
-        raise ValueError(f'cannot load network snapshot {path}: expected a dict with key "ema"')
+        raise ValueError(f'cannot {what} {path}: expected a dict with key "ema"')
     return data
+
+def load_snapshot(path: str | os.PathLike) -> dict:
+    """Load a network snapshot (`network-snapshot-*.pkl`) safely.
+
+    Raises ValueError naming the file if it is damaged or names anything but
+    this project's classes."""
+    return unpickle_snapshot(path, RestrictedUnpickler)
 
 def save_snapshot(data: dict, path: str | os.PathLike) -> None:
     """Pickle a snapshot dict atomically. Module values must be persistent classes."""

@@ -206,19 +206,7 @@ def load_snapshot(path: str | os.PathLike) -> dict:
     a plain dict, `loss_fn` and `augment_pipe` None. Trusted files only (see
     the module docstring). Raises ValueError naming the file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'network snapshot not found: {path}')
-    try:
-        with open(path, 'rb') as f:
-            data = EDMUnpickler(f).load()
-    except pickle.UnpicklingError as err:
-        raise ValueError(f'cannot import EDM snapshot {path}: {err}') from None
-    except ValueError as err:
-        raise ValueError(f'cannot import EDM snapshot {path}: {err}') from None
-    except (EOFError, RuntimeError, TypeError, AttributeError, KeyError, IndexError) as err:
-        raise ValueError(f'cannot import EDM snapshot {path}: damaged or not a network snapshot ({type(err).__name__}: {err})') from None
-    if not isinstance(data, dict) or 'ema' not in data:
-        raise ValueError(f'cannot import EDM snapshot {path}: expected a dict with key "ema"')
+    data = persistence.unpickle_snapshot(path, EDMUnpickler, what='import EDM snapshot', kind='network snapshot')
     if isinstance(data['ema'], EDMObject):
         raise ValueError(f'cannot import EDM snapshot {path}: its network class {data["ema"].class_name!r} has no medEDM '
             f'counterpart (supported: {", ".join(EDM_PRECONDS)})')
