@@ -7,7 +7,7 @@ NPROC    ?= 2
 export OMP_NUM_THREADS ?= 1
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE = 1
 
-.PHONY: venv demo demo-data demo-pet demo-pet-data test test-all bench clean
+.PHONY: venv demo demo-data demo-pet demo-pet-data test test-all bench bench-train bench-sampler bench-mlem bench-projector clean
 
 venv: $(VENV)/.installed
 
@@ -57,8 +57,16 @@ test: venv
 test-all: venv
 	$(PY) -m pytest -q
 
-bench: venv
+# Benchmarks print ratios against a baseline measured in the same run (see bench/*.py).
+bench: bench-train bench-sampler bench-mlem bench-projector
+bench-train: venv
 	$(PY) bench/train_throughput.py
+bench-sampler: venv
+	$(PY) bench/sampler_accuracy.py
+bench-mlem: venv
+	$(PY) bench/mlem.py
+bench-projector: venv
+	$(PY) bench/projector.py
 
 clean:
 	rm -rf demo-runs training-runs .pytest_cache
