@@ -57,7 +57,6 @@ flag for files from a trusted source only.
 import gzip
 import io
 import os
-import sys
 import time
 
 import hydra
@@ -433,13 +432,7 @@ def run(cfg: DictConfig) -> None:
 @hydra.main(version_base='1.3', config_path='configs', config_name=None)
 def main(cfg: DictConfig) -> None:
     """Entry point: generate with the experiment config `-cn=<name>` and `sampling.*` overrides."""
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        prefix = f'[rank {dist.get_rank()}] ' if dist.get_world_size() > 1 else ''
-        print(f'{prefix}error: {err}', file=sys.stderr)
-        dist.shutdown(1)
-    dist.shutdown(0)
+    dist.run_and_exit(run, cfg)
 
 if __name__ == '__main__':
     config_mod.prepare_hydra_argv()

@@ -135,13 +135,7 @@ def run(cfg: DictConfig) -> None:
 @hydra.main(version_base='1.3', config_path='configs', config_name=None)
 def main(cfg: DictConfig) -> None:
     """Entry point: train with the experiment config `-cn=<name>` and overrides."""
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        prefix = f'[rank {dist.get_rank()}] ' if dist.get_world_size() > 1 else ''
-        print(f'{prefix}error: {err}', file=sys.stderr)
-        dist.shutdown(1)
-    dist.shutdown(0)
+    dist.run_and_exit(run, cfg, user_errors=(ValueError, FileNotFoundError, FloatingPointError))
 
 if __name__ == '__main__':
     config_mod.prepare_hydra_argv()

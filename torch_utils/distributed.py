@@ -87,6 +87,19 @@ def all_reduce_min(value: float) -> float:
     return float(t.item())
 
 #----------------------------------------------------------------------------
+# Run an entry point: user errors (bad config, files, values) print one line
+# `error: ...` on stderr and exit 1 without a traceback; then a clean shutdown.
+
+def run_and_exit(fn, *args, user_errors: tuple = (ValueError, FileNotFoundError)) -> None:
+    try:
+        fn(*args)
+    except user_errors as err:
+        prefix = f'[rank {get_rank()}] ' if get_world_size() > 1 else ''
+        print(f'{prefix}error: {err}', file=sys.stderr)
+        shutdown(1)
+    shutdown(0)
+
+#----------------------------------------------------------------------------
 # Clean shutdown. DDP on gloo sometimes aborts at interpreter exit after all
 # work is done (SIGABRT, "terminate called without an active exception"), so
 # every rank ends with barrier -> destroy_process_group -> flush -> os._exit.
