@@ -13,7 +13,10 @@ number of steps, in the same invocation of this script:
   full  `training.training_loop.training_loop` called in a torchrun worker:
         DataLoader, DDP, per-step seeding, grad norm and finiteness check,
         EMA, training_stats, kimg ticks with status lines and stats.jsonl,
-        network snapshots with a small sample grid and training-state dumps.
+        network snapshots and training-state dumps. The sample grid drawn at
+        snapshot time is off by default (--grid-images N turns it on): it is
+        sampling, not training, and its cost depends only on N and the
+        snapshot cadence.
 
 The variants run alternately (bare, full, bare, full, ...) and the median of
 each is reported, to reduce noise on a shared machine. The headline is the
@@ -260,7 +263,7 @@ def launch(variant: str, out: str, opts: dict) -> dict:
 @click.option('--ticks',            help='Timed ticks of the full loop (after tick 0)', metavar='INT', type=click.IntRange(min=1), default=6, show_default=True)
 @click.option('--snapshot-ticks',   help='Full loop: snapshot every N ticks', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--state-dump-ticks', help='Full loop: training-state dump every N ticks', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
-@click.option('--grid-images',      help='Full loop: images in the snapshot sample grid', metavar='INT', type=click.IntRange(min=0), default=4, show_default=True)
+@click.option('--grid-images',      help='Full loop: images in the snapshot sample grid (0 = none)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--grid-steps',       help='Full loop: sampler steps of the grid', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
 @click.option('--workers',          help='Full loop: DataLoader workers per rank', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--worker',           help='Internal: run one rank of this variant', type=click.Choice(['bare', 'full']), default=None, hidden=True)
