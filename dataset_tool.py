@@ -134,9 +134,10 @@ def mri_slices(dest, resolution, subjects, slices_per_subject, z_mm, voxel_mm, s
 @click.option('--total-counts',         help='Expected full-dose counts per image', metavar='FLOAT',        type=click.FloatRange(min=1), default=1e6, show_default=True)
 @click.option('--dose-fraction',        help='Low dose / full dose', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1, min_open=True), default=0.25, show_default=True)
 @click.option('--n-iter',               help='MLEM iterations', metavar='INT',                              type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--phantoms',             help="Your own phantoms (.npz with 'phantoms', or a NIfTI volume) instead of MNI152 ones", metavar='PATH', type=str, default=None)
 @click.option('--phantoms-only',        help='Skip the simulation (for training with simulate=true)',       is_flag=True)
 @click.option('--cache-dir',            help='Projector cache folder', metavar='PATH',                      type=str, default='projector_matrices', show_default=True)
-def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts, dose_fraction, n_iter, phantoms_only, cache_dir):
+def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts, dose_fraction, n_iter, phantoms, phantoms_only, cache_dir):
     """Brain PET activity phantoms (MNI152 GM/WM, 4:1:0, lesions) with full-dose
     and low-dose MLEM reconstructions.
 
@@ -153,7 +154,10 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
         raise click.BadParameter(f'--dest must end with .npz, got {dest!r}', param_hint='--dest')
     t0 = time.time()
     try:
-        data = pet_phantoms.build_pet_phantoms(resolution=resolution, subjects=subjects, slices_per_subject=slices_per_subject, seed=seed)
+        if phantoms is not None:
+            data = pet_phantoms.load_user_phantoms(phantoms, resolution)
+        else:
+            data = pet_phantoms.build_pet_phantoms(resolution=resolution, subjects=subjects, slices_per_subject=slices_per_subject, seed=seed)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     if not phantoms_only:

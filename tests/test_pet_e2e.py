@@ -106,3 +106,35 @@ def test_demo_pet_posterior_mean_beats_low_dose_mlem(tmp_path):
     m = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())['metrics']
     assert m['edm_posterior_mean_vs_full_dose_mlem']['psnr']['mean'] > m['low_dose_mlem_vs_full_dose_mlem']['psnr']['mean']
     assert m['edm_posterior_mean_vs_phantom']['psnr']['mean'] > m['low_dose_mlem_vs_phantom']['psnr']['mean']
+
+#----------------------------------------------------------------------------
+# A user's own phantoms (npz or NIfTI) and the 128x128 MNI phantoms.
+
+def test_user_phantoms_npz_and_nifti(tmp_path):
+    import nibabel as nib
+    from training import pet_phantoms
+    vol = np.zeros((24, 24, 5), dtype=np.float32)
+    vol[6:18, 6:18, 1:4] = 2.0
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / 'v.nii.gz')
+    out = pet_phantoms.load_user_phantoms(str(tmp_path / 'v.nii.gz'), 16)
+    assert out['phantoms'].shape == (3, 1, 16, 16) # Three slices hold activity; resampled 24 -> 16.
+    np.savez(tmp_path / 'p.npz', phantoms=vol.transpose(2, 0, 1)[1:4])
+    assert pet_phantoms.load_user_phantoms(str(tmp_path / 'p.npz'), 24)['phantoms'].shape == (3, 1, 24, 24)
+    np.savez(tmp_path / 'neg.npz', phantoms=-np.ones((2, 8, 8), np.float32))
+    with pytest.raises(ValueError, match='must hold finite, non-negative activity'):
+        pet_phantoms.load_user_phantoms(str(tmp_path / 'neg.npz'), 8)
+    proc = subprocess.run([sys.executable, os.path.join(launch.ROOT, 'dataset_tool.py'), 'pet-data', '--dest', str(tmp_path / 'u.npz'),
+        '--resolution', '16', '--phantoms', str(tmp_path / 'v.nii.gz'), '--n-iter', '3', '--cache-dir', str(tmp_path / 'proj')],
+        env=launch.env(), capture_output=True, text=True, timeout=120)
+    launch.check(proc)
+    data = np.load(tmp_path / 'u.npz')
+    assert data['full'].shape == data['low'].shape == data['phantoms'].shape == (3, 1, 16, 16)
+
+def test_mni_phantoms_128():
+    from training import pet_phantoms
+    out = pet_phantoms.build_pet_phantoms(resolution=128, subjects=1, slices_per_subject=2)
+    p = out['phantoms']
+    assert p.shape == (2, 1, 128, 128) and p.min() >= 0
+    # Activity only inside the circle every projection angle sees (radius 64 px).
+    yy, xx = np.mgrid[:128, :128] - 63.5
+    assert p[:, 0][:, xx ** 2 + yy ** 2 > 64 ** 2].max() == 0

@@ -93,3 +93,40 @@ def build_pet_phantoms(
     )
 
 #----------------------------------------------------------------------------
+# A user's own phantoms: an .npz with `phantoms` [N, R, R] or [N, 1, R, R], or a
+# NIfTI volume (X, Y, Z) whose axial slices (last axis) that hold activity
+# become phantoms; slices of another size are resampled to `resolution`.
+
+def load_user_phantoms(path: str, resolution: int) -> dict:
+    """Return dict(phantoms float32 [N,1,R,R], subject, slice) from an npz or NIfTI file."""
+    import os
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--phantoms: file not found: {path}')
+    if path.endswith('.npz'):
+        with np.load(path, allow_pickle=False) as npz:
+            if 'phantoms' not in npz.files:
+                raise ValueError(f'--phantoms: {path} has no array "phantoms" (arrays: {sorted(npz.files)})')
+            images = npz['phantoms'].astype(np.float32)
+        if images.ndim == 4 and images.shape[1] == 1:
+            images = images[:, 0]
+        if images.ndim != 3 or images.shape[1] != images.shape[2]:
+            raise ValueError(f'--phantoms: "phantoms" in {path} must be [N, R, R] or [N, 1, R, R], got {images.shape}')
+    elif path.endswith(('.nii', '.nii.gz')):
+        import nibabel as nib
+        volume = np.asarray(nib.load(path).get_fdata(), dtype=np.float32)
+        if volume.ndim != 3 or volume.shape[0] != volume.shape[1]:
+            raise ValueError(f'--phantoms: {path} must be a 3-D volume with square axial slices, got shape {volume.shape}')
+        keep = volume.reshape(-1, volume.shape[2]).max(0) > 0
+        images = np.moveaxis(volume[:, :, keep], 2, 0)
+    else:
+        raise ValueError(f'--phantoms: expected an .npz or a NIfTI (.nii, .nii.gz) file, got {path}')
+    if len(images) == 0:
+        raise ValueError(f'--phantoms: {path} holds no slice with activity')
+    if not (np.isfinite(images).all() and (images >= 0).all()):
+        raise ValueError(f'--phantoms: {path} must hold finite, non-negative activity')
+    if images.shape[-1] != resolution:
+        images = np.stack([ndimage.zoom(im, resolution / im.shape[-1], order=1) for im in images]).clip(0, None)
+    return dict(phantoms=images[:, None].astype(np.float32), subject=np.zeros(len(images), dtype=np.int64),
+        slice=np.arange(len(images), dtype=np.int64))
+
+#----------------------------------------------------------------------------
