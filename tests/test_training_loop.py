@@ -92,3 +92,13 @@ def test_gradient_accumulation_runs_all_rounds(tmp_path, data):
     _train(tmp_path, data, batch_gpu=1)
     lines = [json.loads(l) for l in open(tmp_path / 'stats.jsonl')]
     assert lines[-1]['Loss/loss']['num'] == 3 * 4 * 16 * 16 # 3 steps of 4 images since tick 0.
+
+def test_conditional_training_from_npz_cond_key(tmp_path, data):
+    import numpy as np
+    d = np.load(data)
+    path = tmp_path / 'cond.npz'
+    np.savez(path, images=d['images'], cond=-d['images'])
+    state = _train(tmp_path / 'run', str(path), dataset_kwargs=dict(_target_='training.dataset.NpzDataset', path=str(path), cond_key='cond'),
+        snapshot_ticks=1, grid_images=2, grid_steps=2)
+    assert state['net']['model.enc.16x16_conv.weight'].shape[1] == 2 # Image + condition channel.
+    assert (tmp_path / 'run' / 'samples-000000.png').is_file()

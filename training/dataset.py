@@ -194,10 +194,12 @@ class NpzDataset(Dataset):
         path,                   # Path to the .npz file.
         key         = 'images', # Array of images, (N, C, H, W) or (N, H, W).
         label_key   = None,     # Array of labels: (N,) integer classes or (N, D) vectors; None = no labels.
+        cond_key    = None,     # Array of condition images (N, Cc, H, W), used as is (no normalisation); None = none.
         max_size    = None,     # Keep only the first max_size items, None = all.
         intensity   = None,     # Intensity normalisation, see module docstring.
     ):
         self._path = _check_path(path)
+        self._cond = None
         try:
             npz = np.load(self._path, allow_pickle=False)
         except (OSError, EOFError, ValueError) as err:
@@ -205,12 +207,13 @@ class NpzDataset(Dataset):
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError(f'training.dataset.path: {self._path} is not an .npz archive')
         with npz:
-            for cfg_key, name in (('key', key), ('label_key', label_key)):
+            for cfg_key, name in (('key', key), ('label_key', label_key), ('cond_key', cond_key)):
                 if name is not None and name not in npz.files:
                     raise ValueError(f'training.dataset.{cfg_key}: array {name!r} not found in {self._path} (arrays: {sorted(npz.files)})')
             try:
                 images = npz[key]
                 labels = None if label_key is None else npz[label_key]
+                cond = None if cond_key is None else npz[cond_key]
             except (OSError, EOFError, ValueError) as err:
                 raise ValueError(f'cannot read dataset file {self._path}: {err}') from None
         if images.ndim == 3:
@@ -236,11 +239,28 @@ class NpzDataset(Dataset):
             if labels.shape[0] != images.shape[0]:
                 raise ValueError(f'training.dataset.label_key: {label_key!r} has {labels.shape[0]} labels for {images.shape[0]} images in {self._path}')
         self._npz_labels = labels
+        if cond is not None:
+            if cond.ndim == 3:
+                cond = cond[:, None]
+            if cond.ndim != 4 or cond.shape[0] != images.shape[0] or cond.shape[2:] != images.shape[2:] or not np.issubdtype(cond.dtype, np.floating):
+                raise ValueError(f'training.dataset.cond_key: {cond_key!r} in {self._path} must be float (N, Cc, H, W) '
+                    f'matching the images {images.shape}, got {cond.dtype} {cond.shape}')
+            self._cond = cond.astype(np.float32)
         name = os.path.splitext(os.path.basename(self._path))[0]
         super().__init__(name=name, raw_shape=images.shape, max_size=max_size, intensity=intensity, default_range=default_range)
 
     def _load_raw_image(self, raw_idx):
         return self._images[raw_idx]
+
+    def __getitem__(self, idx: int) -> dict:
+        item = super().__getitem__(idx)
+        if self._cond is not None:
+            item['cond'] = self._cond[item['idx']]
+        return item
+
+    @property
+    def cond_channels(self) -> int:
+        return 0 if self._cond is None else int(self._cond.shape[1])
 
     def _load_raw_labels(self):
         return self._npz_labels
