@@ -16,6 +16,7 @@ and method) and panel.png into --outdir.
 """
 
 import csv
+import io
 import json
 import os
 
@@ -141,11 +142,11 @@ def pet(network_pkl, data, val_data, outdir, samples, solver, discretization, st
         data_range='per image: max - min of the reference image (counts per pixel), whole image',
         ssim='Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03', metrics=summary)
     persistence.atomic_write_bytes(os.path.join(outdir, 'metrics.json'), json.dumps(result, indent=2).encode('utf-8'))
-    with open(os.path.join(outdir, 'metrics.csv.tmp'), 'w', newline='', encoding='utf-8') as f:
-        writer = csv.DictWriter(f, fieldnames=['image', 'method', 'reference', 'psnr', 'ssim', 'nrmse'])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(os.path.join(outdir, 'metrics.csv.tmp'), os.path.join(outdir, 'metrics.csv'))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=['image', 'method', 'reference', 'psnr', 'ssim', 'nrmse'])
+    writer.writeheader()
+    writer.writerows(rows)
+    persistence.atomic_write_bytes(os.path.join(outdir, 'metrics.csv'), text.getvalue().encode('utf-8'))
 
     # Panel: columns = cases; rows = phantom / low-dose MLEM / EDM mean / EDM std / full-dose MLEM.
     k = min(panel_images, len(test['low']))

@@ -198,7 +198,9 @@ def load_conditions(net, scfg: dict, snapshot: dict) -> dict:
         if not isinstance(kwargs, dict) or '_target_' not in kwargs:
             raise ValueError('sampling.cond_dataset: the network needs condition images (cond_channels > 0) and the snapshot '
                 'has no usable dataset_kwargs; set sampling.cond_dataset={_target_: ..., path: ...}')
-        dataset = misc.construct_class(kwargs, 'dataset_kwargs of the snapshot (override with sampling.cond_dataset)')
+        where = 'dataset_kwargs of the snapshot (override with sampling.cond_dataset)'
+        persistence.check_snapshot_config(kwargs, torch.utils.data.Dataset, where)
+        dataset = misc.construct_class(kwargs, where)
     n = len(dataset)
     indices = list(range(n)) if scfg['cond_indices'] is None else misc.parse_int_list(scfg['cond_indices'], 'sampling.cond_indices')
     if len(indices) == 0:

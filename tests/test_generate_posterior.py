@@ -50,7 +50,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(1)
     net = networks.EDMPrecond(img_resolution=16, img_channels=1, cond_channels=1, model_type='SongUNet', model_channels=16,
         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0).eval().requires_grad_(False)
-    dataset_kwargs = {'_target_': 'conddata.CondNpz', 'path': str(folder / 'cond16.npz')}
+    # A snapshot's dataset_kwargs may name only project classes (they are untrusted data).
+    dataset_kwargs = {'_target_': 'training.dataset.NpzDataset', 'path': str(folder / 'cond16.npz'), 'cond_key': 'conds'}
     persistence.save_snapshot(dict(ema=net, loss_fn=loss_mod.EDMLoss(), augment_pipe=None, dataset_kwargs=dataset_kwargs), folder / 'cond.pkl')
     persistence.save_snapshot(dict(ema=net, loss_fn=loss_mod.EDMLoss(), augment_pipe=None, dataset_kwargs={}), folder / 'cond-nods.pkl')
     return folder, net

@@ -119,3 +119,29 @@ def test_run_dir_numbering(tmp_path):
     a = training_state.new_run_dir(str(tmp_path), 'x')
     b = training_state.new_run_dir(str(tmp_path), 'y')
     assert os.path.basename(a) == '00000-x' and os.path.basename(b) == '00001-y'
+
+def test_snapshot_dataset_config_cannot_name_foreign_code(tmp_path, monkeypatch):
+    # generate.py builds the condition dataset from a snapshot's dataset_kwargs: that config is untrusted data.
+    monkeypatch.chdir(tmp_path)
+    import torch.utils.data
+    for config, message in (
+        ({'_target_': 'os.system', 'command': 'touch pwned'}, "refusing 'os.system': a snapshot may name only classes of this project"),
+        ({'_target_': 'training.loss.EDMLoss'}, "refusing 'training.loss.EDMLoss': not a Dataset class"),
+        ({'_target_': 'training.dataset.NpzDataset', 'path': {'x': object()}}, 'must be plain'),
+    ):
+        with pytest.raises(ValueError, match=message):
+            persistence.check_snapshot_config(config, torch.utils.data.Dataset, 'dataset_kwargs of the snapshot')
+    assert not (tmp_path / 'pwned').exists()
+    import generate
+    with pytest.raises(ValueError, match="refusing 'os.system'"):
+        generate.load_conditions(None, {'cond_dataset': None}, {'dataset_kwargs': {'_target_': 'os.system', 'command': 'touch pwned'}})
+    assert not (tmp_path / 'pwned').exists()
+
+def test_snapshot_naming_missing_project_module(tmp_path):
+    class Wrap:
+        def __reduce__(self):
+            return (persistence._reconstruct_persistent_obj, ('training.nope', 'X', {}, None))
+    path = tmp_path / 'm.pkl'
+    path.write_bytes(pickle.dumps(dict(ema=Wrap())))
+    with pytest.raises(ValueError, match=r"cannot load network snapshot .*m.pkl: damaged or not a medEDM snapshot \(ModuleNotFoundError"):
+        persistence.load_snapshot(path)

@@ -102,3 +102,17 @@ def test_conditional_training_from_npz_cond_key(tmp_path, data):
         snapshot_ticks=1, grid_images=2, grid_steps=2)
     assert state['net']['model.enc.16x16_conv.weight'].shape[1] == 2 # Image + condition channel.
     assert (tmp_path / 'run' / 'samples-000000.png').is_file()
+
+def test_slice_without_state_dumps_still_saves_and_resumes(tmp_path, data):
+    # state_dump_ticks=None: a time slice must still end with a training state.
+    state = _train(tmp_path, data, state_dump_ticks=None, slice_kimg=0.004, total_kimg=0.032)
+    assert state['cur_nimg'] == 4
+    path = sorted(glob.glob(str(tmp_path / 'training-state-*.pt')))[-1]
+    state = _train(tmp_path, data, state_dump_ticks=None, slice_kimg=0.008, total_kimg=0.032, resume_state=path)
+    assert state['cur_nimg'] == 12
+
+def test_resume_with_other_seed_is_refused(tmp_path, data):
+    _train(tmp_path, data, slice_kimg=0.016)
+    path = sorted(glob.glob(str(tmp_path / 'training-state-*.pt')))[-1]
+    with pytest.raises(ValueError, match=r'training.seed=4 differs from the seed=3 of .*; resuming would not continue that run'):
+        _train(tmp_path, data, seed=4, resume_state=path)

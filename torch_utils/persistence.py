@@ -153,6 +153,25 @@ def _reconstruct_persistent_obj(module: str, qualname: str, init_kwargs: dict, s
     return obj
 
 #----------------------------------------------------------------------------
+# A `_target_` config that came from a snapshot (e.g. its dataset_kwargs) is
+# untrusted data: it may name only a class of this project deriving from
+# `base`, with plain arguments, before anything is imported or called.
+
+def check_snapshot_config(config: dict, base: type, where: str) -> dict:
+    target = config.get('_target_') if isinstance(config, dict) else None
+    if not isinstance(target, str) or not _is_project_module(target):
+        raise ValueError(f'{where}: refusing {target!r}: a snapshot may name only classes of this project')
+    _check_plain({k: v for k, v in config.items() if k != '_target_'}, where)
+    module, _, name = target.rpartition('.')
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise ValueError(f'{where}: cannot find {target!r}') from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f'{where}: refusing {target!r}: not a {base.__name__} class')
+    return config
+
+#----------------------------------------------------------------------------
 # Restricted unpickler.
 
 def _load_storage_from_bytes(b: bytes) -> Any:
@@ -193,7 +212,7 @@ def unpickle_snapshot(path: str | os.PathLike, unpickler_cls: type, what: str = 
             data = unpickler_cls(f).load()
     except (pickle.UnpicklingError, ValueError) as err:
         raise ValueError(f'cannot {what} {path}: {err}') from None
-    except (EOFError, RuntimeError, TypeError, AttributeError, KeyError, IndexError) as err:
+    except Exception as err: # Truncated, foreign or hostile data: never a traceback.
         raise ValueError(f'cannot {what} {path}: damaged or not a {kind} ({type(err).__name__}: {err})') from None
     if not isinstance(data, dict) or 'ema' not in data:
         raise ValueError(f'cannot {what} {path}: expected a dict with key "ema"')

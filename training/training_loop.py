@@ -124,7 +124,8 @@ def training_loop(
     loss_fn = misc.construct_class(loss_kwargs, 'training.loss')
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn.to(device)
-    params = [p for p in net.parameters()] + ([p for p in loss_fn.parameters()] if isinstance(loss_fn, torch.nn.Module) else [])
+    loss_params = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
+    params = list(net.parameters()) + loss_params
     optimizer = misc.construct_class(optimizer_kwargs, 'training.optimizer', params=params)
     base_lrs = [group['lr'] for group in optimizer.param_groups]
     grad_scaler = torch.amp.GradScaler('cuda') if precision == 'fp16' else None
@@ -138,6 +139,10 @@ def training_loop(
     if resume_state is not None:
         dist.print0(f'Resuming from "{resume_state}"...')
         state = training_state.load_state(resume_state)
+        for key, value in (('seed', seed), ('batch_size', batch_size)):
+            if key in state and int(state[key]) != value:
+                raise ValueError(f'training.{key}={value} differs from the {key}={int(state[key])} of {resume_state}; '
+                    f'resuming would not continue that run (set training.{key}={int(state[key])} or resume=none)')
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         optimizer.load_state_dict(state['optimizer'])
@@ -198,6 +203,14 @@ def training_loop(
                 loss_sum += loss.detach()
                 (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
 
+        # Average the gradients of trainable loss objects over ranks (DDP covers the network only).
+        if world_size > 1 and loss_params:
+            for p in loss_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world_size
+
         # Freeze modules on schedule: no gradient, no optimizer update.
         for pattern_params, start, end in freeze_groups:
             if start <= cur_nimg and (end is None or cur_nimg < end):
@@ -209,10 +222,12 @@ def training_loop(
         if grad_scaler is not None:
             grad_scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros([], device=device)
-        finite = torch.stack([torch.isfinite(grad_norm), torch.isfinite(loss_sum)]).all().to(torch.float64)
+        flags = torch.stack([torch.isfinite(grad_norm), torch.isfinite(loss_sum)]).to(torch.float64)
         if world_size > 1:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        finite = bool(finite.item())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        grads_finite, loss_finite = (bool(v) for v in flags.tolist())
+        finite = grads_finite and loss_finite
+        scaler_overflow = grad_scaler is not None and loss_finite and not grads_finite # fp16: expected now and then.
 
         # Update weights.
         lr_factor = _lr_factor(cur_nimg, total_nimg, lr_rampup_kimg, lr_decay, lr_decay_kimg, lr_min_ratio)
@@ -227,6 +242,8 @@ def training_loop(
                 grad_scaler.step(optimizer)
             else:
                 optimizer.step()
+        elif scaler_overflow:
+            grad_scaler.step(optimizer) # The scaler skips the step; update() lowers the scale.
         else:
             nonfinite_run += 1
             nonfinite_total += 1
@@ -284,7 +301,8 @@ def training_loop(
                 _save_grid(ema, grid, grid_steps, os.path.join(run_dir, f'samples-{cur_nimg // 1000:06d}.png'))
 
         # Save full dump of the training state.
-        if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and (cur_tick != 0):
+        slice_stop = done and cur_nimg < total_nimg # Stopped by slice_kimg: the next invocation resumes from this state.
+        if slice_stop or ((state_dump_ticks is not None) and (done or (cur_tick != 0 and cur_tick % state_dump_ticks == 0))):
             if rank == 0:
                 training_state.save_state(training_state.state_path(run_dir, cur_nimg), dict(
                     cur_nimg=cur_nimg, cur_tick=cur_tick + 1, seed=seed, batch_size=batch_size, world_size=world_size,
