@@ -9,14 +9,8 @@ from tomography_utils import dose, projector
 
 #----------------------------------------------------------------------------
 
-# Small problems: one thread is as fast, and immune to a busy machine's
-# thread oversubscription.
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small problems: one thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def sm():

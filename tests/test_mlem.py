@@ -28,14 +28,8 @@ def noisy_counts(sm, phantoms, total=1e5, seed=0):
     ybar = ybar * (total / ybar.sum(dim=(1, 2), keepdim=True))
     return torch.poisson(ybar, generator=torch.Generator().manual_seed(seed))
 
-# Small problems: one thread is as fast, and immune to a busy machine's
-# thread oversubscription.
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small problems: one thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def sm64():
