@@ -7,9 +7,13 @@ For every resolution N (2N angles x N bins, column-normalised A, float32),
 on a batch of B Poisson sinograms (1e6 counts each), in the same invocation:
 
   batched  `tomography_utils.mlem.mlem`: the batch as the columns of one
-           dense matrix, two CSR sparse-dense products per iteration.
-  single   the same function called on one image at a time (a subset of
-           the batch, to keep the run short).
+           dense matrix, two fused CSR sparse-dense passes per iteration
+           (the C kernels of tomography_utils/mlem_kernels.c).
+  torch    the same loop on torch's sparse products (MKL CSR SpMM, then
+           element-wise ops): what mlem() runs without a C compiler, and
+           the "plain CSR product" of the issue.
+  single   `mlem` called on one image at a time (a subset of the batch, to
+           keep the run short).
   dense    the PET reference project's approach: a dense A and
            torch.matmul, x <- x * ((y / (x A^T)) A) (A^T 1 = 1), batched.
            Skipped where the dense matrix exceeds --dense-max-gib.
@@ -48,7 +52,7 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tomography_utils import dose, projector # pylint: disable=wrong-import-position
+from tomography_utils import dose, native, projector # pylint: disable=wrong-import-position
 from tomography_utils.mlem import mlem # pylint: disable=wrong-import-position
 
 #----------------------------------------------------------------------------
@@ -90,6 +94,17 @@ def dense_mlem(y: torch.Tensor, a_dense: torch.Tensor, n_iter: int) -> torch.Ten
     return x
 
 #----------------------------------------------------------------------------
+# mlem() on torch's sparse products (the fallback back end).
+
+def torch_mlem(y: torch.Tensor, sm: projector.SystemMatrix, n_iter: int) -> torch.Tensor:
+    kernels = native.mlem_kernels
+    native.mlem_kernels = lambda: None
+    try:
+        return mlem(y, sm, n_iter=n_iter)
+    finally:
+        native.mlem_kernels = kernels
+
+#----------------------------------------------------------------------------
 # Time fn() once; returns seconds.
 
 def timed(fn) -> float:
@@ -108,12 +123,13 @@ def bench_resolution(n: int, batch: int, iters: int, single_images: int, repeats
     dense_gib = p * d * 4 / 2**30
     a_dense = sm.A.to_dense() if dense_gib <= dense_max_gib else None
     dense_iters = max(1, iters // (4 if n <= 64 else 25))               # Dense iterations are slow: fewer of them.
-    mlem(y, sm, n_iter=2); mlem(y[:1], sm, n_iter=2)                   # Warm-up (operators cached on sm).
+    mlem(y, sm, n_iter=2); mlem(y[:1], sm, n_iter=2); torch_mlem(y, sm, 2) # Warm-up (operators cached on sm).
     if a_dense is not None:
         dense_mlem(y, a_dense, 1)
-    rates = {'batched': [], 'single': [], 'dense': []}                  # Image-iterations per second, per round.
+    rates = {'batched': [], 'torch': [], 'single': [], 'dense': []}     # Image-iterations per second, per round.
     for _ in range(repeats):
         rates['batched'].append(batch * iters / timed(lambda: mlem(y, sm, n_iter=iters)))
+        rates['torch'].append(batch * iters / timed(lambda: torch_mlem(y, sm, iters)))
         rates['single'].append(single_images * iters / timed(lambda: [mlem(y[i:i + 1], sm, n_iter=iters) for i in range(single_images)]))
         if a_dense is not None:
             rates['dense'].append(batch * dense_iters / timed(lambda: dense_mlem(y, a_dense, dense_iters)))
@@ -128,6 +144,7 @@ def bench_resolution(n: int, batch: int, iters: int, single_images: int, repeats
         + (f', A dense {dense_gib:.2f} GiB)' if a_dense is not None else f', skipped: A dense {dense_gib:.2f} GiB > --dense-max-gib)'))
     for k in best:
         print(f'  {k:8s} {best[k]:12.0f} image-iter/s  (median {median[k]:.0f})')
+    print(f'  batched / torch   {best["batched"] / best["torch"]:7.1f}x')
     print(f'  batched / single  {best["batched"] / best["single"]:7.1f}x')
     if 'dense' in best:
         print(f'  batched / dense   {best["batched"] / best["dense"]:7.1f}x   (goal at 64x64: >= 30x)')
@@ -153,7 +170,9 @@ def main(resolutions: str, batch: int, iters: int, single_images: int, repeats: 
         raise click.BadParameter(f'expected comma-separated integers, got {resolutions!r}', param_hint='--resolutions') from None
     torch.set_num_threads(threads or os.cpu_count())
     copy_bw = copy_bandwidth()
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {copy_bw / 1e9:.2f} GB/s (512 MiB tensor copy)')
+    kernels = native.mlem_kernels()
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {copy_bw / 1e9:.2f} GB/s (512 MiB tensor copy); '
+        f'fused kernels: {kernels.path if kernels else "NOT AVAILABLE (batched = torch path)"}')
     with tempfile.TemporaryDirectory(prefix='medEDM-bench-mlem-') as cache_dir:
         for n in sizes:
             bench_resolution(n, batch, iters, min(single_images, batch), repeats, dense_max_gib, cache_dir, copy_bw)

@@ -37,7 +37,7 @@ def sm64():
 
 #----------------------------------------------------------------------------
 
-def test_log_likelihood_never_decreases(sm64):
+def test_log_likelihood_never_decreases(sm64, backend):
     y = noisy_counts(sm64, blobs(32, 3))
     values = []
     mlem(y, sm64, n_iter=25, callback=lambda it, x: values.append(poisson_log_likelihood(y, sm64, x)))
@@ -46,24 +46,37 @@ def test_log_likelihood_never_decreases(sm64):
     assert bool(((ll[1:] - ll[:-1]) >= -1e-12 * ll[:-1].abs()).all())
     assert bool((ll[-1] > ll[0]).all())
 
-def test_counts_are_preserved_every_iteration():
+def test_counts_are_preserved_every_iteration(backend):
     sm = projector.get_system_matrix(32, normalize=False, dtype='float64', cache_dir=None) # Sensitivity is not 1 here.
     y = noisy_counts(sm, blobs(32, 2))
     errors = []
     mlem(y, sm, n_iter=15, callback=lambda it, x: errors.append((sm.forward(x).sum(dim=(1, 2)) / y.sum(dim=(1, 2)) - 1).abs().max().item()))
     assert len(errors) == 15 and max(errors) < 1e-10
 
-def test_batched_equals_one_image_at_a_time():
-    # float64: equal to rounding. float32: MKL runs the batch (B columns) as
-    # a sparse-matrix-times-dense-matrix kernel and a single image as a
-    # sparse-matrix-times-vector kernel, which sum a row's terms in a
-    # different order; the results agree to float32 rounding (about 1e-6
-    # relative after 20 iterations) but are not bit-identical.
+# The two back ends of mlem(): the fused C kernels (default on CPU) and the
+# torch path (GPU, and CPU without a compiler).
+@pytest.fixture(params=['native', 'torch'])
+def backend(request, monkeypatch):
+    if request.param == 'torch':
+        monkeypatch.setattr(mlem_module.native, 'mlem_kernels', lambda: None)
+    elif mlem_module.native.mlem_kernels() is None:
+        pytest.fail('the fused MLEM kernels could not be built on this machine')
+    return request.param
+
+def test_batched_equals_one_image_at_a_time(backend):
+    # Native: every column goes through the same operations in the same
+    # order whatever the batch size: bit-identical. Torch, float32: MKL runs
+    # the batch as a sparse-matrix-times-dense-matrix kernel and a single
+    # image as a sparse-matrix-times-vector kernel, which sum a row's terms in
+    # a different order; they agree to float32 rounding (about 1e-6 relative
+    # after 20 iterations).
     for dtype, rtol in (('float64', 1e-12), ('float32', 2e-5)):
         sm = projector.get_system_matrix(32, dtype=dtype, cache_dir=None)
-        y = noisy_counts(sm, blobs(32, 4, dtype=torch.float64)).to(sm.dtype)
+        y = noisy_counts(sm, blobs(32, 5, dtype=torch.float64)).to(sm.dtype)
         batched = mlem(y, sm, n_iter=20)
-        single = torch.cat([mlem(y[i:i + 1], sm, n_iter=20) for i in range(4)])
+        single = torch.cat([mlem(y[i:i + 1], sm, n_iter=20) for i in range(5)])
+        if backend == 'native':
+            assert torch.equal(batched, single), dtype
         err = ((batched - single).abs() / batched.abs().max()).max().item()
         assert err < rtol, (dtype, err)
     # The same batch twice gives bit-identical results (no hidden randomness).
@@ -77,7 +90,7 @@ def test_noise_free_data_converge_to_phantom(sm64):
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
     assert errors[0] > 0.1 and errors[-1] < 0.01, errors
 
-def test_osem_subsets():
+def test_osem_subsets(backend):
     sm = projector.get_system_matrix(32, dtype='float64', cache_dir=None)
     ops = subset_operators(sm, 4)
     assert subset_operators(sm, 4) is ops                                # Cached row slices.
@@ -93,21 +106,23 @@ def test_osem_subsets():
     assert mlem(sm.forward(flat), sm, n_iter=5, n_subsets=8).min() > 0.5
 
 def test_cache_blocking_does_not_change_results(monkeypatch):
-    # Several forward groups (forced by a tiny block size) and a resolution
+    # Torch path: several forward groups (forced by a tiny block size) and a resolution
     # that is not a multiple of the pixel tile give the same images as one group.
+    monkeypatch.setattr(mlem_module.native, 'mlem_kernels', lambda: None)
     sm = projector.get_system_matrix(20, dtype='float64', cache_dir=None)
     y = noisy_counts(sm, blobs(20, 3))
+    block_bytes = mlem_module.BLOCK_BYTES
     for n_subsets in (1, 5):
         reference = mlem(y, sm, n_iter=8, n_subsets=n_subsets)
         monkeypatch.setattr(mlem_module, 'BLOCK_BYTES', 1000)
         assert mlem_module.n_groups(sm, 3) > 1
         blocked = mlem(y, sm, n_iter=8, n_subsets=n_subsets)
-        monkeypatch.undo()
+        monkeypatch.setattr(mlem_module, 'BLOCK_BYTES', block_bytes)
         assert ((blocked - reference).abs().max() / reference.max()).item() < 1e-12
     order, rank = mlem_module.pixel_order(20)
     assert torch.equal(order.sort().values, torch.arange(400)) and torch.equal(order[rank], torch.arange(400))
 
-def test_mask_initial_image_and_callback(sm64):
+def test_mask_initial_image_and_callback(sm64, backend):
     y = noisy_counts(sm64, blobs(32, 2))
     mask = torch.zeros(32, 32, dtype=torch.bool)
     mask[4:28, 4:28] = True

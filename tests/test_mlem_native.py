@@ -1,0 +1,110 @@
+# medEDM tests: the fused MLEM CPU kernels (tomography_utils/native.py, mlem_kernels.c):
+# agreement with the torch path, batch and thread invariance, the build cache, the fallback.
+
+import os
+import re
+
+import pytest
+import torch
+
+from tomography_utils import mlem as mlem_module, native, projector
+from tomography_utils.mlem import mlem
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+def phantoms(n: int, batch: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.arange(n, dtype=torch.float64) + 0.5 - n / 2
+    r2 = c[None, :] ** 2 + c[:, None] ** 2
+    disk = (r2 < (0.4 * n) ** 2).to(torch.float64)
+    return disk * (1 + torch.rand(batch, n, n, generator=gen, dtype=torch.float64))
+
+def counts(sm, batch: int, seed: int = 0) -> torch.Tensor:
+    ybar = sm.forward(phantoms(sm.resolution, batch, seed).to(sm.dtype))
+    return torch.poisson(ybar * (2e4 / ybar.sum(dim=(1, 2), keepdim=True)), generator=torch.Generator().manual_seed(seed))
+
+@pytest.fixture(scope='module')
+def kernels():
+    k = native.mlem_kernels()
+    if k is None:
+        pytest.fail('the fused MLEM kernels could not be built on this machine')
+    return k
+
+def torch_path(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setattr(native, 'mlem_kernels', lambda: None)
+        return fn()
+
+#----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('dtype,rtol', [('float64', 1e-12), ('float32', 1e-5)])
+def test_native_equals_torch_path(kernels, monkeypatch, dtype, rtol):
+    # MLEM, OSEM (whose subsets leave corner pixels unseen: the keep term),
+    # a mask and an initial image, batch 37 (two whole vectors and scalar columns).
+    sm = projector.get_system_matrix(24, dtype=dtype, cache_dir=None)
+    y = counts(sm, 37)
+    mask = torch.ones(24, 24, dtype=torch.bool)
+    mask[:3] = False
+    x0 = 0.5 + phantoms(24, 37, seed=1).to(sm.dtype)
+    for kwargs in ({}, {'n_subsets': 6}, {'mask': mask, 'x0': x0}):
+        fused = mlem(y, sm, n_iter=7, **kwargs)
+        reference = torch_path(monkeypatch, lambda: mlem(y, sm, n_iter=7, **kwargs))
+        err = ((fused - reference).abs().max() / reference.abs().max()).item()
+        assert err < rtol, (kwargs.keys(), err)
+
+def test_results_do_not_depend_on_batch_or_threads(kernels):
+    sm = projector.get_system_matrix(24, cache_dir=None)
+    y = counts(sm, 21)
+    reference = mlem(y, sm, n_iter=6, n_subsets=3)
+    for batch in (1, 5, 16, 17):
+        assert torch.equal(mlem(y[:batch], sm, n_iter=6, n_subsets=3), reference[:batch]), batch
+    for threads in (2, 3):
+        torch.set_num_threads(threads)
+        try:
+            assert torch.equal(mlem(y, sm, n_iter=6, n_subsets=3), reference), threads
+        finally:
+            torch.set_num_threads(1)
+
+def test_kernels_compute_the_fused_products(kernels):
+    # One forward and one back call against dense arithmetic, float64.
+    sm = projector.get_system_matrix(12, dtype='float64', cache_dir=None)
+    a, at = sm.A, sm.AT
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(sm.shape[1], 19, generator=gen, dtype=torch.float64)
+    y = torch.rand(sm.shape[0], 19, generator=gen, dtype=torch.float64)
+    f = torch.empty_like(y)
+    kernels.forward_ratio(a, x, y, f, 0.25, 2)
+    assert torch.allclose(f, y / (a.to_dense() @ x + 0.25), rtol=1e-13, atol=0)
+    keep = torch.rand(sm.shape[1], 1, generator=gen, dtype=torch.float64)
+    x_new = x.clone()
+    kernels.back_update(at, f, keep, x_new, 2)
+    assert torch.allclose(x_new, x * (at.to_dense() @ f + keep), rtol=1e-13, atol=0)
+
+#----------------------------------------------------------------------------
+# The build: cached, keyed by the CPU, refused gracefully.
+
+def test_build_is_cached_and_keyed_by_cpu(kernels, tmp_path, monkeypatch):
+    monkeypatch.setenv('MEDEDM_NATIVE_CACHE', str(tmp_path))
+    path = native.build()
+    stamp = os.stat(path).st_mtime_ns
+    assert native.build() == path and os.stat(path).st_mtime_ns == stamp       # Loaded, not rebuilt.
+    assert os.listdir(tmp_path) == [os.path.basename(path)]                  # No temporary left behind.
+    monkeypatch.setattr(native, '_cpu_identity', lambda: 'another CPU')
+    other = native.build()
+    assert other != path and sorted(os.listdir(tmp_path)) == sorted(map(os.path.basename, (path, other)))
+
+def test_without_a_compiler_mlem_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv('MEDEDM_NATIVE_CACHE', str(tmp_path))
+    monkeypatch.setenv('CC', 'no-such-compiler-medEDM')
+    monkeypatch.setattr(native, '_loaded', {})
+    with pytest.warns(RuntimeWarning, match=re.escape("could not build the fused MLEM kernels (C compiler 'no-such-compiler-medEDM' not found (set $CC)); MLEM on CPU uses torch sparse products instead")):
+        assert native.mlem_kernels() is None
+    sm = projector.get_system_matrix(12, dtype='float64', cache_dir=None)
+    y = counts(sm, 2)
+    assert mlem(y, sm, n_iter=3).shape == (2, 12, 12)                           # The torch path; no second warning.
+    assert os.listdir(tmp_path) == []
+
+def test_disabled_by_environment(monkeypatch, recwarn):
+    monkeypatch.setenv('MEDEDM_NATIVE', '0')
+    monkeypatch.setattr(native, '_loaded', {})
+    assert native.mlem_kernels() is None and len(recwarn) == 0

@@ -1,0 +1,129 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Build and load the fused MLEM CPU kernels (tomography_utils/mlem_kernels.c).
+
+The C file is compiled on first use with the system C compiler
+(`$CC`, default `cc`: -O3 -march=native -shared) into a cache folder
+(`$MEDEDM_NATIVE_CACHE`, default ~/.cache/medEDM/native), under a name
+keyed by the source, the compiler and the CPU, so that a cache shared
+between machines never hands one CPU another's instructions; the file is
+written atomically, so concurrent ranks may build at once. It is loaded
+with ctypes (no Python or torch headers, about a second to build).
+
+Where no compiler works, or with MEDEDM_NATIVE=0, `mlem_kernels()`
+returns None (with one warning naming the reason, unless disabled on
+purpose) and mlem.py uses torch's sparse products instead: slower, same
+results to rounding.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mlem_kernels.c')
+# -ffp-contract=fast: a * x + acc is one FMA in the vector and the scalar
+# loops alike; -fno-tree-vectorize: the scalar loop (the columns left over
+# after the last whole vector) stays scalar, so every column sees the same
+# roundings whatever the batch size (the kernels vectorise by hand).
+FLAGS = ['-O3', '-march=native', '-std=gnu11', '-ffp-contract=fast', '-fno-tree-vectorize', '-fPIC', '-shared', '-pthread']
+
+_loaded = {} # Cache of mlem_kernels(): {'lib': MlemKernels or None}.
+
+#----------------------------------------------------------------------------
+# What makes a build reusable: source, compiler, flags and CPU.
+
+def _cpu_identity() -> str:
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+            lines = [l for l in f if l.startswith(('model name', 'flags', 'Features', 'CPU part'))]
+        return ''.join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+def _compiler_version(cc: str) -> str:
+    out = subprocess.run([cc, '--version'], capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout
+
+def cache_dir() -> str:
+    return os.environ.get('MEDEDM_NATIVE_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'medEDM', 'native')
+
+#----------------------------------------------------------------------------
+# Compile (if needed) and return the path of the shared library.
+
+def build(cc: str | None = None) -> str:
+    """Compile mlem_kernels.c for this CPU unless a matching build is cached; return its path.
+    Raises OSError / subprocess.CalledProcessError when the compiler is missing or fails."""
+    cc = cc or os.environ.get('CC') or 'cc'
+    if shutil.which(cc) is None:
+        raise OSError(f'C compiler {cc!r} not found (set $CC)')
+    with open(SOURCE, 'rb') as f:
+        source = f.read()
+    key = hashlib.sha256(b'\0'.join([source, _compiler_version(cc).encode(), ' '.join(FLAGS).encode(),
+        _cpu_identity().encode()])).hexdigest()[:16]
+    folder = cache_dir()
+    path = os.path.join(folder, f'mlem_kernels-{key}.so')
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.so.tmp')
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, SOURCE, '-o', tmp], capture_output=True, text=True, timeout=300, check=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+#----------------------------------------------------------------------------
+# The loaded kernels, with argument types.
+
+class MlemKernels:
+    """ctypes wrapper of the two fused kernels; pointers are tensor.data_ptr() values."""
+
+    def __init__(self, path: str):
+        lib = ctypes.CDLL(path)
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.medEDM_forward_ratio.argtypes = [i32, i64, p, p, p, p, p, p, i64, ctypes.c_double, i32]
+        lib.medEDM_forward_ratio.restype = None
+        lib.medEDM_back_update.argtypes = [i32, i64, p, p, p, p, p, p, i64, i32]
+        lib.medEDM_back_update.restype = None
+        self.lib, self.path = lib, path
+        self.vector_bytes = lib.medEDM_vector_bytes()
+
+    def forward_ratio(self, a, x, y, f, eps: float, threads: int) -> None:
+        """f = y / (a @ x + eps) for CSR a and contiguous [rows, width] x, y, f."""
+        self.lib.medEDM_forward_ratio(int(a.values().dtype == torch.float64), a.shape[0], a.crow_indices().data_ptr(),
+            a.col_indices().data_ptr(), a.values().data_ptr(), x.data_ptr(), y.data_ptr(), f.data_ptr(), x.shape[1], eps, threads)
+
+    def back_update(self, b, f, keep, x, threads: int) -> None:
+        """x *= b @ f + keep (keep: [rows, 1] or None) for CSR b, in place."""
+        self.lib.medEDM_back_update(int(b.values().dtype == torch.float64), b.shape[0], b.crow_indices().data_ptr(),
+            b.col_indices().data_ptr(), b.values().data_ptr(), f.data_ptr(), None if keep is None else keep.data_ptr(),
+            x.data_ptr(), x.shape[1], threads)
+
+#----------------------------------------------------------------------------
+
+def mlem_kernels() -> MlemKernels | None:
+    """Return the fused MLEM kernels, built on first use, or None where they
+    are disabled (MEDEDM_NATIVE=0) or cannot be built (one warning)."""
+    if 'lib' not in _loaded:
+        lib = None
+        if os.environ.get('MEDEDM_NATIVE', '1') != '0':
+            try:
+                lib = MlemKernels(build())
+            except (OSError, subprocess.SubprocessError) as e:
+                detail = getattr(e, 'stderr', None) or str(e)
+                warnings.warn(f'could not build the fused MLEM kernels ({detail.strip()[:500]}); '
+                    f'MLEM on CPU uses torch sparse products instead (slower)', RuntimeWarning, stacklevel=2)
+        _loaded['lib'] = lib
+    return _loaded['lib']
+
+#----------------------------------------------------------------------------
