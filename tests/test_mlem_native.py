@@ -30,6 +30,10 @@ def kernels():
         pytest.fail('the fused MLEM kernels could not be built on this machine')
     return k
 
+def csr32(dense: torch.Tensor) -> torch.Tensor:
+    m = dense.to_sparse_csr()
+    return projector.make_csr(m.crow_indices().int(), m.col_indices().int(), m.values(), tuple(dense.shape))
+
 def torch_path(monkeypatch, fn):
     with monkeypatch.context() as m:
         m.setattr(native, 'mlem_kernels', lambda: None)
@@ -77,8 +81,24 @@ def test_kernels_compute_the_fused_products(kernels):
     assert torch.allclose(f, y / (a.to_dense() @ x + 0.25), rtol=1e-13, atol=0)
     keep = torch.rand(sm.shape[1], 1, generator=gen, dtype=torch.float64)
     x_new = x.clone()
-    kernels.back_update(at, f, keep, x_new, 2)
+    kernels.back_update(at, f, keep, x_new, None, 2)
     assert torch.allclose(x_new, x * (at.to_dense() @ f + keep), rtol=1e-13, atol=0)
+    # In two groups of columns: partial sums, then the rest and the update.
+    x_two, u = x.clone(), torch.empty_like(x)
+    lo, hi = sm.shape[0] // 3, sm.shape[0]
+    dense = at.to_dense()
+    kernels.back_update(csr32(dense[:, :lo]), f[:lo], keep, x_two, u, 1, finish=False)
+    assert torch.allclose(u, dense[:, :lo] @ f[:lo], rtol=1e-13, atol=0) and torch.equal(x_two, x)
+    kernels.back_update(csr32(dense[:, lo:hi]), f[lo:hi], keep, x_two, u, 1, accumulate=True)
+    assert torch.allclose(x_two, x_new, rtol=1e-13, atol=0)
+    f_two = torch.empty_like(f)
+    kernels.forward_ratio(csr32(a.to_dense()[:, :50]), x[:50], y, f_two, 0.25, 1, finish=False)
+    kernels.forward_ratio(csr32(a.to_dense()[:, 50:]), x[50:], y, f_two, 0.25, 1, accumulate=True)
+    assert torch.allclose(f_two, f, rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match=re.escape('the fused MLEM kernels need a CSR matrix with int32 indices (projector.make_csr)')):
+        kernels.forward_ratio(a.to_dense().to_sparse_csr(), x, y, f, 0.25, 1)
+    with pytest.raises(ValueError, match=re.escape('the fused MLEM kernels need contiguous CPU tensors of the matrix dtype torch.float64')):
+        kernels.forward_ratio(a, x.float(), y, f, 0.25, 1)
 
 #----------------------------------------------------------------------------
 # The build: cached, keyed by the CPU, refused gracefully.

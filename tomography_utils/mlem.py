@@ -90,16 +90,18 @@ def _check_image_arg(x: torch.Tensor, system_matrix: SystemMatrix, batch: int, n
 # Cache blocking (CPU). Inside the loop pixels are numbered tile by tile
 # (TILE x TILE tiles, row-major inside a tile), so that the pixels near each
 # other in the image are near each other in X: the back-projection of one
-# tile then gathers from a small part of the ratio sinogram. The forward
-# product is split into groups of consecutive (tile-ordered) pixels, each
-# group's block of X small enough to stay in a core's L2 cache
-# (BLOCK_BYTES), and the groups' products are summed into A x:
-# A x = sum_g A[:, g] x[g]. At 128 x 128 with B = 64 this halved the CPU time
-# of an iteration (193 -> 94 ms, one thread, 2-core Sapphire Rapids VM); at
-# 64 x 64 it gains about 10%. On GPUs there is one group.
+# tile then gathers from a small part of the ratio sinogram. Each product
+# reads one row of its dense operand per nonzero; where that operand
+# outgrows a core's L2 cache the product is split into groups of its rows,
+# each group's block small enough to stay there (BLOCK_BYTES), and the
+# groups' products are summed: A x = sum_g A[:, g] x[g] over groups of
+# consecutive (tile-ordered) pixels, and A^T f = sum_h A^T[:, h] f[h] over
+# groups of consecutive rays. At 128 x 128 with B = 64 forward groups
+# halved the CPU time of an iteration of the torch path (193 -> 94 ms, one
+# thread, 2-core Sapphire Rapids VM). On GPUs there is one group.
 
 TILE = 8                                # Pixel tile edge for the in-loop pixel order.
-BLOCK_BYTES = 1 << 20                   # Target size of one group's block of X on CPU.
+BLOCK_BYTES = 1 << 20                   # Target size of one group's block of X or f on CPU.
 MAX_CACHED = 4                          # Operator sets (subsets x groups) kept per system matrix.
 
 # Pixel order of the loop: order[new] = old pixel index, rank[old] = new index.
@@ -113,23 +115,27 @@ def pixel_order(resolution: int, device: torch.device | str | None = None) -> tu
     rank[order] = torch.arange(order.numel(), device=device)
     return order, rank
 
-# Number of forward groups for a batch size (shape-dependent only).
-def n_groups(system_matrix: SystemMatrix, batch: int) -> int:
+# Numbers of forward (pixel) and back-projection (ray) groups for a batch
+# size and subset count (shape-dependent only).
+def n_groups(system_matrix: SystemMatrix, batch: int, n_subsets: int = 1) -> tuple[int, int]:
     if system_matrix.device.type != 'cpu':
-        return 1
-    block = system_matrix.shape[1] * batch * system_matrix.A.values().element_size()
-    return max(1, min(-(-block // BLOCK_BYTES), system_matrix.shape[1] // TILE))
+        return 1, 1
+    row_bytes = batch * system_matrix.A.values().element_size()
+    n_rays, n_pixels = system_matrix.shape
+    count = lambda rows, most: max(1, min(-(-rows * row_bytes // BLOCK_BYTES), most))
+    return count(n_pixels, n_pixels // TILE), count(n_rays // n_subsets, system_matrix.n_angles // n_subsets)
 
 #----------------------------------------------------------------------------
 # Per-subset operators, cached on the system matrix, all in the loop's pixel
 # order: the subset's rays (row index, None for all rays), the forward parts
-# [(A_k[:, g], first pixel, last pixel + 1)], the back-projector
-# diag(1/s_k) A_k^T, and the pixels that this subset does not see but
-# others do (their update factor is 1). Built from the stored CSR arrays by
-# masks and gathers only (no sorting).
+# [(A_k[:, g], first pixel, last pixel + 1)], the back-projection parts
+# [(diag(1/s_k) A_k^T[:, h], first ray, last ray + 1)] (rays numbered within
+# the subset), and the pixels that this subset does not see but others do
+# (their update factor is 1). Built from the stored CSR arrays by masks and
+# gathers only (no sorting).
 
-def subset_operators(system_matrix: SystemMatrix, n_subsets: int, groups: int = 1) -> list[tuple]:
-    key = ('subsets', n_subsets, groups, TILE)
+def subset_operators(system_matrix: SystemMatrix, n_subsets: int, groups: tuple[int, int] = (1, 1)) -> list[tuple]:
+    key = ('subsets', n_subsets, tuple(groups), TILE)
     if key in system_matrix._derived:
         return system_matrix._derived[key]
     sm, dev = system_matrix, system_matrix.device
@@ -146,7 +152,7 @@ def subset_operators(system_matrix: SystemMatrix, n_subsets: int, groups: int = 
     pos = torch.repeat_interleave(start - new_crow[:-1], count) + torch.arange(int(new_crow[-1]), device=dev)
     t_rows, t_cols, t_vals = torch.repeat_interleave(torch.arange(n_pixels, device=dev), count), sm.AT.col_indices()[pos].long(), sm.AT.values()[pos]
     seen = sm.sensitivity[order] > 0
-    bounds = [round(g * n_pixels / groups) for g in range(groups + 1)]
+    bounds = [round(g * n_pixels / groups[0]) for g in range(groups[0] + 1)]
     ops = []
     for k in range(n_subsets):
         if n_subsets == 1:
@@ -160,13 +166,11 @@ def subset_operators(system_matrix: SystemMatrix, n_subsets: int, groups: int = 
             a_sel, t_sel = local[a_rows] >= 0, local[t_cols] >= 0
         r, c, v = local[a_rows[a_sel]], a_cols[a_sel], a_vals[a_sel]
         s = torch.zeros(n_pixels, dtype=sm.dtype, device=dev).index_add_(0, c, v)     # s_k = A_k^T 1.
-        parts = []
-        for g in range(groups):
-            m = (c >= bounds[g]) & (c < bounds[g + 1])
-            parts.append((_csr_sorted_rows(r[m], c[m] - bounds[g], v[m], (n_local, bounds[g + 1] - bounds[g])), bounds[g], bounds[g + 1]))
         inv_s = torch.where(s > 0, 1 / torch.where(s > 0, s, 1), 0)                     # Pixels no ray sees: set to 0.
         tr, tc, tv = t_rows[t_sel], local[t_cols[t_sel]], t_vals[t_sel]
-        back = _csr_sorted_rows(tr, tc, tv * inv_s[tr], (n_pixels, n_local))
+        tv = tv * inv_s[tr]
+        ray_bounds = [round(h * n_local / groups[1]) for h in range(groups[1] + 1)]
+        parts, back = _column_parts(r, c, v, n_local, bounds), _column_parts(tr, tc, tv, n_pixels, ray_bounds)
         keep = ((s == 0) & seen).to(sm.dtype)[:, None]
         ops.append((rows, parts, back, keep if bool(keep.any()) else None))
     cached = [k for k in sm._derived if k[0] == 'subsets']
@@ -174,6 +178,15 @@ def subset_operators(system_matrix: SystemMatrix, n_subsets: int, groups: int = 
         del sm._derived[k]
     sm._derived[key] = ops
     return ops
+
+# A matrix given as COO triplets (rows ascending) cut into column blocks:
+# [(CSR of columns lo .. hi - 1, lo, hi)].
+def _column_parts(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int, bounds: list[int]) -> list[tuple]:
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        m = (cols >= lo) & (cols < hi)
+        parts.append((_csr_sorted_rows(rows[m], cols[m] - lo, vals[m], (n_rows, hi - lo)), lo, hi))
+    return parts
 
 # CSR from COO triplets whose rows are already in ascending order.
 def _csr_sorted_rows(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -219,7 +232,7 @@ def mlem(
     if mask is not None:
         mask = _check_image_arg(mask.to(dtype) if isinstance(mask, torch.Tensor) else mask, sm, batch, 'mask', allow_shared=True)
     kernels = native.mlem_kernels() if dev.type == 'cpu' and dtype in (torch.float32, torch.float64) else None
-    ops = subset_operators(sm, n_subsets, 1 if kernels is not None else n_groups(sm, batch))
+    ops = subset_operators(sm, n_subsets, n_groups(sm, batch, n_subsets))
     order, rank = pixel_order(n, dev)
 
     # Loop state in the loop's pixel order, [n_pixels, B], updated in place.
@@ -228,20 +241,23 @@ def mlem(
         x.mul_((mask[:, order] != 0).T)
     ys = [y if rows is None else y.index_select(0, rows) for rows, *_ in ops]
     fwd = [torch.empty_like(yk) for yk in ys]                               # A x, then the ratio, in place.
-    upd = torch.empty_like(x) if kernels is None else None                  # The multiplicative update (torch path).
+    upd = torch.empty_like(x)                                               # The multiplicative update, or partial sums of it.
     images = lambda: x.T[:, rank].reshape(batch, n, n)
     threads = torch.get_num_threads()
     for it in range(1, n_iter + 1):
         for (rows, parts, back, keep), yk, f in zip(ops, ys, fwd):
-            if kernels is not None:
-                kernels.forward_ratio(parts[0][0], x, yk, f, eps, threads)  # f = y / (A x + eps)
-                kernels.back_update(back, f, keep, x, threads)              # x *= A^T f / s + keep
+            if kernels is not None:                                         # f = y / (A x + eps); x *= A^T f / s + keep
+                for g, (part, lo, hi) in enumerate(parts):
+                    kernels.forward_ratio(part, x[lo:hi], yk, f, eps, threads, accumulate=g > 0, finish=g == len(parts) - 1)
+                for h, (part, lo, hi) in enumerate(back):
+                    kernels.back_update(part, f[lo:hi], keep, x, upd, threads, accumulate=h > 0, finish=h == len(back) - 1)
                 continue
             for g, (part, lo, hi) in enumerate(parts):                      # A x = sum_g A[:, g] x[g]
                 torch.addmm(f, part, x[lo:hi], beta=0 if g == 0 else 1, out=f) # (addmm into f: mm(out=) would allocate, zero and copy a temporary)
             f.add_(eps)
             torch.div(yk, f, out=f)                                         # y / (A x + eps)
-            torch.addmm(upd, back, f, beta=0, out=upd)                      # A^T(...) / s
+            for h, (part, lo, hi) in enumerate(back):                       # A^T(...) / s = sum_h (A^T / s)[:, h] f[h]
+                torch.addmm(upd, part, f[lo:hi], beta=0 if h == 0 else 1, out=upd)
             if keep is not None:
                 upd.add_(keep)                                              # Pixels this subset does not see: factor 1.
             x.mul_(upd)

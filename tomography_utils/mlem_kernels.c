@@ -13,6 +13,13 @@
    multiplicative update cost no extra pass over memory (the torch path makes
    four: the product, + eps, the division, the update).
 
+   Cache blocking. Where the dense operand (X for the forward pass, F for
+   the back-projection) exceeds a core's L2 cache, mlem.py splits the sum
+   over its rows into groups (column blocks of A or B) and calls a kernel
+   once per group: `accumulate` adds the running sum kept in the output
+   (forward) or in U (back), and only the last group (`finish`) divides by
+   it or applies the update; the others store the partial sum.
+
    What bounds the speed. Per nonzero a pass loads one row of the dense
    operand: `width` values, 256 bytes at width 64, mostly from L2. Two
    independent accumulator chains (even and odd nonzeros) keep the FMA
@@ -51,10 +58,11 @@ typedef double v_d __attribute__((vector_size(VEC_BYTES)));
 
 typedef struct {                        /* One thread's share of one call. */
     int is_double, back;                /* Element type; 0 = forward_ratio, 1 = back_update. */
+    int accumulate, finish;             /* Add the stored partial sum; apply the ratio / update (last group). */
     int64_t r0, r1, width;              /* Rows r0 .. r1 - 1; columns 0 .. width - 1. */
     const int32_t *crow, *col;
     const void *val, *in, *aux;         /* in: X (forward) or F (back); aux: Y (forward) or keep (back, may be NULL). */
-    void *out;                          /* F (forward) or X (back, updated in place). */
+    void *out, *part;                   /* out: F (forward) or X (back, in place); part: U, the back pass's partial sums. */
     double eps;
 } job_t;
 
@@ -87,9 +95,10 @@ typedef struct {                        /* One thread's share of one call. */
     for (; b + NV * LANES <= w; b += NV * LANES) {                              \
         ROW_PASS(T, V, NV, LANES)                                               \
         for (int v = 0; v < NV; v++) {                                          \
-            LOAD(V, yv, y + r * w + b + v * LANES);                             \
-            V q = yv / (acc[v] + eps);                                          \
-            STORE(out + r * w + b + v * LANES, q);                              \
+            T *o = out + r * w + b + v * LANES;                                 \
+            if (j->accumulate) { LOAD(V, p, o); acc[v] = p + acc[v]; }          \
+            if (j->finish) { LOAD(V, yv, y + r * w + b + v * LANES); acc[v] = yv / (acc[v] + eps); } \
+            STORE(o, acc[v]);                                                   \
         }                                                                       \
     }
 
@@ -97,9 +106,13 @@ typedef struct {                        /* One thread's share of one call. */
     for (; b + NV * LANES <= w; b += NV * LANES) {                              \
         ROW_PASS(T, V, NV, LANES)                                               \
         for (int v = 0; v < NV; v++) {                                          \
-            LOAD(V, xv, out + r * w + b + v * LANES);                           \
-            xv *= acc[v] + add;                                                 \
-            STORE(out + r * w + b + v * LANES, xv);                             \
+            T *u = part + r * w + b + v * LANES;                                \
+            if (j->accumulate) { LOAD(V, p, u); acc[v] = p + acc[v]; }          \
+            if (j->finish) {                                                    \
+                LOAD(V, xv, out + r * w + b + v * LANES);                       \
+                xv *= acc[v] + add;                                             \
+                STORE(out + r * w + b + v * LANES, xv);                         \
+            } else STORE(u, acc[v]);                                            \
         }                                                                       \
     }
 
@@ -125,7 +138,7 @@ static void back_##SUFFIX(const job_t *j)                                       
     enum { LANES = VEC_BYTES / sizeof(T) };                                     \
     const int32_t *crow = j->crow, *col = j->col;                               \
     const T *val = j->val, *in = j->in, *keep = j->aux;                         \
-    T *out = j->out;                                                            \
+    T *out = j->out, *part = j->part;                                           \
     const int64_t w = j->width;                                                 \
     for (int64_t r = j->r0; r < j->r1; r++) {                                   \
         const int32_t k0 = crow[r], k1 = crow[r + 1];                           \
@@ -189,16 +202,16 @@ static void fan_out(job_t base, int64_t n_rows, int threads)
   columns wide. */
 
 void medEDM_forward_ratio(int is_double, int64_t n_rows, const int32_t *crow, const int32_t *col, const void *val,
-    const void *x, const void *y, void *f, int64_t width, double eps, int threads)
+    const void *x, const void *y, void *f, int64_t width, double eps, int accumulate, int finish, int threads)
 {
-    const job_t base = {is_double, 0, 0, 0, width, crow, col, val, x, y, f, eps};
+    const job_t base = {is_double, 0, accumulate, finish, 0, 0, width, crow, col, val, x, y, f, NULL, eps};
     fan_out(base, n_rows, threads);
 }
 
 void medEDM_back_update(int is_double, int64_t n_rows, const int32_t *crow, const int32_t *col, const void *val,
-    const void *f, const void *keep, void *x, int64_t width, int threads)
+    const void *f, const void *keep, void *x, void *u, int64_t width, int accumulate, int finish, int threads)
 {
-    const job_t base = {is_double, 1, 0, 0, width, crow, col, val, f, keep, x, 0.0};
+    const job_t base = {is_double, 1, accumulate, finish, 0, 0, width, crow, col, val, f, keep, x, u, 0.0};
     fan_out(base, n_rows, threads);
 }
 

@@ -91,23 +91,36 @@ class MlemKernels:
     def __init__(self, path: str):
         lib = ctypes.CDLL(path)
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.medEDM_forward_ratio.argtypes = [i32, i64, p, p, p, p, p, p, i64, ctypes.c_double, i32]
+        lib.medEDM_forward_ratio.argtypes = [i32, i64, p, p, p, p, p, p, i64, ctypes.c_double, i32, i32, i32]
         lib.medEDM_forward_ratio.restype = None
-        lib.medEDM_back_update.argtypes = [i32, i64, p, p, p, p, p, p, i64, i32]
+        lib.medEDM_back_update.argtypes = [i32, i64, p, p, p, p, p, p, p, i64, i32, i32, i32]
         lib.medEDM_back_update.restype = None
         self.lib, self.path = lib, path
         self.vector_bytes = lib.medEDM_vector_bytes()
 
-    def forward_ratio(self, a, x, y, f, eps: float, threads: int) -> None:
-        """f = y / (a @ x + eps) for CSR a and contiguous [rows, width] x, y, f."""
-        self.lib.medEDM_forward_ratio(int(a.values().dtype == torch.float64), a.shape[0], a.crow_indices().data_ptr(),
-            a.col_indices().data_ptr(), a.values().data_ptr(), x.data_ptr(), y.data_ptr(), f.data_ptr(), x.shape[1], eps, threads)
+    @staticmethod
+    def _check(m: torch.Tensor, *dense: torch.Tensor) -> None:
+        # The C side reads raw pointers: refuse what it would misread.
+        if m.layout != torch.sparse_csr or m.crow_indices().dtype != torch.int32 or m.col_indices().dtype != torch.int32:
+            raise ValueError('the fused MLEM kernels need a CSR matrix with int32 indices (projector.make_csr)')
+        if any(t is not None and (not t.is_contiguous() or t.dtype != m.dtype or t.device.type != 'cpu') for t in dense):
+            raise ValueError(f'the fused MLEM kernels need contiguous CPU tensors of the matrix dtype {m.dtype}')
 
-    def back_update(self, b, f, keep, x, threads: int) -> None:
-        """x *= b @ f + keep (keep: [rows, 1] or None) for CSR b, in place."""
+    def forward_ratio(self, a, x, y, f, eps: float, threads: int, accumulate: bool = False, finish: bool = True) -> None:
+        """f = y / (s + eps), s = a @ x (+ f with `accumulate`); without `finish`, f = s.
+        CSR a; contiguous row-major x, y, f of one width."""
+        self._check(a, x, y, f)
+        self.lib.medEDM_forward_ratio(int(a.values().dtype == torch.float64), a.shape[0], a.crow_indices().data_ptr(),
+            a.col_indices().data_ptr(), a.values().data_ptr(), x.data_ptr(), y.data_ptr(), f.data_ptr(), x.shape[1], eps,
+            int(accumulate), int(finish), threads)
+
+    def back_update(self, b, f, keep, x, u, threads: int, accumulate: bool = False, finish: bool = True) -> None:
+        """x *= s + keep in place, s = b @ f (+ u with `accumulate`); without `finish`, u = s.
+        CSR b; keep [rows, 1] or None; u (partial sums) may be None when `finish` and not `accumulate`."""
+        self._check(b, f, keep, x, u)
         self.lib.medEDM_back_update(int(b.values().dtype == torch.float64), b.shape[0], b.crow_indices().data_ptr(),
             b.col_indices().data_ptr(), b.values().data_ptr(), f.data_ptr(), None if keep is None else keep.data_ptr(),
-            x.data_ptr(), x.shape[1], threads)
+            x.data_ptr(), None if u is None else u.data_ptr(), x.shape[1], int(accumulate), int(finish), threads)
 
 #----------------------------------------------------------------------------
 
