@@ -214,6 +214,3 @@ void medEDM_back_update(int is_double, int64_t n_rows, const int32_t *crow, cons
     const job_t base = {is_double, 1, accumulate, finish, 0, 0, width, crow, col, val, f, keep, x, u, 0.0};
     fan_out(base, n_rows, threads);
 }
-
-/* The vector length in bytes (for the record). */
-int medEDM_vector_bytes(void) { return VEC_BYTES; }

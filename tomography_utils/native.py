@@ -96,7 +96,6 @@ class MlemKernels:
         lib.medEDM_back_update.argtypes = [i32, i64, p, p, p, p, p, p, p, i64, i32, i32, i32]
         lib.medEDM_back_update.restype = None
         self.lib, self.path = lib, path
-        self.vector_bytes = lib.medEDM_vector_bytes()
 
     @staticmethod
     def _check(m: torch.Tensor, *dense: torch.Tensor) -> None:
