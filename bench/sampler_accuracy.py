@@ -16,9 +16,17 @@ solver of training/solvers.py, in three settings measured in the same run:
             --ref heun for 1000 Heun steps, 1999 NFE, slower).
 
 Error = RMS(x - x_ref) / RMS(x_ref) at sigma = 0, over a batch of latents; all
-solvers start from the same latents (x = latents * sigma_max). Time steps:
-EDM's (rho = 7) unless a row says logsnr. The SDE solver (dpmpp_2m_sde) and
-EDM's churn are stochastic: they do not follow the ODE and are not compared.
+solvers start from the same latents (x = latents * sigma_max). The SDE solver
+(dpmpp_2m_sde) and EDM's churn are stochastic: they do not follow the ODE and
+are not compared.
+
+Rows: solver / time steps / options. Time steps: EDM's (rho = 7) unless a row
+says logsnr (uniform in log sigma) or logsnr_warped (log sigma warped by asinh
+around sigma_c = 0.5 with k = 0.3, defaults chosen on other settings than these).
+Options: +unic = UniC corrector (no extra evaluation), +afs = analytic first
+step (no evaluation at sigma_max, so a row with +afs runs N = NFE + 1 levels;
+its guess is the Gaussian denoiser with sigma_data = 0.5). NFE always counts
+denoiser calls (solvers.num_evaluations, checked against a counter in the tests).
 
 Headline: the NFE each solver needs to reach the error of EDM Heun at 35 NFE
 (18 steps, EDM's CIFAR-10 setting) -- the smallest NFE of the ladder from which
@@ -53,7 +61,9 @@ from training import solvers
 HEUN_STEPS = 18 # 35 NFE.
 GOAL_NFE = 12
 LADDER = [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 25, 30, 35, 40, 50, 60]
-ROWS = [('euler', 'edm'), ('heun', 'edm'), ('dpmpp_2m', 'edm'), ('dpmpp_3m', 'edm'), ('dpmpp_2m', 'logsnr'), ('dpmpp_3m', 'logsnr')]
+ROWS = [('euler', 'edm', ''), ('heun', 'edm', ''), ('dpmpp_2m', 'edm', ''), ('dpmpp_3m', 'edm', ''), ('dpmpp_2m', 'logsnr', ''),
+    ('dpmpp_3m', 'logsnr', ''), ('dpmpp_3m', 'logsnr_warped', ''), ('dpmpp_2m', 'logsnr_warped', 'unic'),
+    ('dpmpp_3m', 'logsnr_warped', 'unic'), ('dpmpp_2m', 'logsnr_warped', 'unic+afs'), ('dpmpp_3m', 'logsnr_warped', 'unic+afs')]
 
 #----------------------------------------------------------------------------
 # Closed-form denoisers.
@@ -106,17 +116,18 @@ def network_denoiser(net):
 #----------------------------------------------------------------------------
 # Solve from the latents with a solver, a discretisation and N steps.
 
-def run(denoise, latents, solver, disc, num_steps, sigma_min=0.002, sigma_max=80):
+def run(denoise, latents, solver, disc, num_steps, options='', sigma_min=0.002, sigma_max=80):
     sigmas = sampling.sigma_steps(num_steps, sigma_min, sigma_max, disc)
-    return solvers.solve(denoise, latents.to(torch.float64) * sigmas[0], sigmas, solver)
+    kwargs = dict(corrector='unic' if 'unic' in options else 'none', afs='afs' in options)
+    return solvers.solve(denoise, latents.to(torch.float64) * sigmas[0], sigmas, solver, **kwargs)
 
 def rel_error(x, ref) -> float:
     return float((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
 
-def steps_for_nfe(solver: str, nfe: int) -> int | None:
+def steps_for_nfe(solver: str, nfe: int, options: str = '') -> int | None:
     if solver == 'heun':
         return (nfe + 1) // 2 if nfe % 2 == 1 else None # NFE = 2N - 1.
-    return nfe
+    return nfe + 1 if 'afs' in options else nfe # AFS: NFE = N - 1.
 
 #----------------------------------------------------------------------------
 # Error table and headline for one setting. Without `full`, a row stops once
@@ -126,15 +137,18 @@ def evaluate(name: str, denoise, latents, ref, full: bool) -> dict:
     target = rel_error(run(denoise, latents, 'heun', 'edm', HEUN_STEPS), ref)
     print(f'\n== {name}: relative RMS error vs NFE (EDM Heun @ 35 NFE: {target:.2e})')
     headline = {}
-    for solver, disc in ROWS:
+    for solver, disc, options in ROWS:
         cells, matched, run_len = [], None, 0
         for nfe in LADDER:
-            n = steps_for_nfe(solver, nfe)
+            n = steps_for_nfe(solver, nfe, options)
             if n is None or (solver == 'heun' and not full and nfe not in (5, 9, 15, 25, 35)):
                 continue
             if solver == 'euler' and not full and nfe not in (10, 20, 35, 60):
                 continue
-            err = rel_error(run(denoise, latents, solver, disc, n), ref)
+            calls = []
+            counting = lambda x, sigma: calls.append(1) or denoise(x, sigma)
+            err = rel_error(run(counting, latents, solver, disc, n, options), ref)
+            assert len(calls) == nfe, (solver, disc, options, nfe, len(calls)) # NFE = true denoiser calls.
             cells.append(f'{nfe}:{err:.1e}')
             if err <= target * (1 + 1e-9):
                 matched = nfe if matched is None else matched
@@ -143,16 +157,16 @@ def evaluate(name: str, denoise, latents, ref, full: bool) -> dict:
                 matched, run_len = None, 0
             if not full and run_len >= 3:
                 break
-        headline[(solver, disc)] = matched
-        print(f'  {solver:<9s} {disc:<7s} ' + ' '.join(cells))
+        headline[(solver, disc, options)] = matched
+        print(f'  {solver:<9s} {disc + ("+" + options if options else ""):<22s} ' + ' '.join(cells))
     return headline
 
 def print_headline(name: str, headline: dict) -> None:
     parts = []
-    for (solver, disc), nfe in headline.items():
-        label = solver if disc == 'edm' else f'{solver}/{disc}'
+    for (solver, disc, options), nfe in headline.items():
+        label = (solver if disc == 'edm' else f'{solver}/{disc}') + (f'+{options}' if options else '')
         parts.append(f'{label} {">" + str(LADDER[-1]) if nfe is None else nfe}' + ('' if nfe is None else f' ({35 / nfe:.1f}x)'))
-    best = min((nfe for (s, _), nfe in headline.items() if s.startswith('dpmpp') and nfe is not None), default=None)
+    best = min((nfe for (s, _, _), nfe in headline.items() if s.startswith('dpmpp') and nfe is not None), default=None)
     verdict = 'met' if best is not None and best <= GOAL_NFE else 'NOT met'
     print(f'  {name:<8s} NFE to match Heun@35: ' + ', '.join(parts) + f'  -> goal (DPM-Solver++ within {GOAL_NFE}): {verdict}')
 

@@ -14,7 +14,7 @@ def _scfg(**kw):
 
 @pytest.mark.parametrize('kw, message', [
     (dict(solver='rk45'), "sampling.solver: unknown solver 'rk45' (choose from heun, euler, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde)"),
-    (dict(discretization='cosine'), "sampling.discretization: unknown discretization 'cosine' (choose from edm, vp, ve, logsnr)"),
+    (dict(discretization='cosine'), "sampling.discretization: unknown discretization 'cosine' (choose from edm, vp, ve, logsnr, logsnr_warped)"),
     (dict(num_steps=0), 'sampling.num_steps must be >= 1, got 0'),
     (dict(solver='dpmpp_2m', S_churn=5), "sampling.S_churn applies to the heun and euler solvers, not 'dpmpp_2m'"),
     (dict(S_churn=-1), 'sampling.S_churn must be >= 0, got -1'),
@@ -23,6 +23,12 @@ def _scfg(**kw):
     (dict(samples_per_cond=0), 'sampling.samples_per_cond must be >= 1, got 0'),
     (dict(format='tiff'), "sampling.format: expected one of png, npz, nifti, got 'tiff'"),
     (dict(network_pkl=None), 'sampling.network_pkl is required'),
+    (dict(solver='dpmpp_2m', corrector='unipc'), "sampling.corrector: unknown corrector 'unipc' (choose from none, unic)"),
+    (dict(corrector='unic'), "sampling.corrector=unic applies to the dpmpp_2m and dpmpp_3m solvers, not 'heun'"),
+    (dict(afs=True), "sampling.afs applies to the dpmpp_2m and dpmpp_3m solvers, not 'heun'"),
+    (dict(solver='dpmpp_3m', afs=True, num_steps=1), 'sampling.afs needs sampling.num_steps >= 2, got 1'),
+    (dict(sigma_c=0.0), "sampling.sigma_c must be a noise level > 0 or null (the network's sigma_data), got 0.0"),
+    (dict(warp_k=-1.0), 'sampling.warp_k must be >= 0 (0 = uniform log-SNR steps), got -1.0'),
 ])
 def test_bad_sampling_config(kw, message):
     with pytest.raises(ValueError) as err:
@@ -31,5 +37,13 @@ def test_bad_sampling_config(kw, message):
 
 def test_good_sampling_config():
     assert generate._check(_scfg(solver='dpmpp_2m_sde', discretization='vp', guidance=0)) == [0, 1, 2, 3]
+    assert generate._check(_scfg(solver='dpmpp_2m', discretization='logsnr_warped', corrector='unic', afs=True, sigma_c=None, warp_k=0)) == [0, 1, 2, 3]
+
+def test_sampler_kwargs_carry_the_new_keys():
+    from training import config as config_mod
+    from omegaconf import OmegaConf
+    scfg = OmegaConf.to_container(OmegaConf.structured(config_mod.SamplingConfig))
+    kw = generate.sampler_kwargs(scfg)
+    assert {k: kw[k] for k in ('corrector', 'afs', 'sigma_c', 'warp_k')} == dict(corrector='none', afs=False, sigma_c=None, warp_k=0.3)
 
 #----------------------------------------------------------------------------

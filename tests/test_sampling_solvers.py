@@ -25,11 +25,11 @@ def _x_start(n=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, dtype=torch.float64, generator=g) * np.sqrt(SIGMA_MAX ** 2 + S_DATA ** 2)
 
-def _error(solver, levels, discretization='edm'):
+def _error(solver, levels, discretization='edm', **kwargs):
     # ODE from sigma_max to sigma_min (no final jump to 0): the asymptotic order shows cleanly.
     sigmas = sampling.sigma_steps(levels, SIGMA_MIN, SIGMA_MAX, discretization)[:-1]
     x0 = _x_start()
-    out = solvers.solve(gaussian_denoiser, x0, sigmas, solver)
+    out = solvers.solve(gaussian_denoiser, x0, sigmas, solver, **kwargs)
     return float((out - exact(x0, SIGMA_MAX, SIGMA_MIN)).abs().max() / exact(x0, SIGMA_MAX, SIGMA_MIN).abs().max())
 
 #----------------------------------------------------------------------------
@@ -68,29 +68,85 @@ def test_ve_and_logsnr_are_uniform_in_log_sigma():
     steps = torch.diff(torch.log(ve))
     assert torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-10)
 
+def test_logsnr_warped_is_asinh_warp_of_log_sigma():
+    # Independent transcription: u_i linear from g(sigma_max) to g(sigma_min), g(s) = asinh(k ln(s/c)) / k.
+    c, k, n = 0.5, 0.3, 12
+    u = np.linspace(np.arcsinh(k * np.log(SIGMA_MAX / c)) / k, np.arcsinh(k * np.log(SIGMA_MIN / c)) / k, n)
+    t = sampling.sigma_steps(n, SIGMA_MIN, SIGMA_MAX, 'logsnr_warped')
+    assert np.allclose(t[:-1].numpy(), c * np.exp(np.sinh(k * u) / k), rtol=1e-12)
+    assert t[0] == SIGMA_MAX and t[-2] == SIGMA_MIN and t[-1] == 0 # End points exact.
+    # Steps in log sigma are smallest around sigma_c and grow towards both ends.
+    for sigma_c in (0.5, 0.05):
+        t = sampling.sigma_steps(40, SIGMA_MIN, SIGMA_MAX, 'logsnr_warped', sigma_c=sigma_c)[:-1]
+        steps = -torch.diff(torch.log(t))
+        mid = torch.sqrt(t[1:] * t[:-1])
+        assert mid[steps.argmin()] == pytest.approx(sigma_c, rel=0.15)
+        assert steps[0] > 1.2 * steps.min() and steps[-1] > 1.2 * steps.min()
+    # k = 0 is the uniform log-SNR sequence.
+    assert torch.allclose(sampling.sigma_steps(12, SIGMA_MIN, SIGMA_MAX, 'logsnr_warped', warp_k=0),
+        sampling.sigma_steps(12, SIGMA_MIN, SIGMA_MAX, 'logsnr'), rtol=1e-13)
+
 def test_discretization_bad_input():
     with pytest.raises(ValueError, match="unknown discretization 'cosine'"):
         sampling.sigma_steps(5, SIGMA_MIN, SIGMA_MAX, 'cosine')
     with pytest.raises(ValueError, match='num_steps must be >= 1'):
         sampling.sigma_steps(0, SIGMA_MIN, SIGMA_MAX)
+    with pytest.raises(ValueError) as err:
+        sampling.sigma_steps(5, SIGMA_MIN, SIGMA_MAX, 'logsnr_warped', sigma_c=0)
+    assert str(err.value) == 'sigma_c must be a noise level > 0 (the centre of the logsnr_warped steps), got 0'
+    with pytest.raises(ValueError) as err:
+        sampling.sigma_steps(5, SIGMA_MIN, SIGMA_MAX, 'logsnr_warped', warp_k=-0.1)
+    assert str(err.value) == 'warp_k must be >= 0 (0 = uniform log-SNR steps), got -0.1'
 
 #----------------------------------------------------------------------------
 # Exactness and convergence order on the Gaussian closed form: the error ratio
 # when the number of steps doubles is 2^order.
 
+# UniC raises the order of dpmpp_2m to 3 and that of dpmpp_3m to 4 (UniC-p: p + 1).
+
 ORDER_CASES = [
-    ('euler',    [32, 64, 128],  1, 0.15),
-    ('heun',     [32, 64, 128],  2, 0.2),
-    ('dpmpp_2m', [32, 64, 128],  2, 0.25),
-    ('dpmpp_3m', [48, 96, 192],  3, 0.35),
+    ('euler',    {},                             [32, 64, 128],  1, 0.15),
+    ('heun',     {},                             [32, 64, 128],  2, 0.2),
+    ('dpmpp_2m', {},                             [32, 64, 128],  2, 0.25),
+    ('dpmpp_3m', {},                             [48, 96, 192],  3, 0.35),
+    ('dpmpp_2m', dict(corrector='unic'),         [32, 64, 128],  3, 0.25),
+    ('dpmpp_3m', dict(corrector='unic'),         [32, 64, 128],  4, 0.25),
+    ('dpmpp_3m', dict(corrector='unic', afs=True), [32, 64, 128], 4, 0.25),
 ]
 
-@pytest.mark.parametrize('solver, levels, order, tol', ORDER_CASES)
-def test_gaussian_closed_form_convergence_order(solver, levels, order, tol):
-    errors = [_error(solver, n) for n in levels]
+@pytest.mark.parametrize('solver, kwargs, levels, order, tol', ORDER_CASES)
+def test_gaussian_closed_form_convergence_order(solver, kwargs, levels, order, tol):
+    errors = [_error(solver, n, **kwargs) for n in levels]
     rates = [np.log2(a / b) for a, b in zip(errors[:-1], errors[1:])]
     assert all(abs(r - order) < tol for r in rates), (solver, errors, rates)
-    assert errors[-1] < {1: 3e-2, 2: 1e-3, 3: 3e-5}[order], (solver, errors)
+    assert errors[-1] < {1: 3e-2, 2: 1e-3, 3: 3e-4, 4: 3e-5}[order], (solver, errors)
+
+def test_unic_steps_by_hand():
+    # sigmas 80 -> 10 -> 1 (no final 0). Step 1: exponential Euler predicts x~1, D1 = D(x~1; 10),
+    # UniC-1 (bh2, a = 1/2) recomputes x1 = r x0 + J0 (D0 + D1) / 2. Step 2 is the last (no
+    # evaluation follows): plain DPM-Solver++(2M) with the history D1 (at x~1), D0.
+    den = lambda x, sigma: 0.3 + 0.7 * torch.tanh(x / (1 + sigma)) # Any smooth denoiser.
+    sig = torch.tensor([80.0, 10.0, 1.0], dtype=torch.float64)
+    x0 = _x_start(8)
+    lam = -torch.log(sig)
+    h1, h2 = lam[1] - lam[0], lam[2] - lam[1]
+    d0 = den(x0, sig[0])
+    x1p = sig[1] / sig[0] * x0 + -torch.expm1(-h1) * d0
+    d1 = den(x1p, sig[1])
+    x1 = sig[1] / sig[0] * x0 + -torch.expm1(-h1) * (d0 + d1) / 2
+    r = h1 / h2
+    x2 = sig[2] / sig[1] * x1 + -torch.expm1(-h2) * ((1 + 1 / (2 * r)) * d1 - 1 / (2 * r) * d0)
+    assert torch.allclose(solvers.solve(den, x0, sig, 'dpmpp_2m', corrector='unic'), x2, rtol=1e-13, atol=1e-13)
+    # With a final 0 the step into sigma_min is first order and uncorrected, then x = D.
+    sig0 = torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
+    x2 = sig[2] / sig[1] * x1 + -torch.expm1(-h2) * d1
+    assert torch.allclose(solvers.solve(den, x0, sig0, 'dpmpp_2m', corrector='unic'), den(x2, sig[2]), rtol=1e-13, atol=1e-13)
+    # AFS: the guess x sd^2/(sigma^2 + sd^2) only places the first evaluation; the first step uses D there.
+    sd = 0.5
+    xg = sig[1] / sig[0] * x0 + -torch.expm1(-h1) * x0 * sd ** 2 / (sig[0] ** 2 + sd ** 2)
+    x1 = sig[1] / sig[0] * x0 + -torch.expm1(-h1) * den(xg, sig[1])
+    x2 = sig[2] / sig[1] * x1 + -torch.expm1(-h2) * den(xg, sig[1])
+    assert torch.allclose(solvers.solve(den, x0, sig0, 'dpmpp_3m', afs=True, sigma_data=sd), den(x2, sig[2]), rtol=1e-13, atol=1e-13)
 
 @pytest.mark.parametrize('solver', ['euler', 'heun', 'dpmpp_2m', 'dpmpp_3m'])
 @pytest.mark.parametrize('disc', sampling.DISCRETIZATIONS)
@@ -140,16 +196,24 @@ def test_solvers_are_shape_agnostic(solver):
         outs.append(out.flatten())
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
-@pytest.mark.parametrize('solver, nfe', [('heun', 2 * 9 - 1), ('euler', 9), ('dpmpp_2m', 9), ('dpmpp_3m', 9), ('dpmpp_2m_sde', 9)])
-def test_number_of_evaluations(solver, nfe):
+@pytest.mark.parametrize('solver, kwargs, nfe', [('heun', {}, 2 * 9 - 1), ('euler', {}, 9), ('dpmpp_2m', {}, 9), ('dpmpp_3m', {}, 9),
+    ('dpmpp_2m_sde', {}, 9), ('dpmpp_2m', dict(corrector='unic'), 9), ('dpmpp_3m', dict(corrector='unic'), 9),
+    ('dpmpp_2m', dict(afs=True), 8), ('dpmpp_3m', dict(corrector='unic', afs=True), 8)])
+@pytest.mark.parametrize('final_zero', [True, False])
+def test_number_of_evaluations(solver, kwargs, nfe, final_zero):
     calls = []
     def counting(x, sigma):
         calls.append(float(sigma))
         return gaussian_denoiser(x, sigma)
-    sigmas = sampling.sigma_steps(9, SIGMA_MIN, SIGMA_MAX)
-    solvers.solve(counting, _x_start(4), sigmas, solver)
-    assert len(calls) == nfe == solvers.num_evaluations(solver, sigmas)
+    sigmas = sampling.sigma_steps(9, SIGMA_MIN, SIGMA_MAX, 'logsnr_warped')
+    if not final_zero: # Ends at sigma_min: the same count of steps, one level fewer.
+        sigmas = torch.cat([sigmas[:1] * 2, sigmas[:-1]])
+    solvers.solve(counting, _x_start(4), sigmas, solver, **kwargs)
+    nfe += int(solver == 'heun' and not final_zero) # Heun corrects the last step too when it ends at sigma > 0.
+    assert len(calls) == nfe == solvers.num_evaluations(solver, sigmas, **kwargs)
     assert min(calls) > 0 # sigma = 0 is never passed to the network.
+    if kwargs.get('afs'):
+        assert float(sigmas[0]) not in calls # No evaluation at sigma_max.
 
 def test_bad_solver_arguments():
     sigmas = sampling.sigma_steps(4, SIGMA_MIN, SIGMA_MAX)
@@ -159,6 +223,48 @@ def test_bad_solver_arguments():
         solvers.solve(gaussian_denoiser, _x_start(4), sigmas, 'dpmpp_2m', S_churn=1)
     with pytest.raises(ValueError, match='must decrease strictly'):
         solvers.solve(gaussian_denoiser, _x_start(4), sigmas.flip(0)[1:], 'euler')
+    for kwargs, message in [
+        (dict(solver='dpmpp_2m', corrector='unipc'), "corrector: unknown corrector 'unipc' (choose from none, unic)"),
+        (dict(solver='heun', corrector='unic'), "corrector: the UniC corrector applies to the dpmpp_2m and dpmpp_3m solvers, not 'heun' (set corrector='none')"),
+        (dict(solver='dpmpp_2m_sde', afs=True), "afs: the analytic first step applies to the dpmpp_2m and dpmpp_3m solvers, not 'dpmpp_2m_sde' (set afs=False)"),
+        (dict(solver='dpmpp_2m', afs=True, sigma_data=-1), 'sigma_data must be >= 0 (the data std of the analytic first step), got -1'),
+    ]:
+        with pytest.raises(ValueError) as err:
+            solvers.solve(gaussian_denoiser, _x_start(4), sigmas, **kwargs)
+        assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        solvers.solve(gaussian_denoiser, _x_start(4), sampling.sigma_steps(1, SIGMA_MIN, SIGMA_MAX), 'dpmpp_3m', afs=True)
+    assert str(err.value) == 'afs: the analytic first step needs a first step that ends at a noise level > 0 (at least 2 noise levels > 0)'
+
+#----------------------------------------------------------------------------
+# sampling.sample passes the new options on; sigma_c defaults to the network's sigma_data.
+
+class _GaussianNet: # The ideal denoiser of N(0, sd^2) data, with a network's interface.
+    sigma_min, sigma_max, label_dim = 0.002, 80, 0
+    def __init__(self, sigma_data=0.5):
+        self.sigma_data = sigma_data
+        self.calls = 0
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+    def __call__(self, x, sigma, class_labels=None, cond=None):
+        self.calls += 1
+        return x * (self.sigma_data ** 2 / (self.sigma_data ** 2 + sigma.to(torch.float64) ** 2)).to(x.dtype)
+
+def test_sample_plumbs_corrector_afs_and_warp():
+    latents = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kw = dict(solver='dpmpp_3m', discretization='logsnr_warped', corrector='unic', afs=True, num_steps=8)
+    net = _GaussianNet(sigma_data=0.3)
+    out = sampling.sample(net, latents, **kw)
+    assert net.calls == 7 # 8 levels > 0, no evaluation at sigma_max.
+    sigmas = sampling.sigma_steps(8, 0.002, 80, 'logsnr_warped', sigma_c=0.3)
+    den = sampling.make_denoiser(_GaussianNet(sigma_data=0.3))
+    ref = solvers.solve(den, latents * 80, sigmas, 'dpmpp_3m', corrector='unic', afs=True, sigma_data=0.3)
+    assert torch.equal(out, ref)
+    assert not torch.equal(sampling.sample(_GaussianNet(sigma_data=0.3), latents, sigma_c=0.5, **kw), out)
+    with pytest.raises(ValueError) as err:
+        sampling.reconstruct(net, latents, latents, sigma_start=1.0, **kw)
+    assert str(err.value) == ('afs: the analytic first step assumes pure noise at sigma_max; it does not apply to '
+        'partial-noise reconstruction (set afs=False)')
 
 #----------------------------------------------------------------------------
 # edm_sampler (used by the training loop for sample grids) is still EDM's

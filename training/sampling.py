@@ -17,7 +17,7 @@ Families call:
 
 References: Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
 Generative Models" (Eq. 5 and Table 1 time steps, Algorithm 2); Lu et al. 2022,
-"DPM-Solver++" (uniform log-SNR steps); Ho & Salimans 2022, "Classifier-Free
+"DPM-Solver++" (uniform log-SNR steps, also warped around sigma_data here); Ho & Salimans 2022, "Classifier-Free
 Diffusion Guidance" (Eq. 6, written for denoisers); Lugmayr et al. 2022,
 "RePaint" (replacing the known region at every step)."""
 
@@ -28,7 +28,7 @@ import torch
 
 from training import solvers
 
-DISCRETIZATIONS = ('edm', 'vp', 've', 'logsnr')
+DISCRETIZATIONS = ('edm', 'vp', 've', 'logsnr', 'logsnr_warped')
 
 #----------------------------------------------------------------------------
 # Time steps (Eq. 5): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho)
@@ -41,7 +41,7 @@ def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: fl
 
 #----------------------------------------------------------------------------
 # Noise levels of the discretisations of EDM Table 1 ("time steps" row),
-# all running from sigma_max down to sigma_min, then 0:
+# and two in log-SNR, all running from sigma_max down to sigma_min, then 0:
 #   edm     Eq. 5, polynomial in sigma^(1/rho).
 #   vp      t_i = 1 + i/(N-1) (eps_s - 1), sigma_i = sigma_vp(t_i) with
 #           sigma_vp(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1); beta_d and
@@ -50,6 +50,14 @@ def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: fl
 #           geometric in sigma.
 #   logsnr  uniform in lambda = -log sigma (half the log-SNR), DPM-Solver's
 #           "logSNR" steps. For sigma(t) = sqrt(t) this is the same sequence as 've'.
+#   logsnr_warped
+#           log-SNR steps warped by asinh around sigma_c: with
+#           g(s) = asinh(k log(s / sigma_c)) / k, u_i runs linearly from g(sigma_max)
+#           to g(sigma_min) and sigma_i = sigma_c exp(sinh(k u_i) / k). The steps in
+#           log sigma are smallest near sigma_c, where the denoiser changes most
+#           (for Gaussian data of std sigma_c, dD/dlambda peaks at sigma = sigma_c),
+#           and grow towards both ends; k -> 0 gives 'logsnr'. k = 0.3 was chosen on settings other than
+#           those of bench/sampler_accuracy.py.
 
 def sigma_steps(
     num_steps:      int,                # Number of noise levels > 0 (solver steps).
@@ -60,6 +68,8 @@ def sigma_steps(
     epsilon_s:      float = 1e-3,       # VP: smallest t.
     round_sigma:    Callable | None = None, # The network's round_sigma.
     device:         torch.device | str = 'cpu',
+    sigma_c:        float = 0.5,        # logsnr_warped: centre of the warp (the data's std, EDM's sigma_data).
+    warp_k:         float = 0.3,        # logsnr_warped: strength k of the warp, >= 0 (0 = 'logsnr').
 ) -> torch.Tensor:
     """Decreasing noise levels sigma_0 = sigma_max, ..., sigma_(N-1) = sigma_min, 0 (float64)."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
@@ -81,6 +91,15 @@ def sigma_steps(
         beta_min = l_max - 0.5 * beta_d
         tt = 1 + frac * (epsilon_s - 1)
         t = torch.expm1(0.5 * beta_d * tt ** 2 + beta_min * tt).sqrt()
+    elif discretization == 'logsnr_warped':
+        if not (0 < sigma_c < float('inf')):
+            raise ValueError(f'sigma_c must be a noise level > 0 (the centre of the logsnr_warped steps), got {sigma_c}')
+        if not (0 <= warp_k < float('inf')):
+            raise ValueError(f'warp_k must be >= 0 (0 = uniform log-SNR steps), got {warp_k}')
+        g = (lambda v: v) if warp_k == 0 else (lambda v: np.arcsinh(warp_k * v) / warp_k)
+        g_inv = (lambda u: u) if warp_k == 0 else (lambda u: torch.sinh(warp_k * u) / warp_k)
+        a, b = g(np.log(sigma_max / sigma_c)), g(np.log(sigma_min / sigma_c))
+        t = sigma_c * torch.exp(g_inv(a + frac * (b - a)))
     else: # 've', 'logsnr': geometric.
         t = torch.exp(np.log(sigma_max) + frac * (np.log(sigma_min) - np.log(sigma_max)))
     if discretization != 'edm': # Hit the end points exactly (EDM's formula is kept bit for bit).
@@ -164,7 +183,11 @@ def sample(
     embedding:      torch.Tensor | None = None, # Embedding vectors [N, E] or None.
     randn_like:     Callable = torch.randn_like, # Noise source (StackedRandomGenerator.randn_like for per-seed results).
     solver:         str = 'heun',       # 'heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde'.
-    discretization: str = 'edm',        # 'edm', 'vp', 've', 'logsnr'.
+    discretization: str = 'edm',        # 'edm', 'vp', 've', 'logsnr', 'logsnr_warped'.
+    corrector:      str = 'none',       # 'none' or 'unic' (UniC corrector of dpmpp_2m / dpmpp_3m, no extra evaluations).
+    afs:            bool = False,       # Analytic first step (dpmpp_2m / dpmpp_3m): one evaluation fewer; not with `images`.
+    sigma_c:        float | None = None, # logsnr_warped: centre of the warp, None = net.sigma_data (0.5 without one).
+    warp_k:         float = 0.3,        # logsnr_warped: strength of the warp (0 = logsnr).
     num_steps:      int = 18,           # Number of noise levels > 0.
     sigma_min:      float = 0.002,      # Lowest noise level (raised to net.sigma_min).
     sigma_max:      float = 80,         # Highest noise level (lowered to net.sigma_max).
@@ -188,9 +211,14 @@ def sample(
             raise ValueError(f'sigma_start={sigma_start} must exceed sigma_min={sigma_min}')
         if tuple(images.shape) != tuple(latents.shape):
             raise ValueError(f'images: expected shape {tuple(latents.shape)} (the latents), got {tuple(images.shape)}')
+        if afs:
+            raise ValueError('afs: the analytic first step assumes pure noise at sigma_max; it does not apply to '
+                'partial-noise reconstruction (set afs=False)')
         sigma_max = sigma_start
     sigma_max = min(sigma_max, net.sigma_max)
-    sigmas = sigma_steps(num_steps, sigma_min, sigma_max, discretization, rho=rho, round_sigma=net.round_sigma, device=latents.device)
+    sigma_data = float(getattr(net, 'sigma_data', 0.5))
+    sigmas = sigma_steps(num_steps, sigma_min, sigma_max, discretization, rho=rho, round_sigma=net.round_sigma, device=latents.device,
+        sigma_c=sigma_data if sigma_c is None else sigma_c, warp_k=warp_k)
     denoise = make_denoiser(net, class_labels=class_labels, cond=cond, embedding=embedding, guidance=guidance)
     x = latents.to(torch.float64) * sigmas[0]
     if images is not None:
@@ -201,7 +229,7 @@ def sample(
             raise ValueError('inpainting needs both `known` and `mask`')
         project = known_region_projector(known, mask, randn_like, latents.shape)
     return solvers.solve(denoise, x, sigmas, solver=solver, randn_like=randn_like, S_churn=S_churn, S_min=S_min,
-        S_max=S_max, S_noise=S_noise, round_sigma=net.round_sigma, project=project)
+        S_max=S_max, S_noise=S_noise, round_sigma=net.round_sigma, project=project, corrector=corrector, afs=afs, sigma_data=sigma_data)
 
 #----------------------------------------------------------------------------
 # Inpainting: generate where mask == 1, keep `known` where mask == 0.

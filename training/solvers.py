@@ -23,11 +23,19 @@ Solvers (NFE = number of denoiser evaluations for N noise levels > 0 followed by
                   reverse SDE integrated with the same multistep data
                   prediction, fresh Gaussian noise every step, NFE = N.
 
+Options of dpmpp_2m and dpmpp_3m, both off by default:
+    corrector='unic'  UniC (Zhao et al. 2023, "UniPC"): each step is redone with
+                  the denoiser output at the predicted point, which the next
+                  step uses anyway; one order higher (3 and 4), same NFE = N.
+    afs=True      Analytic first step (Zhou et al. 2024): no evaluation at
+                  sigma_max, NFE = N - 1. For generation from pure noise only.
+
 An optional `project(x, sigma) -> x` is applied to the initial state and after
 every step at the new noise level; inpainting uses it to replace the known
 region (training/sampling.py).
 """
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -35,6 +43,8 @@ import torch
 
 SOLVERS = ('heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde')
 STOCHASTIC_CHURN_SOLVERS = ('heun', 'euler') # Solvers that accept EDM's churn (S_churn > 0).
+CORRECTORS = ('none', 'unic')
+MULTISTEP_SOLVERS = ('dpmpp_2m', 'dpmpp_3m') # Solvers that accept the UniC corrector and the analytic first step.
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Projector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,49 +109,129 @@ def _euler_heun(denoise, x, sigmas, second_order, randn_like, S_churn, S_min, S_
 # Eq. 9-10 with alpha = 1): over a step of length h,
 #   x(t) = (sigma_t / sigma_s) x(s) + sum_k J_k(h) D^(k)(lambda_s),
 #   J_k(h) = int_0^h e^-u (h - u)^k / k! du,
-# so J_0 = 1 - e^-h, J_1 = h - J_0, J_2 = h^2 / 2 - J_1 (integration by parts).
+# so J_0 = 1 - e^-h, J_1 = h - J_0, J_2 = h^2 / 2 - J_1 and in general
+# J_k = h^k / k! - J_(k-1) (integration by parts). Returns J_0 .. J_n.
 
-def _phi(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    j0 = -torch.expm1(-h)
-    j1 = h - j0
-    j2 = 0.5 * h ** 2 - j1
-    return j0, j1, j2
+def _phi(h: torch.Tensor, n: int = 2) -> tuple[torch.Tensor, ...]:
+    j = [-torch.expm1(-h)]
+    for k in range(1, n + 1):
+        j.append(h ** k / math.factorial(k) - j[-1])
+    return tuple(j)
+
+#----------------------------------------------------------------------------
+# UniC corrector (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector
+# Framework for Fast Sampling of Diffusion Models", Sec. 3, UniC-p and its
+# order theorem; data-prediction form with alpha = 1). After a predictor step
+# from lambda_i to lambda_i + h gives x~, D_new = D(x~; sigma_next) is
+# evaluated (the evaluation the next step needs anyway) and the step is redone:
+#   x_c = (sigma_next / sigma_i) x_i + J_0(h) D_i + B(h) sum_m a_m (D_m - D_i) / r_m,
+# over the nodes m = the p - 1 previous outputs (r_m = (lambda_m - lambda_i) / h < 0)
+# and the new one (r = 1), with B(h) = 1 - e^-h = J_0(h) (their "B_2", "bh2").
+# The a_m solve the order conditions sum_m a_m r_m^(k-1) = k! J_k(h) / (h^k B(h)),
+# k = 1..K (K nodes), i.e. the correction integrates the polynomial through
+# the K + 1 outputs exactly (same J_k as above), order p + 1. With the new
+# node alone (K = 1) a_1 = 1/2, the paper's UniC-1 choice:
+#   x_c = (sigma_next / sigma_i) x_i + J_0(h) (D_i + D_new) / 2.
+
+def _unic(x, ratio, h, d_new, denoised, lambdas):
+    d = denoised[0]
+    nodes = [(torch.ones_like(h), d_new)] + [((lam - lambdas[0]) / h, dm) for lam, dm in zip(lambdas[1:], denoised[1:])]
+    j = _phi(h, len(nodes))
+    b_h = j[0] # B(h) = 1 - e^-h.
+    if len(nodes) == 1:
+        a = [0.5]
+    else:
+        r = torch.stack([r_m for r_m, _ in nodes])
+        R = torch.stack([r ** (k - 1) for k in range(1, len(nodes) + 1)]) # R[k-1, m] = r_m^(k-1).
+        g = torch.stack([math.factorial(k) * j[k] / (h ** k * b_h) for k in range(1, len(nodes) + 1)])
+        a = torch.linalg.solve(R, g)
+    x_c = ratio * x + j[0] * d
+    for a_m, (r_m, d_m) in zip(a, nodes):
+        x_c = x_c + b_h * a_m * (d_m - d) / r_m
+    return x_c
+
+#----------------------------------------------------------------------------
+# One DPM-Solver++ step of the order that the outputs `denoised` (newest
+# first, at lambdas) allow: 1 (exponential Euler), 2 (Lu et al. 2022,
+# Algorithm 2) or 3.
+
+def _dpmpp_step(x, ratio, h, denoised, lambdas):
+    d = denoised[0]
+    if len(denoised) == 1:
+        return ratio * x + _phi(h)[0] * d
+    if len(denoised) == 2:
+        # Lu et al. 2022, Alg. 2: D~ = (1 + 1/(2r)) D_i - 1/(2r) D_(i-1), r = h_(i-1) / h_i.
+        r = (lambdas[0] - lambdas[1]) / h
+        d_tilde = (1 + 1 / (2 * r)) * denoised[0] - (1 / (2 * r)) * denoised[1]
+        return ratio * x + _phi(h)[0] * d_tilde
+    # Newton interpolation through the last three outputs (lambda_s, lambda_s - h1, lambda_s - h1 - h2):
+    # D' = d1_0 + h1 (d1_0 - d1_1) / (h1 + h2), D'' = 2 (d1_0 - d1_1) / (h1 + h2).
+    h1 = lambdas[0] - lambdas[1]
+    h2 = lambdas[1] - lambdas[2]
+    d1_0 = (denoised[0] - denoised[1]) / h1
+    d1_1 = (denoised[1] - denoised[2]) / h2
+    d2 = (d1_0 - d1_1) / (h1 + h2)
+    j0, j1, j2 = _phi(h)
+    return ratio * x + j0 * d + j1 * (d1_0 + h1 * d2) + j2 * (2 * d2)
 
 #----------------------------------------------------------------------------
 # DPM-Solver++ multistep, order 2 (Algorithm 2 of Lu et al. 2022) or 3.
 # The first steps use the orders that the history allows; the step to
 # sigma = 0 is first order (x = D), since lambda = inf there.
+#
+# With the UniC corrector every step that is followed by a regular step is
+# corrected (UniC-p, p = the predictor's order); the multistep history keeps
+# D_new, evaluated at the predicted point, as in UniPC. The step into
+# sigma_min (before the final x = D) is not corrected, since no evaluation
+# follows it that could serve a next step, and it is first order, as with
+# DPM-Solver's "lower_order_final": D hardly changes below sigma_min's
+# neighbour, and extrapolating network outputs there only adds their error.
+#
+# Analytic first step (AFS; Zhou et al. 2024, "Fast ODE-based Sampling for
+# Diffusion Models in Around 5 Steps", "analytical first step"): at sigma_max >> sigma_data
+# the denoiser is close to that of Gaussian data N(0, sigma_data^2 I),
+# D ~ x sigma_data^2 / (sigma^2 + sigma_data^2) (the paper's eps ~ x / sigma is
+# D ~ 0, sigma_data = 0). The paper uses this guess as D(x_0) in the first
+# step; here it only places the first evaluation: x~_1 = (sigma_1 / sigma_0) x_0
+# + J_0 D_guess, D_1 = D(x~_1; sigma_1), then x_1 = (sigma_1 / sigma_0) x_0 + J_0 D_1
+# (first order, D taken at the step's end) and D_1 starts the history. Data
+# whose mean is far from 0 (bench/sampler_accuracy.py's network) make the
+# paper's form lose more than the evaluation it saves; this one does not.
 
-def _dpmpp_multistep(denoise, x, sigmas, order, project):
+def _dpmpp_multistep(denoise, x, sigmas, order, project, corrector, afs_guess):
     denoised = [] # D of the last `order` steps, newest first.
     lambdas = []  # Their lambda = -log sigma.
-    for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
-        d = denoise(x, t_cur)
+    d_next = None # D at the predicted next point (UniC, AFS): the next step's output.
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        t_after = sigmas[i + 2] if i + 2 < len(sigmas) else None # End of the following step, None = no following step.
         lam = -torch.log(t_cur)
-        denoised = [d] + denoised[:order - 1]
-        lambdas = [lam] + lambdas[:order - 1]
-        if t_next == 0:
-            x = d
+        if i == 0 and afs_guess is not None: # Analytic first step (t_next > 0, checked in solve()).
+            ratio, j0 = t_next / t_cur, _phi(-torch.log(t_next) - lam)[0]
+            x_pred = ratio * x + j0 * afs_guess(x, t_cur)
+            if project is not None:
+                x_pred = project(x_pred, t_next)
+            d_next = denoise(x_pred, t_next)
+            x = ratio * x + j0 * d_next
         else:
-            h = -torch.log(t_next) - lam # lambda_next - lambda_cur > 0.
-            ratio = t_next / t_cur
-            if len(denoised) == 1:
-                x = ratio * x + _phi(h)[0] * d
-            elif order == 2 or len(denoised) == 2:
-                # Lu et al. 2022, Alg. 2: D~ = (1 + 1/(2r)) D_i - 1/(2r) D_(i-1), r = h_(i-1) / h_i.
-                r = (lambdas[0] - lambdas[1]) / h
-                d_tilde = (1 + 1 / (2 * r)) * denoised[0] - (1 / (2 * r)) * denoised[1]
-                x = ratio * x + _phi(h)[0] * d_tilde
+            d = denoise(x, t_cur) if d_next is None else d_next
+            d_next = None
+            denoised = [d] + denoised[:order - 1]
+            lambdas = [lam] + lambdas[:order - 1]
+            if t_next == 0:
+                x = d
             else:
-                # Newton interpolation through the last three outputs (lambda_s, lambda_s - h1, lambda_s - h1 - h2):
-                # D' = d1_0 + h1 (d1_0 - d1_1) / (h1 + h2), D'' = 2 (d1_0 - d1_1) / (h1 + h2).
-                h1 = lambdas[0] - lambdas[1]
-                h2 = lambdas[1] - lambdas[2]
-                d1_0 = (denoised[0] - denoised[1]) / h1
-                d1_1 = (denoised[1] - denoised[2]) / h2
-                d2 = (d1_0 - d1_1) / (h1 + h2)
-                j0, j1, j2 = _phi(h)
-                x = ratio * x + j0 * d + j1 * (d1_0 + h1 * d2) + j2 * (2 * d2)
+                h = -torch.log(t_next) - lam # lambda_next - lambda_cur > 0.
+                ratio = t_next / t_cur
+                if corrector == 'unic' and t_after is not None and t_after == 0: # Into sigma_min: first order, no correction.
+                    x = _dpmpp_step(x, ratio, h, denoised[:1], lambdas[:1])
+                elif corrector == 'unic' and t_after is not None:
+                    x_pred = _dpmpp_step(x, ratio, h, denoised, lambdas)
+                    if project is not None:
+                        x_pred = project(x_pred, t_next)
+                    d_next = denoise(x_pred, t_next)
+                    x = _unic(x, ratio, h, d_next, denoised, lambdas)
+                else:
+                    x = _dpmpp_step(x, ratio, h, denoised, lambdas)
         if project is not None:
             x = project(x, t_next)
     return x
@@ -187,7 +277,10 @@ def solve(
     S_max:          float = float('inf'), # Highest sigma where churn is applied.
     S_noise:        float = 1,          # Noise inflation of the churn.
     round_sigma:    Callable | None = None, # The network's round_sigma (churned levels).
-    project:        Projector | None = None, # x <- project(x, sigma) at the start and after every step.
+    project:        Projector | None = None, # x <- project(x, sigma) at the start and after every step (with UniC / AFS also at the predicted point).
+    corrector:      str = 'none',       # One of CORRECTORS: 'unic' = UniC corrector (dpmpp_2m, dpmpp_3m).
+    afs:            bool = False,       # Analytic first step (dpmpp_2m, dpmpp_3m): x(sigmas[0]) must be pure noise.
+    sigma_data:     float = 0.5,        # AFS: std of the Gaussian whose denoiser is the first guess (the network's sigma_data).
 ) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1] with `solver`; returns float64."""
     if solver not in SOLVERS:
@@ -197,7 +290,17 @@ def solve(
     if S_churn > 0 and solver not in STOCHASTIC_CHURN_SOLVERS:
         raise ValueError(f'S_churn: churn applies to the {" and ".join(STOCHASTIC_CHURN_SOLVERS)} solvers; '
             f'{solver!r} is {"an SDE solver already" if solver.endswith("sde") else "a deterministic multistep solver"} (set S_churn=0)')
+    if corrector not in CORRECTORS:
+        raise ValueError(f'corrector: unknown corrector {corrector!r} (choose from {", ".join(CORRECTORS)})')
+    if corrector != 'none' and solver not in MULTISTEP_SOLVERS:
+        raise ValueError(f'corrector: the UniC corrector applies to the {" and ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set corrector=\'none\')')
+    if afs and solver not in MULTISTEP_SOLVERS:
+        raise ValueError(f'afs: the analytic first step applies to the {" and ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set afs=False)')
+    if afs and not 0 <= sigma_data < float('inf'):
+        raise ValueError(f'sigma_data must be >= 0 (the data std of the analytic first step), got {sigma_data}')
     sigmas = check_sigmas(sigmas).to(x.device)
+    if afs and sigmas[1] == 0:
+        raise ValueError('afs: the analytic first step needs a first step that ends at a noise level > 0 (at least 2 noise levels > 0)')
     x = x.to(torch.float64)
     if project is not None:
         x = project(x, sigmas[0])
@@ -205,15 +308,18 @@ def solve(
         return _euler_heun(denoise, x, sigmas, solver == 'heun', randn_like, S_churn, S_min, S_max, S_noise, round_sigma, project)
     if solver == 'dpmpp_2m_sde':
         return _dpmpp_2m_sde(denoise, x, sigmas, randn_like, project)
-    return _dpmpp_multistep(denoise, x, sigmas, 2 if solver == 'dpmpp_2m' else 3, project)
+    afs_guess = (lambda x, sigma: x * (sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2))) if afs else None
+    return _dpmpp_multistep(denoise, x, sigmas, 2 if solver == 'dpmpp_2m' else 3, project, corrector, afs_guess)
 
 #----------------------------------------------------------------------------
 # Number of denoiser evaluations of a solver for a noise-level sequence.
+# The UniC corrector costs none (it reuses the next step's evaluation);
+# the analytic first step saves the one at sigmas[0].
 
-def num_evaluations(solver: str, sigmas: torch.Tensor) -> int:
+def num_evaluations(solver: str, sigmas: torch.Tensor, corrector: str = 'none', afs: bool = False) -> int:
     steps = len(sigmas) - 1
     if solver == 'heun': # No correction on a step that ends at sigma = 0.
         return 2 * steps - int(float(sigmas[-1]) == 0)
-    return steps
+    return steps - int(bool(afs) and solver in MULTISTEP_SOLVERS)
 
 #----------------------------------------------------------------------------
