@@ -58,9 +58,9 @@ def test_native_equals_torch_path(kernels, monkeypatch, dtype, rtol):
 
 def test_results_do_not_depend_on_batch_or_threads(kernels):
     sm = projector.get_system_matrix(24, cache_dir=None)
-    y = counts(sm, 21)
+    y = counts(sm, 70)                                                        # Every path: 4, 2 and 1 vectors, scalars.
     reference = mlem(y, sm, n_iter=6, n_subsets=3)
-    for batch in (1, 5, 16, 17):
+    for batch in (1, 5, 16, 17, 33, 48):
         assert torch.equal(mlem(y[:batch], sm, n_iter=6, n_subsets=3), reference[:batch]), batch
     for threads in (2, 3):
         torch.set_num_threads(threads)
@@ -123,6 +123,24 @@ def test_without_a_compiler_mlem_falls_back(monkeypatch, tmp_path):
     y = counts(sm, 2)
     assert mlem(y, sm, n_iter=3).shape == (2, 12, 12)                           # The torch path; no second warning.
     assert os.listdir(tmp_path) == []
+
+def test_without_openmp_the_kernels_run_serially(kernels, monkeypatch, tmp_path):
+    # A compiler that refuses -fopenmp: a serial build, one warning, the same results.
+    cc = tmp_path / 'cc-without-openmp'
+    cc.write_text('#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "unsupported option -fopenmp" >&2; exit 1;; esac\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv('MEDEDM_NATIVE_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('CC', str(cc))
+    monkeypatch.setattr(native, '_loaded', {})
+    with pytest.warns(RuntimeWarning, match=re.escape(f'{cc} could not compile the fused MLEM kernels with -fopenmp: they run on one thread')):
+        serial = native.mlem_kernels()
+    assert serial is not None and serial.path != kernels.path
+    sm = projector.get_system_matrix(12, dtype='float64', cache_dir=None)
+    y = counts(sm, 3)
+    monkeypatch.setattr(native, '_loaded', {'lib': kernels})
+    reference = mlem(y, sm, n_iter=4)
+    monkeypatch.setattr(native, '_loaded', {'lib': serial})
+    assert torch.equal(mlem(y, sm, n_iter=4), reference)
 
 def test_disabled_by_environment(monkeypatch, recwarn):
     monkeypatch.setenv('MEDEDM_NATIVE', '0')

@@ -3,7 +3,7 @@
 """Build and load the fused MLEM CPU kernels (tomography_utils/mlem_kernels.c).
 
 The C file is compiled on first use with the system C compiler
-(`$CC`, default `cc`: -O3 -march=native -shared) into a cache folder
+(`$CC`, default `cc`: -O3 -march=native -fopenmp -shared) into a cache folder
 (`$MEDEDM_NATIVE_CACHE`, default ~/.cache/medEDM/native), under a name
 keyed by the source, the compiler and the CPU, so that a cache shared
 between machines never hands one CPU another's instructions; the file is
@@ -32,7 +32,15 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mlem_kernels.
 # loops alike; -fno-tree-vectorize: the scalar loop (the columns left over
 # after the last whole vector) stays scalar, so every column sees the same
 # roundings whatever the batch size (the kernels vectorise by hand).
-FLAGS = ['-O3', '-march=native', '-std=gnu11', '-ffp-contract=fast', '-fno-tree-vectorize', '-fPIC', '-shared', '-pthread']
+FLAGS = ['-O3', '-march=native', '-std=gnu11', '-ffp-contract=fast', '-fno-tree-vectorize', '-fPIC', '-shared']
+# Threads: OpenMP. The library asks for libgomp.so.1, and the dynamic loader
+# hands it the one already in the process (torch's wheels load
+# torch/lib/libgomp.so.1 on import), so the kernels run on torch's own
+# intra-op thread pool: no second pool whose threads would compete with
+# torch's spinning ones (with a private POSIX-thread pool, iterations after
+# a torch op ran at half speed for milliseconds). Where the compiler has no
+# OpenMP the library is built without it and runs on one thread.
+OPENMP = ['-fopenmp']
 
 _loaded = {} # Cache of mlem_kernels(): {'lib': MlemKernels or None}.
 
@@ -65,8 +73,18 @@ def build(cc: str | None = None) -> str:
         raise OSError(f'C compiler {cc!r} not found (set $CC)')
     with open(SOURCE, 'rb') as f:
         source = f.read()
-    key = hashlib.sha256(b'\0'.join([source, _compiler_version(cc).encode(), ' '.join(FLAGS).encode(),
-        _cpu_identity().encode()])).hexdigest()[:16]
+    identity = [source, _compiler_version(cc).encode(), _cpu_identity().encode()]
+    try:
+        return _compile(cc, FLAGS + OPENMP, identity)
+    except subprocess.CalledProcessError:
+        path = _compile(cc, FLAGS, identity)
+        warnings.warn(f'{cc} could not compile the fused MLEM kernels with {" ".join(OPENMP)}: they run on one thread',
+            RuntimeWarning, stacklevel=2)
+        return path
+
+# Compile with `flags` into the cache unless that build is there; return its path.
+def _compile(cc: str, flags: list[str], identity: list[bytes]) -> str:
+    key = hashlib.sha256(b'\0'.join(identity + [' '.join(flags).encode()])).hexdigest()[:16]
     folder = cache_dir()
     path = os.path.join(folder, f'mlem_kernels-{key}.so')
     if os.path.exists(path):
@@ -75,7 +93,7 @@ def build(cc: str | None = None) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, suffix='.so.tmp')
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, SOURCE, '-o', tmp], capture_output=True, text=True, timeout=300, check=True)
+        subprocess.run([cc, *flags, SOURCE, '-o', tmp], capture_output=True, text=True, timeout=300, check=True)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
