@@ -26,7 +26,9 @@ around sigma_c = 0.5 with k = 0.3, defaults chosen on other settings than these)
 Options: +unic = UniC corrector (no extra evaluation), +afs = analytic first
 step (no evaluation at sigma_max, so a row with +afs runs N = NFE + 1 levels;
 its guess is the Gaussian denoiser with sigma_data = 0.5). NFE always counts
-denoiser calls (solvers.num_evaluations, checked against a counter in the tests).
+denoiser calls: this bench asserts, for every cell, that the number of calls
+its own counter sees equals the NFE of the ladder (solvers.num_evaluations is
+checked against a counter separately, in tests/test_sampling_solvers.py).
 
 Headline: the NFE each solver needs to reach the error of EDM Heun at 35 NFE
 (18 steps, EDM's CIFAR-10 setting) -- the smallest NFE of the ladder from which

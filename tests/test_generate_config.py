@@ -29,6 +29,8 @@ def _scfg(**kw):
     (dict(solver='dpmpp_3m', afs=True, num_steps=1), 'sampling.afs needs sampling.num_steps >= 2, got 1'),
     (dict(sigma_c=0.0), "sampling.sigma_c must be a noise level > 0 or null (the network's sigma_data), got 0.0"),
     (dict(warp_k=-1.0), 'sampling.warp_k must be >= 0 (0 = uniform log-SNR steps), got -1.0'),
+    (dict(sigma_c=0.3), "sampling.sigma_c applies to sampling.discretization=logsnr_warped only, not 'edm' (set sampling.sigma_c=null)"),
+    (dict(discretization='logsnr', warp_k=0.0), "sampling.warp_k applies to sampling.discretization=logsnr_warped only, not 'logsnr' (leave sampling.warp_k at 0.3)"),
 ])
 def test_bad_sampling_config(kw, message):
     with pytest.raises(ValueError) as err:
@@ -38,6 +40,8 @@ def test_bad_sampling_config(kw, message):
 def test_good_sampling_config():
     assert generate._check(_scfg(solver='dpmpp_2m_sde', discretization='vp', guidance=0)) == [0, 1, 2, 3]
     assert generate._check(_scfg(solver='dpmpp_2m', discretization='logsnr_warped', corrector='unic', afs=True, sigma_c=None, warp_k=0)) == [0, 1, 2, 3]
+    assert generate._check(_scfg(discretization='logsnr_warped', sigma_c=0.3, warp_k=0.5)) == [0, 1, 2, 3]
+    assert generate._check(_scfg(discretization='edm', sigma_c=None, warp_k=0.3)) == [0, 1, 2, 3] # The defaults pass with any steps.
 
 def test_sampler_kwargs_carry_the_new_keys():
     from training import config as config_mod

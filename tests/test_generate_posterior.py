@@ -158,8 +158,8 @@ class VolumeDataset:
 
 def _scfg(**kw):
     scfg = dict(cond_dataset=None, cond_indices=None, samples_per_cond=4, cond_seed=7, batch=3, class_idx=None,
-        solver='dpmpp_3m', discretization='edm', num_steps=12, sigma_min=0.002, sigma_max=80, rho=7,
-        S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1)
+        solver='dpmpp_3m', discretization='edm', corrector='none', afs=False, sigma_c=None, warp_k=0.3, num_steps=12,
+        sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1)
     scfg.update(kw)
     return scfg
 

@@ -78,6 +78,69 @@ def test_inpainting_is_per_seed_deterministic(unet):
     full = run([10, 11, 12], [0, 1, 2])
     assert torch.equal(run([11], [1]), full[1:2])
 
+# With UniC / AFS the solver projects the predicted point (where the next D is
+# evaluated) and then the corrected state, both at the same sigma: the known
+# region must carry the same noise in both, one draw per noise level > 0.
+
+class _CountingRandn:
+    def __init__(self, seeds):
+        self.rnd, self.draws = sampling.StackedRandomGenerator('cpu', seeds), 0
+    def randn_like(self, x):
+        self.draws += 1
+        return self.rnd.randn_like(x)
+
+@torch.no_grad()
+@pytest.mark.parametrize('solver, kwargs', [('dpmpp_2m', dict(corrector='unic')), ('dpmpp_3m', dict(corrector='unic', afs=True)),
+    ('dpmpp_2m', dict(afs=True))])
+def test_inpainting_with_unic_and_afs_uses_one_noise_per_level(solver, kwargs):
+    num_steps = 6
+    latents = sampling.StackedRandomGenerator('cpu', [0, 1]).randn([2, 1, 4, 4])
+    known = torch.rand([2, 1, 4, 4], generator=torch.Generator().manual_seed(5)) * 2 - 1
+    mask = _mask([2, 1, 4, 4])
+    keep = (mask == 0).expand_as(latents)
+
+    # Through sample(): the known region of the result is exact, one draw per noise level > 0.
+    rnd = _CountingRandn([0, 1])
+    out = sampling.inpaint(GaussianNet(), latents, known, mask, solver=solver, num_steps=num_steps, randn_like=rnd.randn_like, **kwargs)
+    assert torch.equal(out.float()[keep], known[keep])
+    assert rnd.draws == num_steps # sigma_0 .. sigma_(N-1); none at sigma = 0.
+
+    # Through the solver: every projection at one sigma (predicted point, corrected state) has the same known region.
+    rnd = _CountingRandn([0, 1])
+    project = sampling.known_region_projector(known, mask, rnd.randn_like, latents.shape)
+    seen = {}
+    def recording(x, sigma):
+        x = project(x, sigma)
+        seen.setdefault(float(sigma), []).append(x[keep])
+        return x
+    sigmas = sampling.sigma_steps(num_steps, 0.002, 80, 'logsnr_warped')
+    den = sampling.make_denoiser(GaussianNet())
+    solvers.solve(den, latents.double() * 80, sigmas, solver, project=recording, **kwargs)
+    assert sum(len(v) for v in seen.values()) > len(seen) # Some levels are projected more than once ...
+    assert all(torch.equal(v[0], w) for v in seen.values() for w in v) # ... always with the same noise.
+    assert rnd.draws == len([s for s in seen if s > 0]) == num_steps
+
+@torch.no_grad()
+@pytest.mark.parametrize('solver, kwargs', [('heun', dict(S_churn=3)), ('euler', {}), ('dpmpp_2m', {}), ('dpmpp_3m', {}),
+    ('dpmpp_2m_sde', {})])
+def test_inpainting_random_stream_of_the_plain_solvers_is_unchanged(solver, kwargs):
+    # These solvers project once per noise level, so reusing the noise at a repeated sigma changes
+    # nothing: the result equals that of a projector drawing fresh noise on every call, bit for bit.
+    latents = sampling.StackedRandomGenerator('cpu', [3, 4]).randn([2, 1, 4, 4])
+    known = torch.rand([2, 1, 4, 4], generator=torch.Generator().manual_seed(5)) * 2 - 1
+    mask = _mask([2, 1, 4, 4])
+    rnd = sampling.StackedRandomGenerator('cpu', [3, 4])
+    out = sampling.inpaint(GaussianNet(), latents, known, mask, solver=solver, num_steps=5, randn_like=rnd.randn_like, **kwargs)
+    rnd = sampling.StackedRandomGenerator('cpu', [3, 4])
+    keep = (mask == 0).expand_as(latents)
+    def fresh(x, sigma):
+        value = known.double() if sigma == 0 else known.double() + sigma * rnd.randn_like(x)
+        return torch.where(keep, value, x)
+    sigmas = sampling.sigma_steps(5, 0.002, 80, 'edm')
+    ref = solvers.solve(sampling.make_denoiser(GaussianNet()), latents.double() * 80, sigmas, solver, randn_like=rnd.randn_like,
+        project=fresh, round_sigma=GaussianNet().round_sigma, **kwargs)
+    assert torch.equal(out, ref)
+
 def test_inpainting_bad_masks(unet):
     latents = torch.randn([2, 2, 8, 8])
     with pytest.raises(ValueError, match='mask: expected 0 \\(known\\) and 1 \\(generate\\) values only'):

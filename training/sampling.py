@@ -55,7 +55,8 @@ def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: fl
 #           g(s) = asinh(k log(s / sigma_c)) / k, u_i runs linearly from g(sigma_max)
 #           to g(sigma_min) and sigma_i = sigma_c exp(sinh(k u_i) / k). The steps in
 #           log sigma are smallest near sigma_c, where the denoiser changes most
-#           (for Gaussian data of std sigma_c, dD/dlambda peaks at sigma = sigma_c),
+#           (for Gaussian data of std sigma_c, dD/dlambda peaks at sigma = sigma_c
+#           for fixed x, and at sigma = sqrt(2) sigma_c along an ODE trajectory),
 #           and grow towards both ends; k -> 0 gives 'logsnr'. k = 0.3 was chosen on settings other than
 #           those of bench/sampler_accuracy.py.
 
@@ -152,6 +153,11 @@ def make_denoiser(
 # convention: 1 where the inpainting applies). At noise level sigma the
 # known region is set to known + sigma * n with fresh per-seed noise n; at
 # sigma = 0 it is set to the known values themselves, bit for bit.
+# Repeated calls at the same sigma reuse n (the last (sigma, n) is kept):
+# with UniC / AFS the solver projects the predicted point, where the next
+# D is evaluated, and then the corrected state at the same sigma, and both
+# must carry the same noise. The other solvers project once per noise level,
+# so their random stream is the same as with fresh noise on every call.
 
 def known_region_projector(known: torch.Tensor, mask: torch.Tensor, randn_like: Callable,
         shape: torch.Size) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -167,8 +173,16 @@ def known_region_projector(known: torch.Tensor, mask: torch.Tensor, randn_like: 
     keep = (mask == 0).expand(shape)
     known = known.to(torch.float64).expand(shape)
 
+    last = {} # sigma -> noise n of the last call at sigma > 0.
+
     def project(x, sigma):
-        value = known if sigma == 0 else known + sigma * randn_like(x)
+        if sigma == 0:
+            value = known
+        else:
+            if float(sigma) not in last:
+                last.clear()
+                last[float(sigma)] = randn_like(x)
+            value = known + sigma * last[float(sigma)]
         return torch.where(keep.to(x.device), value.to(x.device), x)
     return project
 

@@ -28,11 +28,20 @@ Options of dpmpp_2m and dpmpp_3m, both off by default:
                   the denoiser output at the predicted point, which the next
                   step uses anyway; one order higher (3 and 4), same NFE = N.
     afs=True      Analytic first step (Zhou et al. 2024): no evaluation at
-                  sigma_max, NFE = N - 1. For generation from pure noise only.
+                  sigma_max, NFE = N - 1 (N = 1 without a final 0: NFE = 1).
+                  For generation from pure noise only. Its first step is
+                  first order (local error ~ h^2 dD/dlambda at sigma_max, and
+                  the guess moves the point where D is taken), so AFS limits
+                  the formal global order to 2, with or without UniC. The
+                  effect is negligible where D ~ 0 at sigma_max, i.e. at a
+                  large sigma_max such as 80; from sigma_max = 2 dpmpp_3m +
+                  UniC converges with order 4 and with AFS with order 2 (tests).
 
 An optional `project(x, sigma) -> x` is applied to the initial state and after
 every step at the new noise level; inpainting uses it to replace the known
-region (training/sampling.py).
+region (training/sampling.py). With UniC or AFS it is also applied to the
+predicted point, at the same noise level as the corrected state that follows:
+a projector that adds noise must add the same noise to both.
 """
 
 import math
@@ -197,6 +206,9 @@ def _dpmpp_step(x, ratio, h, denoised, lambdas):
 # (first order, D taken at the step's end) and D_1 starts the history. Data
 # whose mean is far from 0 (bench/sampler_accuracy.py's network) make the
 # paper's form lose more than the evaluation it saves; this one does not.
+# Either form is a first-order step (local error ~ h^2 dD/dlambda), so the
+# global order drops to 2, visibly unless sigma_0 is so large that D ~ 0
+# there (sigma_max = 80).
 
 def _dpmpp_multistep(denoise, x, sigmas, order, project, corrector, afs_guess):
     denoised = [] # D of the last `order` steps, newest first.
@@ -314,12 +326,14 @@ def solve(
 #----------------------------------------------------------------------------
 # Number of denoiser evaluations of a solver for a noise-level sequence.
 # The UniC corrector costs none (it reuses the next step's evaluation);
-# the analytic first step saves the one at sigmas[0].
+# the analytic first step saves the one at sigmas[0], except for a single
+# step (sigmas = [sigma_0, sigma_1], no final 0): its evaluation at sigma_1
+# serves no following step, so it costs the one it replaces.
 
 def num_evaluations(solver: str, sigmas: torch.Tensor, corrector: str = 'none', afs: bool = False) -> int:
     steps = len(sigmas) - 1
     if solver == 'heun': # No correction on a step that ends at sigma = 0.
         return 2 * steps - int(float(sigmas[-1]) == 0)
-    return steps - int(bool(afs) and solver in MULTISTEP_SOLVERS)
+    return steps - int(bool(afs) and solver in MULTISTEP_SOLVERS and steps >= 2)
 
 #----------------------------------------------------------------------------
