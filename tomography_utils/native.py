@@ -38,8 +38,10 @@ FLAGS = ['-O3', '-march=native', '-std=gnu11', '-ffp-contract=fast', '-fno-tree-
 # torch/lib/libgomp.so.1 on import), so the kernels run on torch's own
 # intra-op thread pool: no second pool whose threads would compete with
 # torch's spinning ones (with a private POSIX-thread pool, iterations after
-# a torch op ran at half speed for milliseconds). Where the compiler has no
-# OpenMP the library is built without it and runs on one thread.
+# a torch op ran at half speed for milliseconds). With a torch built on
+# another OpenMP runtime (e.g. Intel's libiomp5) the system libgomp loads
+# beside it: correct results, but two thread pools. Where the compiler has
+# no OpenMP the library is built without it and runs on one thread.
 OPENMP = ['-fopenmp']
 
 _loaded = {} # Cache of mlem_kernels(): {'lib': MlemKernels or None}.
