@@ -100,6 +100,29 @@ def test_kernels_compute_the_fused_products(kernels):
     with pytest.raises(ValueError, match=re.escape('the fused MLEM kernels need contiguous CPU tensors of the matrix dtype torch.float64')):
         kernels.forward_ratio(a, x.float(), y, f, 0.25, 1)
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_permuted_transposes(kernels, dtype):
+    # Shapes that are not multiples of the blocks; dst = -1 skips a source row / column.
+    gen = torch.Generator().manual_seed(0)
+    src = torch.rand(37, 150, generator=gen, dtype=dtype)                    # [J, I]
+    dst = torch.randperm(160, generator=gen)[:150]
+    dst[[3, 77]] = -1
+    out = torch.full((160, 37), -7.0, dtype=dtype)
+    kernels.columns_to_rows(src, dst, out, 3)
+    expected = torch.full((160, 37), -7.0, dtype=dtype)
+    keep = dst >= 0
+    expected[dst[keep]] = src.T[keep]
+    assert torch.equal(out, expected)
+    out = torch.full((37, 160), -7.0, dtype=dtype)
+    kernels.rows_to_columns(src.T.contiguous(), dst, out, 2)
+    assert torch.equal(out, expected.T)
+    with pytest.raises(ValueError, match=re.escape('the permuted transpose got src (37, 150), dst (150,) and out (100, 37), which do not fit')):
+        kernels.columns_to_rows(src, dst, torch.empty(100, 37, dtype=dtype), 1)   # dst points past out's rows.
+    with pytest.raises(ValueError, match=re.escape('the permuted transpose got src (37, 150), dst (150,) and out (160, 36), which do not fit')):
+        kernels.columns_to_rows(src, dst, torch.empty(160, 36, dtype=dtype), 1)
+    with pytest.raises(ValueError, match=re.escape('the permuted transpose needs contiguous CPU tensors: float32 / float64 src and out of one dtype, int64 dst')):
+        kernels.columns_to_rows(src, dst.int(), out, 1)
+
 #----------------------------------------------------------------------------
 # The build: cached, keyed by the CPU, refused gracefully.
 

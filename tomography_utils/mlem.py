@@ -49,24 +49,23 @@ from tomography_utils.projector import SystemMatrix, csr_row_indices, make_csr
 # Returns them as Y [n_rays, B] in the matrix's dtype.
 
 def check_counts(sinograms: torch.Tensor, system_matrix: SystemMatrix, name: str = 'sinograms') -> torch.Tensor:
-    """Validate measured counts and return them as Y [n_rays, B]; ValueError on bad input."""
+    """Validate measured counts and return them as [B, n_rays] in the matrix's dtype; ValueError on bad input."""
     flat = system_matrix.check_sinograms(sinograms, name)
     if flat.device != system_matrix.device:
         raise ValueError(f'{name} are on {flat.device} but the system matrix is on {system_matrix.device}; '
             f'move one of them (SystemMatrix.to(device))')
     if flat.shape[0] == 0:
         raise ValueError(f'{name} is an empty batch (shape {tuple(sinograms.shape)})')
-    totals = flat.sum(dim=1, dtype=torch.float64)                           # Two passes: NaN/inf make a total non-finite,
-    if not bool(torch.isfinite(totals).all()):                              # a sum of non-negative finite counts never is.
+    peaks, minimum = flat.amax(dim=1), flat.min()                           # NaN propagates into both; a sum of
+    if not bool(torch.isfinite(peaks).all() & torch.isfinite(minimum)):     # non-negative counts is 0 iff its maximum is.
         raise ValueError(f'{name} contain NaN or infinite values; counts must be finite and non-negative')
-    minimum = flat.min()
     if bool(minimum < 0):
         raise ValueError(f'{name} contain negative values (minimum {minimum.item():g}); counts must be non-negative')
-    if bool((totals == 0).any()):
-        i = int(torch.nonzero(totals == 0)[0, 0])
+    if bool((peaks == 0).any()):
+        i = int(torch.nonzero(peaks == 0)[0, 0])
         raise ValueError(f'{name}[{i}] has zero total counts: an empty acquisition has no MLEM reconstruction '
             f'(every image explains it equally well)')
-    return flat.to(system_matrix.dtype).T.contiguous()
+    return flat.to(system_matrix.dtype).contiguous()
 
 #----------------------------------------------------------------------------
 # Check an image-shaped input (initial image or mask); returns [B or 1, n_pixels].
@@ -147,6 +146,21 @@ def n_groups(system_matrix: SystemMatrix, batch: int, n_subsets: int = 1) -> tup
     count = lambda rows, most: max(1, min(-(-rows * row_bytes // BLOCK_BYTES), most))
     return count(n_pixels, n_pixels // TILE), count(n_rays // n_subsets, system_matrix.n_bins)
 
+# The loop's layout for S subsets, cached on the system matrix: the pixel
+# order (order[new] = stored pixel, rank its inverse), the subsets' rays
+# concatenated (rays[row] = stored ray: the rows of the loop's sinograms)
+# and its inverse (slot[stored ray] = row).
+def loop_layout(system_matrix: SystemMatrix, n_subsets: int) -> tuple[torch.Tensor, ...]:
+    key = ('layout', n_subsets, TILE)
+    if key not in system_matrix._derived:
+        dev = system_matrix.device
+        order, rank = pixel_order(system_matrix.resolution, dev)
+        rays = torch.cat([subset_rays(system_matrix, k, n_subsets) for k in range(n_subsets)])
+        slot = torch.empty_like(rays)
+        slot[rays] = torch.arange(rays.numel(), device=dev)
+        system_matrix._derived[key] = (order, rank, rays, slot)
+    return system_matrix._derived[key]
+
 #----------------------------------------------------------------------------
 # Per-subset operators, cached on the system matrix, in the loop's pixel and
 # ray orders: the subset's rays (subset_rays), the forward parts
@@ -199,6 +213,22 @@ def _column_parts(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_
     return parts
 
 #----------------------------------------------------------------------------
+# One iteration (all subsets) on torch's products, in place on x: the GPU
+# path, and the CPU path without the fused kernels.
+
+def _torch_iteration(ops: list[tuple], ys: list[torch.Tensor], fwd: list[torch.Tensor], x: torch.Tensor, upd: torch.Tensor, eps: float) -> None:
+    for (_, parts, back, keep), yk, f in zip(ops, ys, fwd):
+        for g, (part, lo, hi) in enumerate(parts):                          # A x = sum_g A[:, g] x[g]
+            torch.addmm(f, part, x[lo:hi], beta=0 if g == 0 else 1, out=f)  # (addmm into f: mm(out=) would allocate, zero and copy a temporary)
+        f.add_(eps)
+        torch.div(yk, f, out=f)                                             # y / (A x + eps)
+        for h, (part, lo, hi) in enumerate(back):                           # A^T(...) / s = sum_h (A^T / s)[:, h] f[h]
+            torch.addmm(upd, part, f[lo:hi], beta=0 if h == 0 else 1, out=upd)
+        if keep is not None:
+            upd.add_(keep)                                                  # Pixels this subset does not see: factor 1.
+        x.mul_(upd)
+
+#----------------------------------------------------------------------------
 # Batched MLEM / OSEM.
 
 def mlem(
@@ -228,8 +258,8 @@ def mlem(
         raise ValueError(f'n_subsets must be an integer in [1, n_angles={system_matrix.n_angles}], got {n_subsets!r}')
     if not eps >= 0:
         raise ValueError(f'eps must be non-negative, got {eps!r}')
-    y = check_counts(sinograms, system_matrix)                              # [P, B]
-    batch, n = y.shape[1], system_matrix.resolution
+    y = check_counts(sinograms, system_matrix)                              # [B, P]
+    batch, n = y.shape[0], system_matrix.resolution
     sm, dev, dtype = system_matrix, system_matrix.device, system_matrix.dtype
     if x0 is not None:
         x0 = _check_image_arg(x0, sm, batch, 'x0', allow_shared=False)
@@ -237,34 +267,40 @@ def mlem(
         mask = _check_image_arg(mask.to(dtype) if isinstance(mask, torch.Tensor) else mask, sm, batch, 'mask', allow_shared=True)
     kernels = native.mlem_kernels() if dev.type == 'cpu' and dtype in (torch.float32, torch.float64) else None
     ops = subset_operators(sm, n_subsets, n_groups(sm, batch, n_subsets))
-    order, rank = pixel_order(n, dev)
+    order, rank, rays, slot = loop_layout(sm, n_subsets)
+    threads = torch.get_num_threads()
 
     # Loop state in the loop's pixel order, [n_pixels, B], updated in place.
     x = torch.ones(sm.shape[1], batch, dtype=dtype, device=dev) if x0 is None else x0[:, order].T.contiguous()
     if mask is not None:
         x.mul_((mask[:, order] != 0).T)
-    ys = [y.index_select(0, rays) for rays, *_ in ops]                     # In the loop's ray order.
+    if kernels is not None:                                                 # Sinograms in the loop's ray order, [P, B]
+        y_loop = torch.empty(rays.numel(), batch, dtype=dtype)              # (torch's transposing copies are slower).
+        kernels.columns_to_rows(y, slot, y_loop, threads)
+    else:
+        y_loop = y.T.index_select(0, rays)
+    ys = list(y_loop.split([r.numel() for r, *_ in ops]))                   # One block of rows per subset.
     fwd = [torch.empty_like(yk) for yk in ys]                               # A x, then the ratio, in place.
     upd = torch.empty_like(x)                                               # The multiplicative update, or partial sums of it.
-    images = lambda: x.T[:, rank].reshape(batch, n, n)
-    threads = torch.get_num_threads()
-    for it in range(1, n_iter + 1):
+    def images() -> torch.Tensor:
+        if kernels is None:
+            return x.T[:, rank].reshape(batch, n, n)
+        out = torch.empty(batch, n * n, dtype=dtype)
+        kernels.rows_to_columns(x, order, out, threads)
+        return out.reshape(batch, n, n)
+    if kernels is not None:                                                 # One iteration's passes, one call per iteration:
+        jobs = []                                                           # f = y / (A x + eps); x *= A^T f / s + keep
         for (_, parts, back, keep), yk, f in zip(ops, ys, fwd):
-            if kernels is not None:                                         # f = y / (A x + eps); x *= A^T f / s + keep
-                for g, (part, lo, hi) in enumerate(parts):
-                    kernels.forward_ratio(part, x[lo:hi], yk, f, eps, threads, accumulate=g > 0, finish=g == len(parts) - 1)
-                for h, (part, lo, hi) in enumerate(back):
-                    kernels.back_update(part, f[lo:hi], keep, x, upd, threads, accumulate=h > 0, finish=h == len(back) - 1)
-                continue
-            for g, (part, lo, hi) in enumerate(parts):                      # A x = sum_g A[:, g] x[g]
-                torch.addmm(f, part, x[lo:hi], beta=0 if g == 0 else 1, out=f) # (addmm into f: mm(out=) would allocate, zero and copy a temporary)
-            f.add_(eps)
-            torch.div(yk, f, out=f)                                         # y / (A x + eps)
-            for h, (part, lo, hi) in enumerate(back):                       # A^T(...) / s = sum_h (A^T / s)[:, h] f[h]
-                torch.addmm(upd, part, f[lo:hi], beta=0 if h == 0 else 1, out=upd)
-            if keep is not None:
-                upd.add_(keep)                                              # Pixels this subset does not see: factor 1.
-            x.mul_(upd)
+            jobs += [kernels.forward_job(part, x[lo:hi], yk, f, eps, accumulate=g > 0, finish=g == len(parts) - 1)
+                for g, (part, lo, hi) in enumerate(parts)]
+            jobs += [kernels.back_job(part, f[lo:hi], keep, x, upd, accumulate=h > 0, finish=h == len(back) - 1)
+                for h, (part, lo, hi) in enumerate(back)]
+        plan = kernels.plan(jobs)
+    for it in range(1, n_iter + 1):
+        if kernels is not None:
+            kernels.run(plan, threads)
+        else:
+            _torch_iteration(ops, ys, fwd, x, upd, eps)
         if callback is not None:
             callback(it, images())
     out = images()

@@ -51,6 +51,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAX_THREADS 256
 #define VEC_BYTES 64
@@ -62,7 +65,7 @@ typedef double v_d __attribute__((vector_size(VEC_BYTES)));
 #define LOAD(V, dst, src)  V dst; memcpy(&dst, (src), sizeof(V))
 #define STORE(dst, src)    memcpy((dst), &(src), sizeof(src))
 
-typedef struct {                        /* One thread's share of one call. */
+typedef struct {                        /* One pass (r0 = 0, r1 = rows), or one thread's share of it. */
     int is_double, back;                /* Element type; 0 = forward_ratio, 1 = back_update. */
     int accumulate, finish;             /* Add the stored partial sum; apply the ratio / update (last group). */
     int64_t r0, r1, width;              /* Rows r0 .. r1 - 1; columns 0 .. width - 1. */
@@ -168,48 +171,94 @@ static void run_job(const job_t *j)
 }
 
 /*---------------------------------------------------------------------------
-  Rows split into `threads` contiguous ranges of about equal nonzero count
-  (binary search in crow), one per thread. */
+  A plan: the passes of one MLEM / OSEM iteration (every subset's forward
+  and back-projection groups, in order), run in one OpenMP parallel region
+  with a barrier after each pass, so an iteration costs one call and one
+  fork / join instead of one per pass (1.38 -> 1.29 ms per iteration at
+  64 x 64, B = 64, 2 threads). Each pass's rows are split into `threads`
+  contiguous ranges of about equal nonzero count (binary search in crow).
+  (Handing the back-projection ranges out in reverse thread order, so that
+  more of the ratio rows a thread reads were written by its own core, gave
+  2 % in a stand-alone loop and nothing here.) */
 
-static void fan_out(job_t base, int64_t n_rows, int threads)
+static void rows_of(job_t *j, int part, int parts)
 {
-    job_t jobs[MAX_THREADS];
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > n_rows) threads = (int)n_rows;
-    if (threads < 1) threads = 1;
-    const int64_t nnz = base.crow[n_rows];
-    int64_t lo = 0;
-    for (int t = 0; t < threads; t++) {
-        int64_t hi = n_rows;
-        if (t < threads - 1) {          /* First row that starts at or after the target nonzero. */
-            const int64_t target = nnz * (t + 1) / threads;
-            int64_t a = lo, z = n_rows;
-            while (a < z) { const int64_t mid = (a + z) / 2; if (base.crow[mid] < target) a = mid + 1; else z = mid; }
-            hi = a;
-        }
-        jobs[t] = base;
-        jobs[t].r0 = lo;
-        jobs[t].r1 = hi;
-        lo = hi;
+    const int64_t n_rows = j->r1, nnz = j->crow[n_rows];
+    int64_t bound[2];
+    for (int e = 0; e < 2; e++) {       /* First row that starts at or after the target nonzero. */
+        const int p = part + e;
+        if (p == parts) { bound[e] = n_rows; continue; }
+        const int64_t target = nnz * p / parts;
+        int64_t a = 0, z = n_rows;
+        while (a < z) { const int64_t mid = (a + z) / 2; if (j->crow[mid] < target) a = mid + 1; else z = mid; }
+        bound[e] = p == 0 ? 0 : a;
     }
-    #pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++) run_job(&jobs[t]);
+    j->r0 = bound[0];
+    j->r1 = bound[1];
 }
 
 /*---------------------------------------------------------------------------
-  Entry points (ctypes). All arrays contiguous and row-major, `width`
-  columns wide. */
+  Entry point (ctypes): run `n_steps` passes in order. Every job_t gives
+  r0 = 0 and r1 = its number of rows; arrays contiguous and row-major,
+  `width` columns wide. */
 
-void medEDM_forward_ratio(int is_double, int64_t n_rows, const int32_t *crow, const int32_t *col, const void *val,
-    const void *x, const void *y, void *f, int64_t width, double eps, int accumulate, int finish, int threads)
+void medEDM_run(const job_t *steps, int n_steps, int threads)
 {
-    const job_t base = {is_double, 0, accumulate, finish, 0, 0, width, crow, col, val, x, y, f, NULL, eps};
-    fan_out(base, n_rows, threads);
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+        const int t = 0, n = 1;
+#endif
+        for (int s = 0; s < n_steps; s++) {
+            job_t j = steps[s];
+            rows_of(&j, t, n);
+            run_job(&j);
+            if (s + 1 < n_steps) {
+                #pragma omp barrier
+            }
+        }
+    }
 }
 
-void medEDM_back_update(int is_double, int64_t n_rows, const int32_t *crow, const int32_t *col, const void *val,
-    const void *f, const void *keep, void *x, void *u, int64_t width, int accumulate, int finish, int threads)
+/*---------------------------------------------------------------------------
+  Permuted transpose, between the [B, ...] layout of callers and the
+  loop's [..., B] layout in its ray or pixel order:
+
+    out[dst[i] * os_i + j * os_j] = in[i * is_i + j * is_j]
+
+  for i < n_i with dst[i] >= 0 and j < n_j, in blocks of BI x BJ, blocks of
+  i split over the threads. At 64 x 64, B = 64, 2 threads: 0.15 ms for the
+  sinograms (2 MB; torch's transposing copy and row gather: 0.55 ms) and
+  0.10 ms for the images (torch: 0.29 ms; 16 x 16 blocks: 0.5 ms, since
+  the 16 output rows of a block, 16 KB apart, share one L1 set). */
+
+#define BI 16                           /* Rows i per block. */
+#define BJ_ROWS 16                      /* Columns j per block where out's rows are contiguous in j ... */
+#define BJ_COLS 8                       /* ... and where they are os_j apart (a power of two: cache-set conflicts). */
+
+#define TRANSPOSE_BLOCK(T, BJ)                                                  \
+    for (int64_t j0 = 0; j0 < n_j; j0 += BJ) {                                  \
+        const int64_t j1 = j0 + BJ < n_j ? j0 + BJ : n_j;                       \
+        for (int64_t i = i0; i < i1; i++) {                                     \
+            if (dst[i] < 0) continue;                                           \
+            const T *src = (const T *)in + i * is_i;                            \
+            T *o = (T *)out + dst[i] * os_i;                                    \
+            for (int64_t j = j0; j < j1; j++) o[j * os_j] = src[j * is_j];      \
+        }                                                                       \
+    }
+
+void medEDM_permute_transpose(int is_double, const void *in, void *out, const int64_t *dst, int64_t n_i, int64_t n_j,
+    int64_t is_i, int64_t is_j, int64_t os_i, int64_t os_j, int threads)
 {
-    const job_t base = {is_double, 1, accumulate, finish, 0, 0, width, crow, col, val, f, keep, x, u, 0.0};
-    fan_out(base, n_rows, threads);
+    if (threads < 1) threads = 1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i0 = 0; i0 < n_i; i0 += BI) {
+        const int64_t i1 = i0 + BI < n_i ? i0 + BI : n_i;
+        if (os_j == 1) { if (is_double) { TRANSPOSE_BLOCK(double, BJ_ROWS) } else { TRANSPOSE_BLOCK(float, BJ_ROWS) } }
+        else           { if (is_double) { TRANSPOSE_BLOCK(double, BJ_COLS) } else { TRANSPOSE_BLOCK(float, BJ_COLS) } }
+    }
 }

@@ -105,16 +105,24 @@ def _compile(cc: str, flags: list[str], identity: list[bytes]) -> str:
 #----------------------------------------------------------------------------
 # The loaded kernels, with argument types.
 
+class Job(ctypes.Structure):
+    """One pass over a CSR matrix (job_t in mlem_kernels.c)."""
+    _fields_ = [('is_double', ctypes.c_int), ('back', ctypes.c_int), ('accumulate', ctypes.c_int), ('finish', ctypes.c_int),
+        ('r0', ctypes.c_int64), ('r1', ctypes.c_int64), ('width', ctypes.c_int64),
+        ('crow', ctypes.c_void_p), ('col', ctypes.c_void_p), ('val', ctypes.c_void_p), ('inp', ctypes.c_void_p),
+        ('aux', ctypes.c_void_p), ('out', ctypes.c_void_p), ('part', ctypes.c_void_p), ('eps', ctypes.c_double)]
+
 class MlemKernels:
-    """ctypes wrapper of the two fused kernels; pointers are tensor.data_ptr() values."""
+    """ctypes wrapper of the fused kernels. A pass is a Job that holds raw
+    pointers (tensor.data_ptr()): the tensors must outlive every run of it."""
 
     def __init__(self, path: str):
         lib = ctypes.CDLL(path)
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.medEDM_forward_ratio.argtypes = [i32, i64, p, p, p, p, p, p, i64, ctypes.c_double, i32, i32, i32]
-        lib.medEDM_forward_ratio.restype = None
-        lib.medEDM_back_update.argtypes = [i32, i64, p, p, p, p, p, p, p, i64, i32, i32, i32]
-        lib.medEDM_back_update.restype = None
+        lib.medEDM_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int]
+        lib.medEDM_run.restype = None
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.medEDM_permute_transpose.argtypes = [ctypes.c_int, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+        lib.medEDM_permute_transpose.restype = None
         self.lib, self.path = lib, path
 
     @staticmethod
@@ -125,21 +133,61 @@ class MlemKernels:
         if any(t is not None and (not t.is_contiguous() or t.dtype != m.dtype or t.device.type != 'cpu') for t in dense):
             raise ValueError(f'the fused MLEM kernels need contiguous CPU tensors of the matrix dtype {m.dtype}')
 
-    def forward_ratio(self, a, x, y, f, eps: float, threads: int, accumulate: bool = False, finish: bool = True) -> None:
-        """f = y / (s + eps), s = a @ x (+ f with `accumulate`); without `finish`, f = s.
+    @staticmethod
+    def _job(m: torch.Tensor, back: bool, inp, aux, out, part, width: int, eps: float, accumulate: bool, finish: bool) -> Job:
+        ptr = lambda t: None if t is None else t.data_ptr()
+        return Job(int(m.dtype == torch.float64), int(back), int(accumulate), int(finish), 0, m.shape[0], width,
+            m.crow_indices().data_ptr(), m.col_indices().data_ptr(), m.values().data_ptr(), ptr(inp), ptr(aux), ptr(out), ptr(part), eps)
+
+    def forward_job(self, a, x, y, f, eps: float, accumulate: bool = False, finish: bool = True) -> Job:
+        """The pass f = y / (s + eps), s = a @ x (+ f with `accumulate`); without `finish`, f = s.
         CSR a; contiguous row-major x, y, f of one width."""
         self._check(a, x, y, f)
-        self.lib.medEDM_forward_ratio(int(a.values().dtype == torch.float64), a.shape[0], a.crow_indices().data_ptr(),
-            a.col_indices().data_ptr(), a.values().data_ptr(), x.data_ptr(), y.data_ptr(), f.data_ptr(), x.shape[1], eps,
-            int(accumulate), int(finish), threads)
+        return self._job(a, False, x, y, f, None, x.shape[1], eps, accumulate, finish)
 
-    def back_update(self, b, f, keep, x, u, threads: int, accumulate: bool = False, finish: bool = True) -> None:
-        """x *= s + keep in place, s = b @ f (+ u with `accumulate`); without `finish`, u = s.
+    def back_job(self, b, f, keep, x, u, accumulate: bool = False, finish: bool = True) -> Job:
+        """The pass x *= s + keep in place, s = b @ f (+ u with `accumulate`); without `finish`, u = s.
         CSR b; keep [rows, 1] or None; u (partial sums) may be None when `finish` and not `accumulate`."""
         self._check(b, f, keep, x, u)
-        self.lib.medEDM_back_update(int(b.values().dtype == torch.float64), b.shape[0], b.crow_indices().data_ptr(),
-            b.col_indices().data_ptr(), b.values().data_ptr(), f.data_ptr(), None if keep is None else keep.data_ptr(),
-            x.data_ptr(), None if u is None else u.data_ptr(), x.shape[1], int(accumulate), int(finish), threads)
+        return self._job(b, True, f, keep, x, u, x.shape[1], 0.0, accumulate, finish)
+
+    def plan(self, jobs: list[Job]) -> ctypes.Array:
+        """Passes to run in order by `run` (one call, one parallel region)."""
+        return (Job * len(jobs))(*jobs)
+
+    def run(self, plan: ctypes.Array, threads: int) -> None:
+        """Run the passes of `plan` in order on `threads` threads (a barrier after each)."""
+        self.lib.medEDM_run(plan, len(plan), threads)
+
+    def _permute_transpose(self, src: torch.Tensor, dst: torch.Tensor, out: torch.Tensor, rows_to_columns: bool, threads: int) -> None:
+        # out[dst[i], j] = src[j, i] (columns to rows) or out[j, dst[i]] = src[i, j] (rows to columns).
+        n_j, n_i = src.shape if not rows_to_columns else src.shape[::-1]
+        out_j, out_i = out.shape if rows_to_columns else out.shape[::-1]
+        if (src.dtype not in (torch.float32, torch.float64) or out.dtype != src.dtype or dst.dtype != torch.int64
+                or any(not t.is_contiguous() or t.device.type != 'cpu' for t in (src, dst, out))):
+            raise ValueError('the permuted transpose needs contiguous CPU tensors: float32 / float64 src and out of one dtype, int64 dst')
+        if dst.shape != (n_i,) or out_j != n_j or (n_i > 0 and int(dst.max()) >= out_i):
+            raise ValueError(f'the permuted transpose got src {tuple(src.shape)}, dst {tuple(dst.shape)} and out {tuple(out.shape)}, '
+                f'which do not fit')
+        strides = (n_j, 1, 1, out_i) if rows_to_columns else (1, n_i, n_j, 1)  # is_i, is_j, os_i, os_j
+        self.lib.medEDM_permute_transpose(int(src.dtype == torch.float64), src.data_ptr(), out.data_ptr(), dst.data_ptr(),
+            n_i, n_j, *strides, threads)
+
+    def columns_to_rows(self, src: torch.Tensor, dst: torch.Tensor, out: torch.Tensor, threads: int) -> None:
+        """out[dst[i], :] = src[:, i] for every column i of src [J, I] with dst[i] >= 0 (dst: int64)."""
+        self._permute_transpose(src, dst, out, False, threads)
+
+    def rows_to_columns(self, src: torch.Tensor, dst: torch.Tensor, out: torch.Tensor, threads: int) -> None:
+        """out[:, dst[i]] = src[i, :] for every row i of src [I, J] with dst[i] >= 0 (dst: int64)."""
+        self._permute_transpose(src, dst, out, True, threads)
+
+    def forward_ratio(self, a, x, y, f, eps: float, threads: int, accumulate: bool = False, finish: bool = True) -> None:
+        """Run one forward pass (forward_job) now."""
+        self.run(self.plan([self.forward_job(a, x, y, f, eps, accumulate, finish)]), threads)
+
+    def back_update(self, b, f, keep, x, u, threads: int, accumulate: bool = False, finish: bool = True) -> None:
+        """Run one back-projection pass (back_job) now."""
+        self.run(self.plan([self.back_job(b, f, keep, x, u, accumulate, finish)]), threads)
 
 #----------------------------------------------------------------------------
 
