@@ -296,13 +296,16 @@ def mlem(
             jobs += [kernels.back_job(part, f[lo:hi], keep, x, upd, accumulate=h > 0, finish=h == len(back) - 1)
                 for h, (part, lo, hi) in enumerate(back)]
         plan = kernels.plan(jobs)
-    for it in range(1, n_iter + 1):
-        if kernels is not None:
-            kernels.run(plan, threads)
-        else:
-            _torch_iteration(ops, ys, fwd, x, upd, eps)
-        if callback is not None:
-            callback(it, images())
+    if kernels is not None and callback is None:
+        kernels.run(plan, threads, repeats=n_iter)                          # Every iteration in one call.
+    else:
+        for it in range(1, n_iter + 1):
+            if kernels is not None:
+                kernels.run(plan, threads)
+            else:
+                _torch_iteration(ops, ys, fwd, x, upd, eps)
+            if callback is not None:
+                callback(it, images())
     out = images()
     return out[:, None] if sinograms.ndim == 4 else out
 

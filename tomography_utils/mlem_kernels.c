@@ -78,7 +78,11 @@ typedef struct {                        /* One pass (r0 = 0, r1 = rows), or one 
 /*---------------------------------------------------------------------------
   acc[0:NV] = sum_k val[k] in[col[k], b : b + NV * LANES] over one row,
   as two chains (even / odd k) added at the end; V is a vector of LANES
-  values of type T, or T itself (LANES = 1). */
+  values of type T, or T itself (LANES = 1). The empty asm statements keep
+  each row's address in a register, so that the loads folded into the FMAs
+  address base + displacement: with an indexed address (which GCC picks
+  otherwise) Intel cores split each such FMA into two micro-ops (2 % at
+  64 x 64, one thread). */
 
 #define ROW_PASS(T, V, NV, LANES)                                               \
     V acc[NV], odd[NV];                                                         \
@@ -87,6 +91,7 @@ typedef struct {                        /* One pass (r0 = 0, r1 = rows), or one 
     for (; k + 1 < k1; k += 2) {                                                \
         const T *m0 = in + (int64_t)col[k] * w + b;                             \
         const T *m1 = in + (int64_t)col[k + 1] * w + b;                         \
+        __asm__("" : "+r"(m0)); __asm__("" : "+r"(m1)); /* See below. */        \
         const T a0 = val[k], a1 = val[k + 1];                                   \
         for (int v = 0; v < NV; v++) {                                          \
             LOAD(V, x0, m0 + v * LANES); acc[v] += a0 * x0;                     \
@@ -198,11 +203,12 @@ static void rows_of(job_t *j, int part, int parts)
 }
 
 /*---------------------------------------------------------------------------
-  Entry point (ctypes): run `n_steps` passes in order. Every job_t gives
+  Entry point (ctypes): run the `n_steps` passes in order, `repeats` times
+  (MLEM iterations without a callback run in one call). Every job_t gives
   r0 = 0 and r1 = its number of rows; arrays contiguous and row-major,
   `width` columns wide. */
 
-void medEDM_run(const job_t *steps, int n_steps, int threads)
+void medEDM_run(const job_t *steps, int n_steps, int repeats, int threads)
 {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads < 1) threads = 1;
@@ -213,11 +219,11 @@ void medEDM_run(const job_t *steps, int n_steps, int threads)
 #else
         const int t = 0, n = 1;
 #endif
-        for (int s = 0; s < n_steps; s++) {
-            job_t j = steps[s];
-            rows_of(&j, t, n);
-            run_job(&j);
-            if (s + 1 < n_steps) {
+        for (int rep = 0; rep < repeats; rep++) {
+            for (int s = 0; s < n_steps; s++) {
+                job_t j = steps[s];
+                rows_of(&j, t, n);
+                run_job(&j);
                 #pragma omp barrier
             }
         }

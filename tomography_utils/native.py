@@ -118,7 +118,7 @@ class MlemKernels:
 
     def __init__(self, path: str):
         lib = ctypes.CDLL(path)
-        lib.medEDM_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int]
+        lib.medEDM_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.medEDM_run.restype = None
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.medEDM_permute_transpose.argtypes = [ctypes.c_int, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_int]
@@ -155,9 +155,9 @@ class MlemKernels:
         """Passes to run in order by `run` (one call, one parallel region)."""
         return (Job * len(jobs))(*jobs)
 
-    def run(self, plan: ctypes.Array, threads: int) -> None:
-        """Run the passes of `plan` in order on `threads` threads (a barrier after each)."""
-        self.lib.medEDM_run(plan, len(plan), threads)
+    def run(self, plan: ctypes.Array, threads: int, repeats: int = 1) -> None:
+        """Run the passes of `plan` in order, `repeats` times, on `threads` threads (a barrier after each)."""
+        self.lib.medEDM_run(plan, len(plan), repeats, threads)
 
     def _permute_transpose(self, src: torch.Tensor, dst: torch.Tensor, out: torch.Tensor, rows_to_columns: bool, threads: int) -> None:
         # out[dst[i], j] = src[j, i] (columns to rows) or out[j, dst[i]] = src[i, j] (rows to columns).
