@@ -24,17 +24,30 @@
    operand: `width` values, 256 bytes at width 64, from L1 or L2 (mlem.py
    orders rays and pixels so that consecutive rows of a matrix share many
    of them). Two independent accumulator chains (even and odd nonzeros)
-   keep the FMA latency off the critical path. Measured at 64 x 64, B = 64,
-   one thread (2-core Sapphire Rapids VM): 1.0 ms per forward pass, of
-   which 0.75 ms remain when every gathered row is in L1 (about 4 cycles
-   per nonzero: the loads and the index arithmetic); two threads take
-   0.55 ms each pass alone but 1.35 ms per iteration, since each pass reads
-   rows that the other core wrote in the pass before. Tried and slower or
-   no better: blocked layouts that keep a pixel block in L1 and sweep the
-   rays across it (per-segment bookkeeping costs more than the L2 traffic
-   saved), software prefetch, four accumulator chains, splitting the batch
-   columns across threads instead of the rows (the narrower rows cost more
-   per nonzero than the shared cache lines), a private POSIX-thread pool.
+   keep the FMA latency off the critical path. Measured at 64 x 64, B = 64
+   (2-core Sapphire Rapids VM, 3.0 GHz, 2 zmm FMAs per cycle): one thread,
+   1.0 ms per forward pass and 1.2 ms per back-projection; with every
+   gathered row in L1 (column indices taken modulo 64) 0.71 and 0.67 ms,
+   about 3.4 cycles per nonzero against the 2 of the FMA ports; with them
+   in L2 (modulo 1024) 1.9 ms per iteration. Two threads: 1.2 ms per
+   iteration, 0.69 ms with every row in L1, 1.1 ms if each thread worked
+   on private copies of x and the ratios (the rest: rows the other core
+   wrote in the pass before). So the cache misses of the gathers cost
+   about 40 % of the time, and a pixel's 153 rays (39 KB) barely fit L1.
+   Tried and slower or no better: blocked layouts that keep a pixel block
+   in L1 and sweep the rays across it (a tile of 8 x 8 pixels times a
+   group of 8-16 angles: per-segment bookkeeping eats the L1 hits, at best
+   -4 % on the back-projection), a single fused pass per ray that
+   scatters the ratio into the update at once (1.5 x slower: a load, FMA
+   and store per vector), the batch widened to 128 or 256 columns with a
+   half or quarter of the rays (the 90-degree symmetry of the geometry;
+   same time per vector), splitting the batch columns across threads
+   instead of the rows (the narrower rows cost more per nonzero than the
+   shared cache lines), other ray orders (bins interleaved in pairs,
+   snake: within 2 %), software prefetch (of the rows, or non-temporal
+   of the matrix streams: -20 %), reciprocal instead of division (1 %),
+   byte-offset or 16-bit column indices (0-2 %), four accumulator chains,
+   a private POSIX-thread pool.
 
    Rows are accumulated in 64-byte vectors (GCC vector extensions: 16 floats
    or 8 doubles), TILE_VECS vectors per pass, then 2, then single vectors,
