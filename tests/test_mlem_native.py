@@ -79,10 +79,17 @@ def test_kernels_compute_the_fused_products(kernels):
     f = torch.empty_like(y)
     kernels.forward_ratio(a, x, y, f, 0.25, 2)
     assert torch.allclose(f, y / (a.to_dense() @ x + 0.25), rtol=1e-13, atol=0)
+    f16 = torch.empty_like(f)                                                # 16-bit column indices: the same sums.
+    kernels.forward_ratio(a, x, y, f16, 0.25, 2, cols16=native.narrow_columns(a))
+    assert torch.equal(f16, f)
     keep = torch.rand(sm.shape[1], 1, generator=gen, dtype=torch.float64)
     x_new = x.clone()
     kernels.back_update(at, f, keep, x_new, None, 2)
     assert torch.allclose(x_new, x * (at.to_dense() @ f + keep), rtol=1e-13, atol=0)
+    x16 = x.clone()
+    kernels.back_update(at, f, keep, x16, None, 2, cols16=native.narrow_columns(at))
+    assert torch.equal(x16, x_new)
+    assert native.narrow_columns(csr32(torch.ones(2, 2**16 + 1, dtype=torch.float64))) is None
     # In two groups of columns: partial sums, then the rest and the update.
     x_two, u = x.clone(), torch.empty_like(x)
     lo, hi = sm.shape[0] // 3, sm.shape[0]
@@ -99,6 +106,8 @@ def test_kernels_compute_the_fused_products(kernels):
         kernels.forward_ratio(a.to_dense().to_sparse_csr(), x, y, f, 0.25, 1)
     with pytest.raises(ValueError, match=re.escape('the fused MLEM kernels need contiguous CPU tensors of the matrix dtype torch.float64')):
         kernels.forward_ratio(a, x.float(), y, f, 0.25, 1)
+    with pytest.raises(ValueError, match=re.escape("cols16 must be the matrix's column indices as a contiguous uint16 tensor (narrow_columns)")):
+        kernels.forward_ratio(a, x, y, f, 0.25, 1, cols16=a.col_indices())
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_permuted_transposes(kernels, dtype):

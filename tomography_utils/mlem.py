@@ -200,7 +200,8 @@ def subset_operators(system_matrix: SystemMatrix, n_subsets: int, groups: tuple[
     return ops
 
 # A matrix given as COO triplets cut into column blocks:
-# [(CSR of columns lo .. hi - 1, lo, hi)], rows' entries sorted by column.
+# [(CSR of columns lo .. hi - 1, lo, hi, its column indices as uint16 for the
+# C kernels or None)], rows' entries sorted by column.
 def _column_parts(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int, bounds: list[int]) -> list[tuple]:
     o = torch.argsort(rows * (bounds[-1] + 1) + cols)
     rows, cols, vals = rows[o], cols[o], vals[o]
@@ -209,7 +210,8 @@ def _column_parts(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_
         m = (cols >= lo) & (cols < hi)
         crow = torch.zeros(n_rows + 1, dtype=torch.int32, device=vals.device)
         crow[1:] = torch.cumsum(torch.bincount(rows[m], minlength=n_rows), 0)
-        parts.append((make_csr(crow, (cols[m] - lo).to(torch.int32), vals[m].contiguous(), (n_rows, hi - lo)), lo, hi))
+        csr = make_csr(crow, (cols[m] - lo).to(torch.int32), vals[m].contiguous(), (n_rows, hi - lo))
+        parts.append((csr, lo, hi, native.narrow_columns(csr)))
     return parts
 
 #----------------------------------------------------------------------------
@@ -218,11 +220,11 @@ def _column_parts(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_
 
 def _torch_iteration(ops: list[tuple], ys: list[torch.Tensor], fwd: list[torch.Tensor], x: torch.Tensor, upd: torch.Tensor, eps: float) -> None:
     for (_, parts, back, keep), yk, f in zip(ops, ys, fwd):
-        for g, (part, lo, hi) in enumerate(parts):                          # A x = sum_g A[:, g] x[g]
+        for g, (part, lo, hi, _) in enumerate(parts):                       # A x = sum_g A[:, g] x[g]
             torch.addmm(f, part, x[lo:hi], beta=0 if g == 0 else 1, out=f)  # (addmm into f: mm(out=) would allocate, zero and copy a temporary)
         f.add_(eps)
         torch.div(yk, f, out=f)                                             # y / (A x + eps)
-        for h, (part, lo, hi) in enumerate(back):                           # A^T(...) / s = sum_h (A^T / s)[:, h] f[h]
+        for h, (part, lo, hi, _) in enumerate(back):                        # A^T(...) / s = sum_h (A^T / s)[:, h] f[h]
             torch.addmm(upd, part, f[lo:hi], beta=0 if h == 0 else 1, out=upd)
         if keep is not None:
             upd.add_(keep)                                                  # Pixels this subset does not see: factor 1.
@@ -291,10 +293,10 @@ def mlem(
     if kernels is not None:                                                 # One iteration's passes, one call per iteration:
         jobs = []                                                           # f = y / (A x + eps); x *= A^T f / s + keep
         for (_, parts, back, keep), yk, f in zip(ops, ys, fwd):
-            jobs += [kernels.forward_job(part, x[lo:hi], yk, f, eps, accumulate=g > 0, finish=g == len(parts) - 1)
-                for g, (part, lo, hi) in enumerate(parts)]
-            jobs += [kernels.back_job(part, f[lo:hi], keep, x, upd, accumulate=h > 0, finish=h == len(back) - 1)
-                for h, (part, lo, hi) in enumerate(back)]
+            jobs += [kernels.forward_job(part, x[lo:hi], yk, f, eps, accumulate=g > 0, finish=g == len(parts) - 1, cols16=cols16)
+                for g, (part, lo, hi, cols16) in enumerate(parts)]
+            jobs += [kernels.back_job(part, f[lo:hi], keep, x, upd, accumulate=h > 0, finish=h == len(back) - 1, cols16=cols16)
+                for h, (part, lo, hi, cols16) in enumerate(back)]
         plan = kernels.plan(jobs)
     if kernels is not None and callback is None:
         kernels.run(plan, threads, repeats=n_iter)                          # Every iteration in one call.

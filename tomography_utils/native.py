@@ -108,7 +108,7 @@ def _compile(cc: str, flags: list[str], identity: list[bytes]) -> str:
 class Job(ctypes.Structure):
     """One pass over a CSR matrix (job_t in mlem_kernels.c)."""
     _fields_ = [('is_double', ctypes.c_int), ('back', ctypes.c_int), ('accumulate', ctypes.c_int), ('finish', ctypes.c_int),
-        ('r0', ctypes.c_int64), ('r1', ctypes.c_int64), ('width', ctypes.c_int64),
+        ('col16', ctypes.c_int), ('pad', ctypes.c_int), ('r0', ctypes.c_int64), ('r1', ctypes.c_int64), ('width', ctypes.c_int64),
         ('crow', ctypes.c_void_p), ('col', ctypes.c_void_p), ('val', ctypes.c_void_p), ('inp', ctypes.c_void_p),
         ('aux', ctypes.c_void_p), ('out', ctypes.c_void_p), ('part', ctypes.c_void_p), ('eps', ctypes.c_double)]
 
@@ -126,30 +126,34 @@ class MlemKernels:
         self.lib, self.path = lib, path
 
     @staticmethod
-    def _check(m: torch.Tensor, *dense: torch.Tensor) -> None:
+    def _check(m: torch.Tensor, cols16: torch.Tensor | None, *dense: torch.Tensor) -> None:
         # The C side reads raw pointers: refuse what it would misread.
         if m.layout != torch.sparse_csr or m.crow_indices().dtype != torch.int32 or m.col_indices().dtype != torch.int32:
             raise ValueError('the fused MLEM kernels need a CSR matrix with int32 indices (projector.make_csr)')
+        if cols16 is not None and (cols16.dtype != torch.uint16 or not cols16.is_contiguous() or cols16.shape != m.col_indices().shape):
+            raise ValueError('cols16 must be the matrix\'s column indices as a contiguous uint16 tensor (narrow_columns)')
         if any(t is not None and (not t.is_contiguous() or t.dtype != m.dtype or t.device.type != 'cpu') for t in dense):
             raise ValueError(f'the fused MLEM kernels need contiguous CPU tensors of the matrix dtype {m.dtype}')
 
     @staticmethod
-    def _job(m: torch.Tensor, back: bool, inp, aux, out, part, width: int, eps: float, accumulate: bool, finish: bool) -> Job:
+    def _job(m: torch.Tensor, cols16: torch.Tensor | None, back: bool, inp, aux, out, part, width: int, eps: float,
+            accumulate: bool, finish: bool) -> Job:
         ptr = lambda t: None if t is None else t.data_ptr()
-        return Job(int(m.dtype == torch.float64), int(back), int(accumulate), int(finish), 0, m.shape[0], width,
-            m.crow_indices().data_ptr(), m.col_indices().data_ptr(), m.values().data_ptr(), ptr(inp), ptr(aux), ptr(out), ptr(part), eps)
+        cols = m.col_indices() if cols16 is None else cols16
+        return Job(int(m.dtype == torch.float64), int(back), int(accumulate), int(finish), int(cols16 is not None), 0, 0, m.shape[0],
+            width, m.crow_indices().data_ptr(), cols.data_ptr(), m.values().data_ptr(), ptr(inp), ptr(aux), ptr(out), ptr(part), eps)
 
-    def forward_job(self, a, x, y, f, eps: float, accumulate: bool = False, finish: bool = True) -> Job:
+    def forward_job(self, a, x, y, f, eps: float, accumulate: bool = False, finish: bool = True, cols16=None) -> Job:
         """The pass f = y / (s + eps), s = a @ x (+ f with `accumulate`); without `finish`, f = s.
-        CSR a; contiguous row-major x, y, f of one width."""
-        self._check(a, x, y, f)
-        return self._job(a, False, x, y, f, None, x.shape[1], eps, accumulate, finish)
+        CSR a (cols16: its column indices as uint16, see narrow_columns, or None); contiguous row-major x, y, f of one width."""
+        self._check(a, cols16, x, y, f)
+        return self._job(a, cols16, False, x, y, f, None, x.shape[1], eps, accumulate, finish)
 
-    def back_job(self, b, f, keep, x, u, accumulate: bool = False, finish: bool = True) -> Job:
+    def back_job(self, b, f, keep, x, u, accumulate: bool = False, finish: bool = True, cols16=None) -> Job:
         """The pass x *= s + keep in place, s = b @ f (+ u with `accumulate`); without `finish`, u = s.
-        CSR b; keep [rows, 1] or None; u (partial sums) may be None when `finish` and not `accumulate`."""
-        self._check(b, f, keep, x, u)
-        return self._job(b, True, f, keep, x, u, x.shape[1], 0.0, accumulate, finish)
+        CSR b (cols16 as in forward_job); keep [rows, 1] or None; u (partial sums) may be None when `finish` and not `accumulate`."""
+        self._check(b, cols16, f, keep, x, u)
+        return self._job(b, cols16, True, f, keep, x, u, x.shape[1], 0.0, accumulate, finish)
 
     def plan(self, jobs: list[Job]) -> ctypes.Array:
         """Passes to run in order by `run` (one call, one parallel region)."""
@@ -181,13 +185,23 @@ class MlemKernels:
         """out[:, dst[i]] = src[i, :] for every row i of src [I, J] with dst[i] >= 0 (dst: int64)."""
         self._permute_transpose(src, dst, out, True, threads)
 
-    def forward_ratio(self, a, x, y, f, eps: float, threads: int, accumulate: bool = False, finish: bool = True) -> None:
+    def forward_ratio(self, a, x, y, f, eps: float, threads: int, accumulate: bool = False, finish: bool = True, cols16=None) -> None:
         """Run one forward pass (forward_job) now."""
-        self.run(self.plan([self.forward_job(a, x, y, f, eps, accumulate, finish)]), threads)
+        self.run(self.plan([self.forward_job(a, x, y, f, eps, accumulate, finish, cols16)]), threads)
 
-    def back_update(self, b, f, keep, x, u, threads: int, accumulate: bool = False, finish: bool = True) -> None:
+    def back_update(self, b, f, keep, x, u, threads: int, accumulate: bool = False, finish: bool = True, cols16=None) -> None:
         """Run one back-projection pass (back_job) now."""
-        self.run(self.plan([self.back_job(b, f, keep, x, u, accumulate, finish)]), threads)
+        self.run(self.plan([self.back_job(b, f, keep, x, u, accumulate, finish, cols16)]), threads)
+
+#----------------------------------------------------------------------------
+# The kernels read 16-bit column indices where a matrix has at most 65536
+# columns (6 instead of 8 bytes per nonzero; same results).
+
+def narrow_columns(m: torch.Tensor) -> torch.Tensor | None:
+    """The column indices of CSR `m` as uint16, or None where they do not fit or `m` is not on the CPU."""
+    if m.device.type != 'cpu' or m.shape[1] > 2**16:
+        return None
+    return m.col_indices().to(torch.uint16)
 
 #----------------------------------------------------------------------------
 
