@@ -46,7 +46,7 @@ from tomography_utils.projector import SystemMatrix, csr_row_indices, make_csr
 
 #----------------------------------------------------------------------------
 # Check a batch of sinograms: shape, finite, non-negative, non-empty.
-# Returns them as Y [n_rays, B] in the matrix's dtype.
+# Returns them as [B, n_rays] in the matrix's dtype (contiguous).
 
 def check_counts(sinograms: torch.Tensor, system_matrix: SystemMatrix, name: str = 'sinograms') -> torch.Tensor:
     """Validate measured counts and return them as [B, n_rays] in the matrix's dtype; ValueError on bad input."""
