@@ -69,6 +69,16 @@ def test_results_do_not_depend_on_batch_or_threads(kernels):
         finally:
             torch.set_num_threads(1)
 
+def test_int32_and_uint16_column_indices_give_the_same_reconstruction(kernels, monkeypatch):
+    # mlem() hands the kernels 16-bit column indices wherever a matrix part has
+    # at most 65536 columns; the int32 path (larger parts) must give the same bits.
+    y = counts(projector.get_system_matrix(24, cache_dir=None), 21)
+    narrow = mlem(y, projector.get_system_matrix(24, cache_dir=None), n_iter=5, n_subsets=2)
+    monkeypatch.setattr(native, 'narrow_columns', lambda m: None)
+    sm = projector.get_system_matrix(24, cache_dir=None)                   # A fresh matrix: no cached operators.
+    assert all(cols16 is None for _, parts, back, _ in mlem_module.subset_operators(sm, 2) for *_, cols16 in parts + back)
+    assert torch.equal(mlem(y, sm, n_iter=5, n_subsets=2), narrow)
+
 def test_kernels_compute_the_fused_products(kernels):
     # One forward and one back call against dense arithmetic, float64.
     sm = projector.get_system_matrix(12, dtype='float64', cache_dir=None)
