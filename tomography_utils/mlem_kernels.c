@@ -8,15 +8,15 @@
      back_update:    X[j, :] = X[j, :] * (sum_r B[j, r] F[r, :] + keep[j])
 
    A (rays x pixels) and B = diag(1/s) A^T (pixels x rays) are CSR with
-   32-bit indices. Each output row is one pass over the row's nonzeros that
+   32-bit row pointers and 32- or 16-bit column indices. Each output row is one pass over the row's nonzeros that
    accumulates up to 64 columns in registers, so the division and the
    multiplicative update cost no extra pass over memory (the torch path makes
    four: the product, + eps, the division, the update).
 
    Cache blocking. Where the dense operand (X for the forward pass, F for
    the back-projection) exceeds a core's L2 cache, mlem.py splits the sum
-   over its rows into groups (column blocks of A or B) and calls a kernel
-   once per group: `accumulate` adds the running sum kept in the output
+   over its rows into groups (column blocks of A or B), one pass per group
+   (all passes of an iteration form one plan, medEDM_run): `accumulate` adds the running sum kept in the output
    (forward) or in U (back), and only the last group (`finish`) divides by
    it or applies the update; the others store the partial sum.
 
