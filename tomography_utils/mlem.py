@@ -163,9 +163,10 @@ def loop_layout(system_matrix: SystemMatrix, n_subsets: int) -> tuple[torch.Tens
 
 #----------------------------------------------------------------------------
 # Per-subset operators, cached on the system matrix, in the loop's pixel and
-# ray orders: the subset's rays (subset_rays), the forward parts
-# [(A_k[:, g], first pixel, last pixel + 1)], the back-projection parts
-# [(diag(1/s_k) A_k^T[:, h], first ray, last ray + 1)], and the pixels that
+# ray orders (loop_layout): the subset's rays (subset_rays), the forward parts
+# [(A_k[:, g], first pixel, last pixel + 1, uint16 columns or None)], the
+# back-projection parts [(diag(1/s_k) A_k^T[:, h], first ray, last ray + 1,
+# uint16 columns or None)] (see _column_parts), and the pixels that
 # this subset does not see but others do (their update factor is 1). Every
 # row's nonzeros are sorted by column (the order of the sums).
 
@@ -175,7 +176,7 @@ def subset_operators(system_matrix: SystemMatrix, n_subsets: int, groups: tuple[
         return system_matrix._derived[key]
     sm, dev = system_matrix, system_matrix.device
     n_rays, n_pixels = sm.shape
-    order, rank = pixel_order(sm.resolution, dev)
+    order, rank, _, _ = loop_layout(sm, n_subsets)
     a_rows, a_cols, a_vals = csr_row_indices(sm.A), rank[sm.A.col_indices().long()], sm.A.values()
     seen = sm.sensitivity[order] > 0
     bounds = [round(g * n_pixels / groups[0]) for g in range(groups[0] + 1)]
