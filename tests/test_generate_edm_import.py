@@ -54,7 +54,9 @@ class EDMLayoutPickler(pickle.Pickler):
         self.payload = f'open({str(marker)!r}, "w").write("module_src was executed")\n'
 
     def reducer_override(self, obj):
-        if not (isinstance(obj, torch.nn.Module) or persistence.is_persistent(obj)):
+        # As in EDM, only the project's classes are persistent: torch's own modules (the UNets'
+        # ModuleDicts) are pickled by torch's default reduction, naming torch's class.
+        if type(obj).__module__.startswith('torch.') or not (isinstance(obj, torch.nn.Module) or persistence.is_persistent(obj)):
             return NotImplemented
         module = type(obj).__module__
         if module not in self.sources:
@@ -93,7 +95,7 @@ def test_import_gives_the_same_networks(tmp_path, easydict, init_key):
         net.eval().requires_grad_(False)
         path = tmp_path / f'{name}.pkl'
         write_edm_pickle(path, net, easydict, marker, init_key=init_key)
-        assert edm_import.looks_like_edm_pickle(path)
+        assert edm_import.looks_like_edm_pickle(path) and b'torch.nn.modules.container\x94\x8c\nModuleDict' in path.read_bytes()
         data = edm_import.load_snapshot(path)
         imported = data['ema']
         assert type(imported) is type(net) and imported.init_kwargs == net.init_kwargs

@@ -16,7 +16,8 @@ constructor arguments kept in the state (`_init_kwargs`, EDM's spelling, or
 `init_kwargs`) and copies the tensors found in the state's `_parameters`,
 `_buffers` and `_modules` (recursively) into it, with a strict key and shape
 check. Every other global the pickle names must be one of torch's tensor
-rebuilders, plain containers, numpy scalars/arrays or `dnnlib.util.EasyDict`;
+rebuilders, plain containers, torch.nn.ModuleDict (its state only, see
+EDMModuleDict), numpy scalars/arrays or `dnnlib.util.EasyDict`;
 anything else is refused before it is called. Loss and augmentation objects of
 the snapshot are not rebuilt (they come back as None).
 
@@ -56,6 +57,16 @@ class EDMObject:
 
     def __repr__(self) -> str:
         return f'EDMObject({self.class_name})'
+
+# torch.nn.ModuleDict, the one torch container in EDM's networks (SongUNet's and
+# DhariwalUNet's `enc` / `dec`). It is not a persistent class, so the pickle
+# names torch's class and restores the module's __dict__ (its `_modules` hold
+# the persistent blocks); here that state is only recorded, nothing of torch
+# runs.
+
+class EDMModuleDict(EDMObject):
+    def __setstate__(self, state: dict) -> None:
+        self.class_name, self.state = 'ModuleDict', state
 
 # dnnlib.util.EasyDict (EDM's dataset_kwargs and init_kwargs), read as a dict.
 
@@ -143,9 +154,10 @@ def _reconstruct(*args) -> Any:
     return EDMObject(str(class_name), state)
 
 #----------------------------------------------------------------------------
-# Globals an EDM snapshot may name: the reconstruct call, EasyDict, torch's
-# tensor rebuilders, plain containers, numpy scalars and arrays (attributes
-# such as np.sqrt(0.5)) and torch dtypes; nothing that runs code.
+# Globals an EDM snapshot may name: the reconstruct call, EasyDict, ModuleDict
+# (recorded, not built), torch's tensor rebuilders, plain containers, numpy
+# scalars and arrays (attributes such as np.sqrt(0.5)) and torch dtypes;
+# nothing that runs code.
 
 def _numpy_globals() -> dict:
     from numpy._core import multiarray
@@ -157,6 +169,7 @@ def _numpy_globals() -> dict:
 
 _ALLOWED = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct,
+    ('torch.nn.modules.container', 'ModuleDict'): EDMModuleDict,
     ('dnnlib.util', 'EasyDict'): EasyDict,
     ('dnnlib', 'EasyDict'): EasyDict,
     ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
