@@ -264,7 +264,13 @@ def load_conditions(net, scfg: dict, snapshot: dict) -> dict:
             labels.append(label)
         image = item.get('image')
         refs.append(None if image is None or tuple(np.shape(image)) != tuple(shape) else _to_numpy(image).astype(np.float32))
-        meta.append({k: item[k] for k in ('affine', 'header', 'nifti_header', 'nifti_path') if k in item})
+        item_meta = {k: item[k] for k in ('affine', 'header', 'nifti_header', 'nifti_path') if k in item}
+        if scfg['format'] == 'nifti': # Read the geometry now: a bad one must fail before sampling, not after.
+            try:
+                item_meta = dict(zip(('affine', 'header'), _nifti_affine_header(item_meta)))
+            except Exception as err: # pylint: disable=broad-except
+                raise ValueError(f'sampling.cond_dataset: cannot read the NIfTI affine / header of item {i}: {err}') from None
+        meta.append(item_meta)
     return dict(indices=indices, cond=np.stack(conds), labels=np.stack(labels) if labels else None,
         references=np.stack(refs) if all(r is not None for r in refs) else None, meta=meta)
 
@@ -308,7 +314,7 @@ def generate_posterior(net, conds: dict, scfg: dict, device, rank: int, world_si
 # tensor's spatial axes are the NIfTI axes; channels (if C > 1) and samples
 # go after them.
 
-def _nifti_affine_header(meta: dict): # From the item's affine / header / nifti_path; identity otherwise.
+def _nifti_affine_header(meta: dict): # From the item's affine / header / nifti_path (a header alone: its own affine); identity otherwise.
     import nibabel as nib
     affine, header = meta.get('affine'), meta.get('header', meta.get('nifti_header'))
     if (affine is None or header is None) and meta.get('nifti_path'):
@@ -317,8 +323,13 @@ def _nifti_affine_header(meta: dict): # From the item's affine / header / nifti_
         header = src.header if header is None else header
     if isinstance(header, (bytes, bytearray)):
         header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(header)))
+    if affine is None: # The header's own placement (sform, else qform), identity without a header.
+        affine = np.eye(4) if header is None else nib.Nifti1Header.from_header(header).get_best_affine()
     header = nib.Nifti1Header() if header is None else nib.Nifti1Header.from_header(header)
-    affine = np.eye(4) if affine is None else np.asarray(_to_numpy(affine), dtype=np.float64).reshape(4, 4)
+    affine = np.asarray(_to_numpy(affine), dtype=np.float64)
+    affine = affine.reshape(4, 4) if affine.size == 16 else affine
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f'the affine must be a finite 4 x 4 matrix, got shape {affine.shape}')
     return affine, header
 
 def write_nifti(path: str, data_c: np.ndarray, meta: dict, extra_axis: bool = False) -> None:

@@ -159,7 +159,7 @@ class VolumeDataset:
 def _scfg(**kw):
     scfg = dict(cond_dataset=None, cond_indices=None, samples_per_cond=4, cond_seed=7, batch=3, class_idx=None,
         solver='dpmpp_3m', discretization='edm', corrector='none', afs=False, sigma_c=None, warp_k=0.3, num_steps=12,
-        sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1)
+        sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1, format='nifti')
     scfg.update(kw)
     return scfg
 
@@ -186,6 +186,27 @@ def test_posterior_volumes_nifti_keeps_affine_and_header(tmp_path, monkeypatch):
 
     generate.write_posterior(str(tmp_path), 'png', conds, samples, seeds) # Middle slice of each volume.
     assert Image.open(tmp_path / '000000.png').size == (5 * (1 + 4 + 2), 6)
+
+def test_nifti_geometry_from_header_alone_and_checked_before_sampling(tmp_path, monkeypatch):
+    dataset = VolumeDataset()
+    net = VolumeNet()
+    header = nib.Nifti1Header()
+    header.set_sform(dataset.affine, code='scanner')
+    items = {0: dict(cond=dataset.conds[0], header=header),              # Geometry in the header only.
+        1: dict(cond=dataset.conds[1], nifti_path=str(tmp_path / 'missing.nii.gz')),
+        2: dict(cond=dataset.conds[2], affine=np.ones(3))}
+    monkeypatch.setattr(generate.misc, 'construct_class', lambda cfg, key: items)
+    conds = generate.load_conditions(net, _scfg(cond_dataset={'_target_': 'x'}, cond_indices='0', format='nifti'), {})
+    samples, seeds = generate.generate_posterior(net, conds, _scfg(samples_per_cond=2), 'cpu', 0, 1)
+    generate.write_posterior(str(tmp_path), 'nifti', conds, samples, seeds)
+    img = nib.load(tmp_path / '000000-mean.nii.gz')
+    assert np.allclose(img.affine, dataset.affine) and int(img.header['sform_code']) == 1
+    # A file that cannot be read, or a malformed affine: refused while the conditions are read, before any sampling.
+    with pytest.raises(ValueError, match=r'sampling.cond_dataset: cannot read the NIfTI affine / header of item 1: .*missing.nii.gz'):
+        generate.load_conditions(net, _scfg(cond_dataset={'_target_': 'x'}, cond_indices='0,1', format='nifti'), {})
+    with pytest.raises(ValueError, match=r'of item 2: the affine must be a finite 4 x 4 matrix, got shape \(3,\)'):
+        generate.load_conditions(net, _scfg(cond_dataset={'_target_': 'x'}, cond_indices='2', format='nifti'), {})
+    assert generate.load_conditions(net, _scfg(cond_dataset={'_target_': 'x'}, cond_indices='1,2', format='npz'), {}) # Not read for npz.
 
 #----------------------------------------------------------------------------
 
