@@ -164,12 +164,16 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
         A = get_system_matrix(resolution, cache_dir=cache_dir)
         gen = torch.Generator().manual_seed(seed)
         full, low = [], []
-        for batch in torch.from_numpy(data['phantoms']).split(256):
-            f, l, _, _ = simulate_dose(batch[:, 0], A, total_counts=total_counts, dose_fraction=dose_fraction, n_iter=n_iter, generator=gen)
-            full.append(f[:, None].numpy())
-            low.append(l[:, None].numpy())
+        try:
+            data['phantom_counts'] = phantom_counts(torch.from_numpy(data['phantoms']), A, total_counts)[:, None].numpy()
+            for k, batch in enumerate(torch.from_numpy(data['phantoms']).split(256)):
+                f, l, _, _ = simulate_dose(batch[:, 0], A, total_counts=total_counts, dose_fraction=dose_fraction, n_iter=n_iter,
+                    generator=gen, index_offset=256 * k)
+                full.append(f[:, None].numpy())
+                low.append(l[:, None].numpy())
+        except ValueError as err:                                       # An all-zero phantom, an empty acquisition.
+            raise click.ClickException(str(err)) from None
         data.update(full=np.concatenate(full), low=np.concatenate(low),
-            phantom_counts=phantom_counts(torch.from_numpy(data['phantoms']), A, total_counts)[:, None].numpy(),
             total_counts=np.float64(total_counts), dose_fraction=np.float64(dose_fraction), n_iter=np.int64(n_iter))
     if os.path.dirname(dest):
         os.makedirs(os.path.dirname(dest), exist_ok=True)

@@ -442,9 +442,7 @@ def run(cfg: DictConfig) -> None:
         net = sampling.PerSampleNet(net)
     if scfg['class_idx'] is not None and not (0 <= scfg['class_idx'] < max(net.label_dim, 0)):
         raise ValueError(f'sampling.class_idx={scfg["class_idx"]}: the network has {net.label_dim} classes')
-    if scfg['guidance'] != 1 and not net.label_dim:
-        raise ValueError(f'sampling.guidance={scfg["guidance"]:g}: classifier-free guidance needs a class-conditional network '
-            f'(label_dim > 0, trained with label_dropout > 0); this network has no labels (use sampling.guidance=1)')
+    sampling.check_guidance(net, scfg['guidance'], key='sampling.guidance')
     conditional = bool(getattr(net, 'cond_channels', 0))
     if not conditional and scfg['cond_dataset'] is not None:
         raise ValueError('sampling.cond_dataset: the network takes no condition images (cond_channels=0)')

@@ -95,8 +95,11 @@ def test_bad_input(sm):
         dose.thin_counts(torch.ones(3), 1.5)
     with pytest.raises(ValueError, match=re.escape('counts must be non-negative integers')):
         dose.thin_counts(torch.tensor([1.5]), 0.5)
-    # A low-dose acquisition can be empty at very low counts: MLEM says so.
-    with pytest.raises(ValueError, match=re.escape('sinograms[0] has zero total counts')):
-        dose.simulate_dose(phantoms(1), sm, total_counts=0.01, dose_fraction=0.01, n_iter=1, generator=torch.Generator().manual_seed(0))
+    # An acquisition can be empty at very low counts: said before MLEM, naming the phantom (offset by index_offset) and the dose.
+    with pytest.raises(ValueError, match=re.escape('phantoms[5]: its simulated low-dose acquisition has zero counts (total_counts=2.0, '
+            'dose_fraction=0.01); an empty acquisition has no MLEM reconstruction, raise total_counts')):
+        dose.simulate_dose(phantoms(1), sm, total_counts=2, dose_fraction=0.01, n_iter=1, generator=torch.Generator().manual_seed(0), index_offset=5)
+    with pytest.raises(ValueError, match=re.escape('phantoms[0]: its simulated full-dose acquisition has zero counts (total_counts=0.001')):
+        dose.simulate_dose(phantoms(1), sm, total_counts=1e-3, n_iter=1, generator=torch.Generator().manual_seed(0))
 
 #----------------------------------------------------------------------------

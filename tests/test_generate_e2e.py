@@ -23,7 +23,7 @@ def snapshots(tmp_path_factory):
     torch.manual_seed(1)
     kwargs = dict(img_resolution=16, model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
     uncond = networks.EDMPrecond(img_channels=1, **kwargs).eval().requires_grad_(False)
-    cond = networks.EDMPrecond(img_channels=2, label_dim=3, **kwargs).eval().requires_grad_(False)
+    cond = networks.EDMPrecond(img_channels=2, label_dim=3, label_dropout=0.1, **kwargs).eval().requires_grad_(False)
     paths = {}
     for name, net in (('uncond', uncond), ('labels', cond)):
         paths[name] = str(folder / f'{name}.pkl')

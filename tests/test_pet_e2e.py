@@ -4,6 +4,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -129,6 +130,13 @@ def test_user_phantoms_npz_and_nifti(tmp_path):
     launch.check(proc)
     data = np.load(tmp_path / 'u.npz')
     assert data['full'].shape == data['low'].shape == data['phantoms'].shape == (3, 1, 16, 16)
+    # Too few counts for an acquisition: a one-line error naming the phantom, no traceback, nothing written.
+    proc = subprocess.run([sys.executable, os.path.join(launch.ROOT, 'dataset_tool.py'), 'pet-data', '--dest', str(tmp_path / 'few.npz'),
+        '--resolution', '16', '--phantoms', str(tmp_path / 'v.nii.gz'), '--n-iter', '1', '--total-counts', '1', '--dose-fraction', '1e-3', '--cache-dir', str(tmp_path / 'proj')],
+        env=launch.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr and not (tmp_path / 'few.npz').exists()
+    assert re.search(r'Error: phantoms\[[0-2]\]: its simulated (full|low)-dose acquisition has zero counts \(total_counts=1.0, '
+        r'dose_fraction=0.001\); an empty acquisition has no MLEM reconstruction, raise total_counts', proc.stderr), proc.stderr
 
 def test_mni_phantoms_128():
     from training import pet_phantoms

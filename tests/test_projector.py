@@ -128,7 +128,7 @@ def test_cache_build_load_and_new_geometry(tmp_path):
     assert len({sm.path for sm in other} | {first.path}) == 6 and len(os.listdir(tmp_path)) == 6
     assert all(projector.get_system_matrix(16, cache_dir=tmp_path, **kw).source == 'loaded' for kw in (dict(n_angles=20), dict(normalize=False)))
 
-@pytest.mark.parametrize('damage', ['truncate', 'garbage', 'flip_byte', 'wrong_key'])
+@pytest.mark.parametrize('damage', ['truncate', 'garbage', 'flip_byte', 'wrong_key', 'npy'])
 def test_cache_damaged_file_is_rebuilt(tmp_path, damage):
     good = projector.get_system_matrix(16, cache_dir=tmp_path)
     data = open(good.path, 'rb').read()
@@ -139,6 +139,9 @@ def test_cache_damaged_file_is_rebuilt(tmp_path, damage):
     elif damage == 'flip_byte': # Inside the stored values: caught by the zip member's CRC.
         i = len(data) // 2
         open(good.path, 'wb').write(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    elif damage == 'npy': # A valid array file, not an archive.
+        with open(good.path, 'wb') as f:
+            np.save(f, np.arange(3))
     else: # A valid file of another geometry under this geometry's name.
         shutil.copy(projector.get_system_matrix(16, n_angles=20, cache_dir=tmp_path).path, good.path)
     with pytest.warns(RuntimeWarning, match=re.escape(f'projector cache file {good.path} is damaged or does not match its geometry')):

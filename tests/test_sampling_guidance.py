@@ -69,5 +69,12 @@ def test_guidance_needs_labels(net):
     with pytest.raises(ValueError, match='guidance=0: classifier-free guidance needs class labels'):
         sampling.make_denoiser(net, class_labels=None, guidance=0)
     sampling.make_denoiser(uncond_net, guidance=1) # No guidance: fine.
+    no_dropout = networks.EDMPrecond(img_resolution=8, img_channels=1, label_dim=3, model_type='SongUNet', model_channels=8,
+        channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    with pytest.raises(ValueError, match=r'guidance=2: the network was trained without label dropout \(label_dropout=0\), so it never '
+            r'learned the unconditional case that guidance extrapolates from; train with label_dropout > 0 or use guidance=1'):
+        sampling.make_denoiser(no_dropout, class_labels=torch.eye(3), guidance=2)
+    with pytest.raises(ValueError, match=r'sampling.guidance=0: the network was trained without label dropout'):
+        sampling.check_guidance(sampling.PerSampleNet(no_dropout), 0, key='sampling.guidance') # Seen through generate.py's wrapper.
 
 #----------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def simulate_dose(
     n_subsets:      int = 1,                    # OSEM subsets (1 = MLEM, as the reference).
     mask:           torch.Tensor | None = None, # Optional reconstruction support, see mlem().
     generator:      torch.Generator | None = None, # Random stream on the matrix's device; seed it for reproducibility.
+    index_offset:   int = 0,                    # Index of phantoms[0] in error messages (a caller's batch of a larger set).
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Simulate and reconstruct a full-dose and a low-dose acquisition of
     every phantom. Returns (full_recon [B, N, N], low_recon [B, N, N],
@@ -119,6 +120,13 @@ def simulate_dose(
     ybar = expected_counts(phantoms, system_matrix, total_counts)
     full = poisson_counts(ybar, generator)
     low = thin_counts(full, dose_fraction, generator)
+    for name, counts in (('full-dose', full), ('low-dose', low)):               # MLEM would refuse them: say which and why.
+        empty = counts.reshape(counts.shape[0], -1).amax(dim=1) == 0
+        if bool(empty.any()):
+            i = int(torch.nonzero(empty)[0, 0])
+            raise ValueError(f'phantoms[{index_offset + i}]: its simulated {name} acquisition has zero counts (total_counts='
+                f'{float(total_counts) if torch.as_tensor(total_counts).numel() == 1 else "per image"}, dose_fraction={dose_fraction}); '
+                f'an empty acquisition has no MLEM reconstruction, raise total_counts')
     recon = mlem(torch.cat([full, low]), system_matrix, n_iter=n_iter, n_subsets=n_subsets,
         mask=mask if mask is None or mask.ndim == 2 else torch.cat([mask, mask]))
     batch = full.shape[0]

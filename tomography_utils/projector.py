@@ -187,7 +187,10 @@ def cache_path(cache_dir: str | os.PathLike, geometry: dict) -> str:
 
 # Read a cache file; raises on any damage or key mismatch.
 def _load_arrays(path: str, geometry: dict) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):                         # A valid .npy file under the name.
+        raise ValueError(f'not an npz archive (np.load gave {type(z).__name__})')
+    with z:
         stored = json.loads(str(z['key'][()]))
         if stored != geometry:
             raise ValueError(f'stored geometry {stored} does not match the requested {geometry}')

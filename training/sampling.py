@@ -110,6 +110,24 @@ def sigma_steps(
     return torch.cat([t, torch.zeros_like(t[:1])])
 
 #----------------------------------------------------------------------------
+# Classifier-free guidance (guidance != 1) needs a network that learned the
+# unconditional case: class-conditional and trained with label dropout (the
+# dropped labels are all-zero vectors, the "unconditional" input). Networks
+# that do not record label_dropout (e.g. duck-typed test networks) pass.
+
+def check_guidance(net: torch.nn.Module, guidance: float, key: str = 'guidance') -> None:
+    """Raise ValueError (naming `key`) if `net` cannot be sampled with classifier-free guidance `guidance`."""
+    if guidance == 1:
+        return
+    if not getattr(net, 'label_dim', 0):
+        raise ValueError(f'{key}={guidance:g}: classifier-free guidance needs a class-conditional network '
+            f'(label_dim > 0, trained with label_dropout > 0); this network has label_dim=0 (use {key}=1)')
+    dropout = getattr(getattr(net, 'model', None), 'label_dropout', None)
+    if dropout is not None and not dropout > 0:
+        raise ValueError(f'{key}={guidance:g}: the network was trained without label dropout (label_dropout=0), so it never '
+            f'learned the unconditional case that guidance extrapolates from; train with label_dropout > 0 or use {key}=1')
+
+#----------------------------------------------------------------------------
 # The denoiser seen by the solvers: float64 in and out, the network in
 # float32, with classifier-free guidance (Ho & Salimans 2022, Eq. 6 written
 # for denoisers): D = D_uncond + w (D_cond - D_uncond), where the
@@ -134,9 +152,7 @@ def make_denoiser(
         raise ValueError(f'guidance must be a finite number, got {guidance}')
     if guidance == 1:
         return lambda x, sigma: call(x, sigma, class_labels)
-    if not getattr(net, 'label_dim', 0):
-        raise ValueError(f'guidance={guidance:g}: classifier-free guidance needs a class-conditional network '
-            f'(label_dim > 0, trained with label_dropout > 0); this network has label_dim=0 (use guidance=1)')
+    check_guidance(net, guidance)
     if class_labels is None:
         raise ValueError(f'guidance={guidance:g}: classifier-free guidance needs class labels (got none)')
     uncond = torch.zeros_like(class_labels)
