@@ -44,6 +44,10 @@ python bench/sampler_accuracy.py
 \b
 # Closed forms only (seconds):
 python bench/sampler_accuracy.py --no-network
+
+\b
+# The longer-trained network, with oracle time steps at 12 NFE (about 25 minutes):
+python bench/sampler_accuracy.py --train-steps 1500 --oracle-nfe 12
 """
 
 import os
@@ -181,6 +185,35 @@ def print_headline(name: str, headline: dict) -> None:
     print(f'  {"":<8s} goal (DPM-Solver++ 2M/3M within {GOAL_NFE}): plain solvers {best(True)}; with corrector / AFS {best(False)}')
 
 #----------------------------------------------------------------------------
+# Oracle time steps: for a solver and an NFE, the noise levels that minimise
+# the error on the evaluated latents themselves (Nelder-Mead over the N - 1
+# step lengths in log sigma, as softmax proportions of log(sigma_max /
+# sigma_min); start: uniform log sigma). Not a sampler (it is fitted to the
+# answer): it bounds what any time discretisation can give that solver.
+
+ORACLE_ROWS = [('dpmpp_2m', ''), ('dpmpp_3m', ''), ('dpmpp_2m', 'unic'), ('dpmpp_3m', 'unic')]
+
+def oracle_sigmas(theta: np.ndarray, sigma_min: float = 0.002, sigma_max: float = 80) -> torch.Tensor:
+    w = np.exp(theta - theta.max())
+    log_sigma = np.log(sigma_max) - np.concatenate([[0], np.cumsum(w / w.sum())]) * np.log(sigma_max / sigma_min)
+    return torch.cat([torch.as_tensor(np.exp(log_sigma)), torch.zeros(1, dtype=torch.float64)])
+
+def oracle(name: str, denoise, latents, ref, nfes: list[int]) -> None:
+    import scipy.optimize
+    target = rel_error(run(denoise, latents, 'heun', 'edm', HEUN_STEPS), ref)
+    print(f'  {name}: oracle time steps (fitted to these latents), error vs Heun@35 {target:.2e}')
+    for solver, options in ORACLE_ROWS:
+        cells = []
+        for nfe in nfes:
+            kwargs = dict(corrector='unic' if options == 'unic' else 'none')
+            error = lambda theta: rel_error(solvers.solve(denoise, latents.to(torch.float64) * 80, oracle_sigmas(theta), solver, **kwargs), ref)
+            fit = scipy.optimize.minimize(lambda theta: np.log(error(theta)), np.zeros(nfe - 1), method='Nelder-Mead',
+                options=dict(maxfev=150 * nfe, xatol=1e-3, fatol=1e-4))
+            best = float(np.exp(fit.fun))
+            cells.append(f'{nfe}:{best:.1e}{"" if best <= target else " (above)"}')
+        print(f'    {solver}{"+" + options if options else "":<6s} ' + ' '.join(cells))
+
+#----------------------------------------------------------------------------
 
 @click.command()
 @click.option('--train-steps', help='Training steps of the small network', metavar='INT', type=int, default=300, show_default=True)
@@ -188,7 +221,8 @@ def print_headline(name: str, headline: dict) -> None:
 @click.option('--ref', help='Reference solver of the network setting', type=click.Choice(['dpmpp_3m', 'heun']), default='dpmpp_3m', show_default=True)
 @click.option('--network/--no-network', help='Include the trained network', default=True, show_default=True)
 @click.option('--threads', help='torch threads', metavar='INT', type=int, default=1, show_default=True)
-def main(train_steps, batch, ref, network, threads):
+@click.option('--oracle-nfe', help='Also fit oracle time steps at these NFE (mixture, network; minutes each)', metavar='LIST', default='', show_default=True)
+def main(train_steps, batch, ref, network, threads, oracle_nfe):
     """Accuracy of the samplers against network evaluations; see the module docstring."""
     torch.set_num_threads(threads)
     t0 = time.time()
@@ -206,6 +240,9 @@ def main(train_steps, batch, ref, network, threads):
     latents = torch.randn([128, 16], dtype=torch.float64, generator=gen)
     reference = run(denoise, latents, 'heun', 'edm', 1000)
     headlines['mixture'] = evaluate('mixture (closed-form denoiser; reference: 1000 Heun steps)', denoise, latents, reference, full=True)
+    nfes = [int(v) for v in oracle_nfe.split(',') if v.strip()]
+    if nfes:
+        oracle('mixture', denoise, latents, reference, nfes)
 
     # Small trained network.
     if network:
@@ -218,6 +255,8 @@ def main(train_steps, batch, ref, network, threads):
         name = (f'network (SongUNet 16x16 trained {train_steps} steps / {t2 - t1:.0f} s on blobs; '
             f'reference: 1000 {ref} steps, {time.time() - t2:.0f} s)')
         headlines['network'] = evaluate(name, denoise, latents, reference, full=False)
+        if nfes:
+            oracle('network', denoise, latents, reference, nfes)
 
     print(f'\nHeadline ({time.time() - t0:.0f} s): evaluations needed to match EDM Heun at 35 NFE (35 / NFE in brackets)')
     for name, headline in headlines.items():

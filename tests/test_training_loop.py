@@ -81,6 +81,16 @@ def test_clip_and_cosine_decay_reported(tmp_path, data):
     assert lines[-1]['Loss/learning_rate']['mean'] == pytest.approx(1e-2 * (0.5 + 0.5 * 0.5 * (1 + __import__('math').cos(__import__('math').pi * 28 / 32))))
     assert lines[-1]['Loss/grad_norm']['num'] > 0
 
+def test_grad_clip_bounds_every_update(tmp_path, data):
+    # Plain SGD with lr 1 and clipping at c: each of the 8 steps moves the weights by at most c (the
+    # gradients here are far larger, so by exactly c), 8 c in all; unclipped they move far more.
+    c = 1e-3
+    moved = lambda state: sum(float((state['net'][k].double() - v.double()).pow(2).sum()) for k, v in _initial_weights().items()) ** 0.5
+    sgd = dict(_target_='torch.optim.SGD', lr=1.0)
+    clipped = moved(_train(tmp_path / 'a', data, optimizer_kwargs=sgd, grad_clip=c))
+    assert 2 * c < clipped <= 8 * c * (1 + 1e-5)
+    assert moved(_train(tmp_path / 'b', data, optimizer_kwargs=dict(sgd, lr=1e-2))) > 10 * clipped
+
 def test_bad_loop_options(tmp_path, data):
     with pytest.raises(ValueError, match="training.lr_decay: expected 'constant', 'cosine' or 'isqrt', got 'linear'"):
         _train(tmp_path, data, lr_decay='linear')

@@ -237,7 +237,7 @@ def training_loop(
             nonfinite_run = 0
             training_stats.report('Loss/grad_norm', grad_norm)
             if grad_clip is not None:
-                torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, grad_norm)
+                torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], grad_clip, grad_norm) # Takes parameters, not grads.
             if grad_scaler is not None:
                 grad_scaler.step(optimizer)
             else:
