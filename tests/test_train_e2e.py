@@ -69,6 +69,17 @@ def test_interrupted_and_resumed_run_is_bit_identical(data_dir):
     stats = open(os.path.join(_run_dir(data_dir, 'sliced'), 'stats.jsonl')).read().splitlines()
     assert len(stats) == 4 # No duplicated ticks after resuming.
 
+def test_trainable_loss_starts_alike_on_every_rank(data_dir):
+    # A loss object with parameters, dropout 0.1 and the module summary (a forward pass on rank 0
+    # only): every rank starts from the same loss weights (checked at each snapshot), and the
+    # summary does not change the run.
+    loss = 'training.loss._target_=learned_loss.LearnedWeightLoss'
+    launch.check(launch.run('train.py', [loss, 'training.print_summary=true', 'training.desc=loss_summary'], data_dir, nproc=2))
+    launch.check(launch.run('train.py', [loss, 'training.desc=loss_plain'], data_dir, nproc=2))
+    a, b = _final_state(_run_dir(data_dir, 'loss_summary')), _final_state(_run_dir(data_dir, 'loss_plain'))
+    _assert_same_weights(a, b)
+    assert a['loss_fn'].keys() == {'logvar.weight', 'logvar.bias'} and all(torch.equal(a['loss_fn'][k], b['loss_fn'][k]) for k in a['loss_fn'])
+
 def test_resume_with_other_world_size(data_dir):
     launch.check(launch.run('train.py', ['training.desc=ws', 'training.slice_kimg=0.048'], data_dir, nproc=2))
     out = launch.check(launch.run('train.py', ['training.desc=ws', 'training.slice_kimg=0.048'], data_dir, nproc=0)).stdout

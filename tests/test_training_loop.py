@@ -4,6 +4,7 @@
 import glob
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -96,6 +97,31 @@ def test_bad_loop_options(tmp_path, data):
         _train(tmp_path, data, lr_decay='linear')
     with pytest.raises(ValueError, match='training.batch_gpu=3 must divide batch_size / processes = 4'):
         _train(tmp_path, data, batch_gpu=3)
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(snapshot_ticks=0), 'training.snapshot_ticks must be an integer >= 1 (or null), got 0'),
+    (dict(state_dump_ticks=0), 'training.state_dump_ticks must be an integer >= 1 (or null), got 0'),
+    (dict(kimg_per_tick=0), 'training.kimg_per_tick must be > 0, got 0'),
+    (dict(total_kimg=-1), 'training.total_kimg must be > 0, got -1'),
+    (dict(ema_rampup_ratio=0), 'training.ema_rampup_ratio must be > 0 (or null), got 0'),
+    (dict(ema_halflife_kimg=float('nan')), 'training.ema_halflife_kimg must be > 0, got nan'),
+    (dict(grad_clip=0), 'training.grad_clip must be > 0 (or null), got 0'),
+    (dict(lr_rampup_kimg=-1), 'training.lr_rampup_kimg must be >= 0, got -1'),
+    (dict(workers=-1), 'training.workers must be an integer >= 0, got -1'),
+    (dict(max_nonfinite_steps=0), 'training.max_nonfinite_steps must be an integer >= 1, got 0'),
+    (dict(network_kwargs=dict(NETWORK, augment_dim=9)), 'training.network.augment_dim=9 needs an augment pipe, but training.augment is null '
+        '(set training.network.augment_dim=0 or configure training.augment)'),
+])
+def test_bad_numbers_are_refused_before_training(tmp_path, data, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _train(tmp_path, data, **overrides)
+    assert not glob.glob(str(tmp_path / 'training-state-*.pt'))
+
+def test_resume_with_another_network_is_refused(tmp_path, data):
+    _train(tmp_path / 'a', data)
+    state = sorted(glob.glob(str(tmp_path / 'a' / 'training-state-*.pt')))[-1]
+    with pytest.raises(ValueError, match=re.escape(f'{state} does not fit the configured training.network (net: Error(s) in loading state_dict')):
+        _train(tmp_path / 'b', data, resume_state=state, network_kwargs=dict(NETWORK, model_channels=16))
 
 def test_gradient_accumulation_runs_all_rounds(tmp_path, data):
     # batch_gpu=1 -> 4 accumulation rounds per step; every image counts in Loss/loss (per pixel).

@@ -81,6 +81,12 @@ def training_loop(
         raise ValueError(f"training.lr_decay: expected 'constant', 'cosine' or 'isqrt', got {lr_decay!r}")
     if lr_decay == 'isqrt' and not lr_decay_kimg > 0:
         raise ValueError('training.lr_decay_kimg must be > 0 for isqrt decay')
+    _check_numbers(dict(total_kimg=total_kimg, kimg_per_tick=kimg_per_tick, ema_halflife_kimg=ema_halflife_kimg,
+        ema_rampup_ratio=ema_rampup_ratio, slice_kimg=slice_kimg, grad_clip=grad_clip, loss_scaling=loss_scaling), positive=True)
+    _check_numbers(dict(lr_rampup_kimg=lr_rampup_kimg, lr_min_ratio=lr_min_ratio), positive=False)
+    _check_counts(dict(snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, max_nonfinite_steps=max_nonfinite_steps,
+        grid_steps=grid_steps), least=1)
+    _check_counts(dict(workers=workers, grid_images=grid_images), least=0)
 
     # Select batch size per process.
     if batch_size < 1 or batch_size % world_size != 0:
@@ -106,6 +112,9 @@ def training_loop(
         interface_kwargs['cond_channels'] = dataset_obj.cond_channels
     if augment_pipe is not None:
         interface_kwargs['augment_dim'] = augment_pipe.augment_dim
+    elif network_kwargs.get('augment_dim'): # Its input would stay unused: DDP fails on the unused weights, one process trains them never.
+        raise ValueError(f'training.network.augment_dim={network_kwargs["augment_dim"]} needs an augment pipe, but training.augment '
+            f'is null (set training.network.augment_dim=0 or configure training.augment)')
     for key, value in interface_kwargs.items():
         if key in network_kwargs and network_kwargs[key] != value:
             raise ValueError(f'training.network.{key}={network_kwargs[key]} does not match the dataset/augment pipe ({value})')
@@ -117,13 +126,17 @@ def training_loop(
         kwargs = dict(class_labels=torch.zeros([batch_gpu, net.label_dim], device=device) if net.label_dim else None)
         if getattr(dataset_obj, 'cond_channels', 0):
             kwargs['cond'] = torch.zeros([batch_gpu, dataset_obj.cond_channels, *dataset_obj.image_shape[1:]], device=device)
-        misc.print_module_summary(net, [x, torch.ones([batch_gpu], device=device)], kwargs, max_nesting=2)
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []): # Its dropout must not move rank 0's stream.
+            misc.print_module_summary(net, [x, torch.ones([batch_gpu], device=device)], kwargs, max_nesting=2)
 
     # Set up loss and optimizer.
     dist.print0('Setting up optimizer...')
     loss_fn = misc.construct_class(loss_kwargs, 'training.loss')
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn.to(device)
+        if world_size > 1: # DDP broadcasts the network's weights; a trainable loss gets rank 0's the same way.
+            for tensor in list(loss_fn.parameters()) + list(loss_fn.buffers()):
+                torch.distributed.broadcast(tensor.data, src=0)
     loss_params = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
     params = list(net.parameters()) + loss_params
     optimizer = misc.construct_class(optimizer_kwargs, 'training.optimizer', params=params)
@@ -143,11 +156,15 @@ def training_loop(
             if key in state and int(state[key]) != value:
                 raise ValueError(f'training.{key}={value} differs from the {key}={int(state[key])} of {resume_state}; '
                     f'resuming would not continue that run (set training.{key}={int(state[key])} or resume=none)')
-        net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        if isinstance(loss_fn, torch.nn.Module) and state.get('loss_fn') is not None:
-            loss_fn.load_state_dict(state['loss_fn'])
+        for key, target, name in (('net', net, 'network'), ('ema', ema, 'network'), ('optimizer', optimizer, 'optimizer'),
+                ('loss_fn', loss_fn if isinstance(loss_fn, torch.nn.Module) else None, 'loss')):
+            if target is None or (key == 'loss_fn' and state.get(key) is None):
+                continue
+            try:
+                target.load_state_dict(state[key])
+            except (RuntimeError, ValueError, KeyError) as err: # A changed architecture, optimizer or loss.
+                raise ValueError(f'{resume_state} does not fit the configured training.{name} ({key}: '
+                    f'{str(err).strip().splitlines()[0][:300]}); resume with the configuration of that run, or resume=none') from None
         if grad_scaler is not None and state.get('grad_scaler') is not None:
             grad_scaler.load_state_dict(state['grad_scaler'])
         cur_nimg, cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
@@ -335,6 +352,21 @@ def training_loop(
         stats_jsonl.close()
     dist.print0()
     dist.print0('Exiting...' if cur_nimg >= total_nimg else f'Stopping at kimg {cur_nimg / 1e3:.3f} (slice_kimg={slice_kimg}); run again to continue.')
+
+#----------------------------------------------------------------------------
+# Option checks: ValueErrors that name the key (None = off where allowed).
+
+def _check_numbers(values: dict, positive: bool) -> None:
+    for key, value in values.items():
+        if value is not None and not (value > 0 if positive else value >= 0):
+            raise ValueError(f'training.{key} must be {"> 0" if positive else ">= 0"}{" (or null)" if key in _NULLABLE else ""}, got {value}')
+
+def _check_counts(values: dict, least: int) -> None:
+    for key, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f'training.{key} must be an integer >= {least}{" (or null)" if key in _NULLABLE else ""}, got {value!r}')
+
+_NULLABLE = ('ema_rampup_ratio', 'slice_kimg', 'grad_clip', 'snapshot_ticks', 'state_dump_ticks')
 
 #----------------------------------------------------------------------------
 # EMA decay (EDM): beta = 0.5 ** (batch_size / halflife_nimg), with the
