@@ -66,8 +66,13 @@ def test_interrupted_and_resumed_run_is_bit_identical(data_dir):
     outs = [launch.check(launch.run('train.py', ['training.desc=sliced', 'training.slice_kimg=0.032'], data_dir, nproc=2)).stdout for _ in range(3)]
     assert 'Stopping at kimg 0.032' in outs[0] and 'Resuming from' in outs[1] and 'Exiting...' in outs[2]
     _assert_same_weights(_final_state(_run_dir(data_dir, 'full')), _final_state(_run_dir(data_dir, 'sliced')))
-    stats = open(os.path.join(_run_dir(data_dir, 'sliced'), 'stats.jsonl')).read().splitlines()
-    assert len(stats) == 4 # No duplicated ticks after resuming.
+    # Ticks end on the same images as without slices (the slice stops at 32 and 64 images, inside
+    # ticks, add their own lines); no step is repeated after resuming.
+    import json
+    ticks = lambda desc: [(l['Progress/tick']['mean'], round(l['Progress/kimg']['mean'] * 1000))
+        for l in map(json.loads, open(os.path.join(_run_dir(data_dir, desc), 'stats.jsonl')))]
+    assert ticks('full') == [(0, 8), (1, 40), (2, 72), (3, 96)]
+    assert ticks('sliced') == [(0, 8), (1, 32), (1, 40), (2, 64), (2, 72), (3, 96)]
 
 def test_trainable_loss_starts_alike_on_every_rank(data_dir):
     # A loss object with parameters, dropout 0.1 and the module summary (a forward pass on rank 0

@@ -147,6 +147,19 @@ def test_slice_without_state_dumps_still_saves_and_resumes(tmp_path, data):
     state = _train(tmp_path, data, state_dump_ticks=None, slice_kimg=0.008, total_kimg=0.032, resume_state=path)
     assert state['cur_nimg'] == 12
 
+def test_slices_that_end_mid_tick_keep_the_tick_cadence(tmp_path, data):
+    # Ticks of 8 images (2 steps), slices of 8 images starting mid-tick: the resumed runs continue
+    # the open tick, so every tick ends where the uninterrupted run's does (plus a line per slice stop).
+    ticks = lambda folder: [(l['Progress/tick']['mean'], round(l['Progress/kimg']['mean'] * 1000)) for l in map(json.loads, open(folder / 'stats.jsonl'))]
+    full = _train(tmp_path / 'full', data, kimg_per_tick=0.008)
+    state, path = None, None
+    while state is None or state['cur_nimg'] < 32:
+        state = _train(tmp_path / 'sliced', data, kimg_per_tick=0.008, slice_kimg=0.008, resume_state=path)
+        path = sorted(glob.glob(str(tmp_path / 'sliced' / 'training-state-*.pt')))[-1]
+    assert ticks(tmp_path / 'full') == [(0, 4), (1, 12), (2, 20), (3, 28), (4, 32)]
+    assert ticks(tmp_path / 'sliced') == [(0, 4), (1, 8), (1, 12), (2, 16), (2, 20), (3, 24), (3, 28), (4, 32)]
+    assert all(torch.equal(full['net'][k], state['net'][k]) for k in full['net'])
+
 def test_resume_with_other_seed_is_refused(tmp_path, data):
     _train(tmp_path, data, slice_kimg=0.016)
     path = sorted(glob.glob(str(tmp_path / 'training-state-*.pt')))[-1]

@@ -149,6 +149,7 @@ def training_loop(
 
     # Resume training from a previous state.
     cur_nimg, cur_tick, nonfinite_total, nonfinite_run = 0, 0, 0, 0
+    tick_start_nimg = None # Start of the current tick; a resumed slice may continue one.
     if resume_state is not None:
         dist.print0(f'Resuming from "{resume_state}"...')
         state = training_state.load_state(resume_state)
@@ -168,6 +169,7 @@ def training_loop(
         if grad_scaler is not None and state.get('grad_scaler') is not None:
             grad_scaler.load_state_dict(state['grad_scaler'])
         cur_nimg, cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
+        tick_start_nimg = state.get('tick_start_nimg') # None in states of older versions: a tick starts here.
         nonfinite_total = int(state.get('nonfinite_total', 0))
         nonfinite_run = int(state.get('nonfinite_run', 0))
         start_time -= float(state.get('total_elapsed_time', 0)) # The tick line's time counts all invocations.
@@ -200,7 +202,8 @@ def training_loop(
     stats_jsonl = None
     start_nimg = cur_nimg
     slice_end_nimg = start_nimg + int(round(slice_kimg * 1000)) if slice_kimg is not None else None
-    tick_start_nimg = cur_nimg
+    tick_start_nimg = cur_nimg if tick_start_nimg is None else int(tick_start_nimg)
+    timing_start_nimg = cur_nimg # Images of the tick's timing (this invocation only).
     tick_start_time = time.time()
     maintenance_time = tick_start_time - launch_time
     while True:
@@ -292,7 +295,7 @@ def training_loop(
         fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.1f}"]
         fields += [f"time {misc.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
         fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-        fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
+        fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - timing_start_nimg, 1) * 1e3):<7.2f}"]
         fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
         fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
         if device.type == 'cuda':
@@ -319,10 +322,12 @@ def training_loop(
 
         # Save full dump of the training state.
         slice_stop = done and cur_nimg < total_nimg # Stopped by slice_kimg: the next invocation resumes from this state.
+        tick_open = slice_stop and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000 # ... and continues this tick,
+        next_tick, next_tick_start = (cur_tick, tick_start_nimg) if tick_open else (cur_tick + 1, cur_nimg) # so ticks fall where they would.
         if slice_stop or ((state_dump_ticks is not None) and (done or (cur_tick != 0 and cur_tick % state_dump_ticks == 0))):
             if rank == 0:
                 training_state.save_state(training_state.state_path(run_dir, cur_nimg), dict(
-                    cur_nimg=cur_nimg, cur_tick=cur_tick + 1, seed=seed, batch_size=batch_size, world_size=world_size,
+                    cur_nimg=cur_nimg, cur_tick=next_tick, tick_start_nimg=next_tick_start, seed=seed, batch_size=batch_size, world_size=world_size,
                     total_elapsed_time=time.time() - start_time,
                     nonfinite_total=nonfinite_total, nonfinite_run=nonfinite_run,
                     net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
@@ -341,7 +346,7 @@ def training_loop(
 
         # Update state.
         cur_tick += 1
-        tick_start_nimg = cur_nimg
+        tick_start_nimg = timing_start_nimg = cur_nimg
         tick_start_time = time.time()
         maintenance_time = tick_start_time - tick_end_time
         if done:
