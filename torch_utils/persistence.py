@@ -37,7 +37,7 @@ def _is_project_module(module: str) -> bool:
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter], None]) -> None:
     """Write a file so that readers see either the old or the complete new file."""
     path = os.fspath(path)
-    tmp = f'{path}.tmp{os.getpid()}'
+    tmp = f'{path}.tmp{os.getpid()}{int.from_bytes(os.urandom(4), "little"):010d}' # Random digits: hosts sharing a folder may share pids.
     try:
         with open(tmp, 'wb') as f:
             write_fn(f)

@@ -70,7 +70,7 @@ def find_latest_state(run_dir: str) -> str | None:
     return None
 
 def remove_stale_tmp(run_dir: str) -> None:
-    """Delete leftovers of writes that a crash interrupted (`*.tmp<pid>`)."""
+    """Delete leftovers of writes that a crash interrupted (`*.tmp<pid><random digits>`)."""
     if os.path.isdir(run_dir):
         for name in os.listdir(run_dir):
             if re.fullmatch(r'.+\.tmp\d+', name):
