@@ -96,7 +96,10 @@ def test_vp_coefficients_and_schedule():
     torch.testing.assert_close(net.sigma_inv(sigma), t, rtol=1e-6, atol=1e-9)
     expected = torch.sqrt(torch.exp(0.5 * 19.9 * t ** 2 + 0.1 * t) - 1)
     torch.testing.assert_close(sigma, expected)
-    assert net.sigma_min == pytest.approx(float(expected[0]))
+    # EDM computes these in float32 as exp() - 1 and log(1 + sigma^2) (not expm1 / log1p); VP networks
+    # trained with EDM saw that rounding, so the same values here (golden numbers of EDM's formula):
+    assert net.sigma_min == 0.0009765625 # float64 would give 0.0010005.
+    assert float(net.noise_label(torch.tensor(0.002))) == pytest.approx(0.0403283, abs=1e-6) # log1p: 0.03980.
     assert net.sigma_max == pytest.approx(math.sqrt(math.exp(0.5 * 19.9 + 0.1) - 1)) # ~152.
     c_skip, c_out, c_in, c_noise = net.coefficients(sigma.float())
     assert torch.all(c_skip == 1)
@@ -270,6 +273,13 @@ def test_attention_heads():
     q = torch.randn(2, 4, 6, dtype=torch.float64)
     w = layers.attention_weights(q, q)
     assert w.dtype == torch.float64 and torch.allclose(w.sum(2), torch.ones(2, 6, dtype=torch.float64))
+    # fp16 (CUDA networks with use_fp16): k is scaled in fp16, then cast, as in EDM; with 3 channels
+    # (sqrt(3) not a power of two) the other order rounds differently.
+    q, k = (torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(s)).mul(4).half() for s in (1, 2))
+    logits = lambda k32: torch.einsum('ncq,nck->nqk', q.float(), k32)
+    edm = torch.softmax(logits((k / math.sqrt(3)).float()), dim=2).half()
+    other = torch.softmax(logits(k.float() / math.sqrt(3)), dim=2).half()
+    assert torch.equal(layers.attention_weights(q, k), edm) and not torch.equal(edm, other)
 
 def test_layers():
     with pytest.raises(ValueError, match='mode'):

@@ -140,9 +140,11 @@ class GroupNorm(torch.nn.Module):
 
 #----------------------------------------------------------------------------
 # Attention weights softmax(q^T k / sqrt(c)) in float32 for any input dtype; q, k: [n, c, l].
+# k is scaled in its own dtype and then cast, as in EDM (in fp16 the order
+# changes the rounding, and EDM's fp16 networks were trained with this one).
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    logits = torch.einsum('ncq,nck->nqk', q.to(torch.float32), k.to(torch.float32) / np.sqrt(q.shape[1]))
+    logits = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32))
     return torch.softmax(logits, dim=2).to(q.dtype)
 
 #----------------------------------------------------------------------------

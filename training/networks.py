@@ -413,11 +413,11 @@ class VPPrecond(_Precond):
 
     def sigma(self, t: Any) -> torch.Tensor:
         t = torch.as_tensor(t)
-        return torch.expm1(0.5 * self.beta_d * (t ** 2) + self.beta_min * t).sqrt() # expm1: accurate for small t.
+        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt() # exp() - 1, not expm1: the rounding EDM's VP networks were trained with.
 
     def sigma_inv(self, sigma: Any) -> torch.Tensor:
         sigma = torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * torch.log1p(sigma ** 2)).sqrt() - self.beta_min) / self.beta_d
+        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d # Not log1p (as above).
 
 #----------------------------------------------------------------------------
 # Preconditioning of the variance exploding (VE) formulation (Song et al. 2021), Table 1.
