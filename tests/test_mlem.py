@@ -107,8 +107,8 @@ def test_osem_subsets(backend):
 
 def test_cache_blocking_does_not_change_results(monkeypatch, backend):
     # Several forward and back-projection groups (forced by a tiny block
-    # size) and a resolution that is not a multiple of the pixel tile give
-    # the same images as one group.
+    # size) and a resolution that is not a power of two (the Hilbert curve
+    # skips pixels outside the image) give the same images as one group.
     sm = projector.get_system_matrix(20, dtype='float64', cache_dir=None)
     y = noisy_counts(sm, blobs(20, 3))
     block_bytes = mlem_module.BLOCK_BYTES
@@ -121,6 +121,31 @@ def test_cache_blocking_does_not_change_results(monkeypatch, backend):
         assert ((blocked - reference).abs().max() / reference.max()).item() < 1e-12
     order, rank = mlem_module.pixel_order(20)
     assert torch.equal(order.sort().values, torch.arange(400)) and torch.equal(order[rank], torch.arange(400))
+
+@pytest.mark.parametrize('n', [8, 32])
+def test_pixel_order_is_a_hilbert_curve(n):
+    # Only a Hilbert curve has both: every step goes to a 4-neighbour, and every aligned run of
+    # 4^m pixels fills a 2^m x 2^m square; it starts at the first pixel and ends at the last column.
+    order, _ = mlem_module.pixel_order(n)
+    i, j = order // n, order % n
+    assert torch.equal((i.diff().abs() + j.diff().abs()), torch.ones(n * n - 1, dtype=torch.long))
+    for m in range(1, n.bit_length() - 1):
+        run = 4 ** m
+        for part_i, part_j in zip(i.split(run), j.split(run)):
+            assert part_i.max() - part_i.min() == part_j.max() - part_j.min() == 2 ** m - 1
+            assert part_i.min() % 2 ** m == 0 and part_j.min() % 2 ** m == 0
+    assert (int(order[0]), int(j[-1])) == (0, n - 1)
+
+def test_ray_order_follows_bins_and_angles(sm64):
+    # Each subset's rays once each; one subset: every step moves one bin or one angle (Hilbert curve).
+    n_angles, n_bins = sm64.n_angles, sm64.n_bins
+    for n_subsets in (1, 4):
+        for k in range(n_subsets):
+            rays = mlem_module.subset_rays(sm64, k, n_subsets)
+            expected = (torch.arange(k, n_angles, n_subsets)[:, None] * n_bins + torch.arange(n_bins)).reshape(-1)
+            assert torch.equal(rays.sort().values, expected)
+    rays = mlem_module.subset_rays(sm64, 0, 1)
+    assert torch.equal((rays // n_bins).diff().abs() + (rays % n_bins).diff().abs(), torch.ones(len(rays) - 1, dtype=torch.long))
 
 def test_mask_initial_image_and_callback(sm64, backend):
     y = noisy_counts(sm64, blobs(32, 2))
