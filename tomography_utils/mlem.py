@@ -95,9 +95,7 @@ def _check_image_arg(x: torch.Tensor, system_matrix: SystemMatrix, batch: int, n
 #           step goes to a 4-neighbour and every run of 4^m pixels fills a
 #           2^m x 2^m square, so pixels near each other in the image are
 #           near each other in X at every scale, and consecutive rows of the
-#           back-projection share most of their rays. Against 8 x 8 tiles
-#           (row-major inside a tile): 1.29 -> 1.20 ms per iteration at
-#           64 x 64 and 11.4 -> 10.7 ms at 128 x 128, B = 64, 2 threads;
+#           back-projection share most of their rays;
 #   rays    are numbered along a Hilbert curve over (bin, angle index in the
 #           subset): every step changes the bin or the angle by one. Two
 #           rays at neighbouring angles and the same bin cross the same
@@ -108,9 +106,14 @@ def _check_image_arg(x: torch.Tensor, system_matrix: SystemMatrix, batch: int, n
 #           stored matrix reuses few: angle-minor (bin-major) order took the
 #           forward pass from 1.28 to 1.03 ms and the back-projection from
 #           1.43 to 1.27 ms at 64 x 64, B = 64, one thread (2-core Sapphire
-#           Rapids VM), and the Hilbert order, which also keeps neighbouring
-#           bins together, an iteration from 1.23 to 1.18 ms (2 threads;
-#           128 x 128: 11.1 -> 10.4 ms).
+#           Rapids VM). The Hilbert order also keeps neighbouring bins
+#           together. Bins are the curve's x: with half as many bins as
+#           angles (the default geometry) they fill the first half of its
+#           square, which the curve covers without a jump.
+#
+# Both Hilbert orders together, against 8 x 8 pixel tiles (row-major inside a
+# tile) and bin-major rays: 1.29 -> 1.15 ms per iteration at 64 x 64 and
+# 11.4 -> 10.1 ms at 128 x 128 (B = 64, 2 threads; each order about half).
 #
 # Where the dense operand outgrows a core's L2 cache the product is split
 # into groups of its rows, each group's block small enough to stay there
@@ -121,13 +124,13 @@ def _check_image_arg(x: torch.Tensor, system_matrix: SystemMatrix, batch: int, n
 # iteration of the torch path (193 -> 94 ms, one thread). On GPUs there is
 # one group.
 
-LOOP_ORDER = 'hilbert'                 # Names the in-loop pixel and ray orders in the operator caches.
+LOOP_ORDER = 'hilbert'                  # Names the in-loop pixel and ray orders in the operator caches.
 MIN_GROUP_PIXELS = 8                    # Fewest pixels per cache-blocking group.
 BLOCK_BYTES = 1 << 20                   # Target size of one group's block of X or f on CPU.
 MAX_CACHED = 4                          # Operator sets (subsets x groups) kept per system matrix.
 
-# Position of pixel (row i, column j) on the Hilbert curve through the square
-# of side 2^levels: per level, from the top, the quadrant's index along the
+# Position of cell (row i, column j) on the Hilbert curve through the square
+# of side 2^levels (x = j runs first): per level, from the top, the quadrant's index along the
 # curve (0 .. 3 = (3 rx) xor ry) times the quadrant's size, then the
 # coordinates inside the quadrant, turned into the frame in which the curve
 # enters it (reflected and transposed for the lower quadrants).
