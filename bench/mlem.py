@@ -29,7 +29,10 @@ write and read the update, read and write x; counted as (3 D + 3 P) * 4 B
 per image with the element-wise work fused into the products (P rays,
 D pixels). Those bytes divided by the time per iteration is the achieved
 bandwidth, reported as a fraction of the copy bandwidth of a large torch
-tensor measured at the start of the run (read + write bytes / time). The
+tensor measured at the start of the run (read + write bytes / time), the
+machine's memory bandwidth; a third line compares it with a copy as large
+as the working set, which may stay in the last-level cache (this 2-vCPU
+VM's L3 is 260 MiB: such a copy runs about twice as fast). The
 kernels store column indices in 16 bits where a matrix part has at most
 65536 columns, so they stream fewer bytes than an int32-index CSR: the
 second bandwidth line counts those (lower: the same time, fewer bytes).
@@ -62,8 +65,8 @@ from tomography_utils.mlem import mlem # pylint: disable=wrong-import-position
 #----------------------------------------------------------------------------
 # Copy bandwidth of a large tensor: (read + write bytes) / best time.
 
-def copy_bandwidth(mib: int = 512, repeats: int = 7) -> float:
-    src = torch.ones(mib * 2**20 // 4)
+def copy_bandwidth(mib: float = 512, repeats: int = 7) -> float:
+    src = torch.ones(int(mib * 2**20) // 4)
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats):
@@ -140,7 +143,7 @@ def bench_resolution(n: int, batch: int, iters: int, single_images: int, repeats
     best = {k: max(v) for k, v in rates.items() if v}
     median = {k: statistics.median(v) for k, v in rates.items() if v}
 
-    matrix_bytes = 2 * (nnz * 8 + (p + d + 2) * 4)                     # A and A^T: values, int32 columns, row pointers.
+    matrix_bytes = 2 * nnz * 8 + (p + 1 + d + 1) * 4                   # A and A^T: values, int32 columns, row pointers.
     _, parts, back, _ = mlem_module.subset_operators(sm, 1, mlem_module.n_groups(sm, batch))[0]
     actual_matrix_bytes = sum(m.values().numel() * (4 + (2 if cols16 is not None else 4)) + (m.shape[0] + 1) * 4
         for m, _, _, cols16 in parts + back)                             # What the kernels stream (16-bit columns where they fit).
@@ -160,6 +163,10 @@ def bench_resolution(n: int, batch: int, iters: int, single_images: int, repeats
         f'({(matrix_bytes + dense_bytes) / 2**20:.1f} MiB per batch iteration; goal >= 60%)')
     print(f'                    {actual / 1e9:7.2f} GB/s = {actual / copy_bw:.0%} counting the bytes the kernels stream '
         f'({(actual_matrix_bytes + dense_bytes) / 2**20:.1f} MiB: 16-bit column indices where a part has <= 65536 columns)')
+    working_set = (matrix_bytes + dense_bytes) / 2**20
+    cached_bw = copy_bandwidth(working_set / 2, repeats=50)              # Source + destination = the working set.
+    print(f'                    {achieved / cached_bw:.0%} of the {cached_bw / 1e9:.1f} GB/s of a copy as large as the working set '
+        f'({working_set:.1f} MiB; it may fit in the caches, which the large copy above does not)')
     print(f'  compute           {4 * nnz * best["batched"] / 1e9:7.1f} GFLOP/s in the two sparse products')
 
 #----------------------------------------------------------------------------
