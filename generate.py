@@ -62,6 +62,7 @@ flag for files from a trusted source only.
 import gzip
 import io
 import os
+import tempfile
 import time
 
 import hydra
@@ -82,6 +83,7 @@ config_mod.register()
 
 SOLVERS = solvers.SOLVERS
 FORMATS = ('png', 'npz', 'nifti')
+SEED_LIMIT = 2 ** 32                    # Seeds of the per-sample generators: [0, 2^32).
 WARP_K_DEFAULT = config_mod.SamplingConfig.warp_k # The only warp_k accepted with steps other than logsnr_warped.
 
 #----------------------------------------------------------------------------
@@ -178,6 +180,11 @@ def _check(scfg: dict) -> list[int]:
         raise ValueError(f'sampling.sigma_min / sigma_max: need 0 < sigma_min < sigma_max, got {scfg["sigma_min"]}, {scfg["sigma_max"]}')
     if not np.isfinite(scfg['guidance']):
         raise ValueError(f'sampling.guidance must be a finite number, got {scfg["guidance"]}')
+    if not scfg['rho'] > 0:
+        raise ValueError(f'sampling.rho must be > 0, got {scfg["rho"]}')
+    if not (scfg['S_noise'] >= 0 and scfg['S_min'] <= scfg['S_max']):
+        raise ValueError(f'sampling.S_noise / S_min / S_max: need S_noise >= 0 and S_min <= S_max, got {scfg["S_noise"]}, '
+            f'{scfg["S_min"]}, {scfg["S_max"]}')
     if scfg['S_churn'] < 0:
         raise ValueError(f'sampling.S_churn must be >= 0, got {scfg["S_churn"]}')
     if scfg['S_churn'] > 0 and scfg['solver'] not in solvers.STOCHASTIC_CHURN_SOLVERS:
@@ -188,6 +195,8 @@ def _check(scfg: dict) -> list[int]:
         raise ValueError('sampling.seeds: no seeds given')
     if len(set(seeds)) != len(seeds):
         raise ValueError('sampling.seeds: seeds repeat')
+    if min(seeds) < 0 or max(seeds) >= SEED_LIMIT: # Generators take seeds mod 2^32: two seeds would give one sample.
+        raise ValueError(f'sampling.seeds: seeds must be in [0, 2**32), got {min(seeds) if min(seeds) < 0 else max(seeds)}')
     return seeds
 
 #----------------------------------------------------------------------------
@@ -447,12 +456,22 @@ def run(cfg: DictConfig) -> None:
     if not conditional and scfg['cond_dataset'] is not None:
         raise ValueError('sampling.cond_dataset: the network takes no condition images (cond_channels=0)')
     conds = load_conditions(net, scfg, snapshot) if conditional else None
+    if conditional and not 0 <= scfg['cond_seed'] <= SEED_LIMIT - scfg['samples_per_cond'] * (max(conds['indices']) + 1):
+        raise ValueError(f'sampling.cond_seed={scfg["cond_seed"]}: the seeds cond_seed + item * samples_per_cond + j must stay in [0, 2**32)')
 
-    # Output location.
+    # Output location: made, and a file written to it, on rank 0 before any sampling; every rank learns the outcome.
     outdir = scfg['outdir'] or os.path.splitext(scfg['network_pkl'])[0] + '-samples'
+    problem = None
     if rank == 0:
-        os.makedirs(outdir, exist_ok=True)
-    dist.barrier()
+        try:
+            os.makedirs(outdir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=outdir):
+                pass
+        except OSError as err:
+            problem = f'sampling.outdir: cannot write to {outdir} ({err.strerror or err})'
+    problem = dist.broadcast_object(problem)
+    if problem is not None:
+        raise ValueError(problem)
 
     # Generate.
     if not conditional:

@@ -3,6 +3,7 @@
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -106,6 +107,9 @@ def test_multistep_solver_and_guidance_per_seed(snapshots):
     (['sampling.format=tiff'], "sampling.format: expected one of png, npz, nifti, got 'tiff'"),
     (['sampling.class_idx=1'], 'sampling.class_idx=1: the network has 0 classes'),
     (['sampling.guidance=2'], 'sampling.guidance=2: classifier-free guidance needs a class-conditional network'),
+    (['sampling.rho=0'], 'sampling.rho must be > 0, got 0'),
+    (['sampling.seeds=[0,4294967296]'], 'sampling.seeds: seeds must be in [0, 2**32), got 4294967296'),
+    (['sampling.seeds=[-1,3]'], 'sampling.seeds: seeds must be in [0, 2**32), got -1'),
 ])
 def test_bad_sampling_input(snapshots, args, message):
     folder, paths = snapshots
@@ -113,7 +117,21 @@ def test_bad_sampling_input(snapshots, args, message):
     proc = _generate(folder, paths['uncond'], out, 0, *args)
     assert proc.returncode == 1
     assert f'error: {message}' in proc.stderr, proc.stderr[-2000:]
-    assert not os.path.exists(out / 'images.npz')
+    assert not os.path.exists(out)
+
+@pytest.mark.parametrize('nproc', [0, 2])
+def test_unwritable_outdir_fails_before_sampling(snapshots, nproc):
+    # An output "folder" that is a file, or lies below one: one clear line from every rank, no traceback.
+    folder, paths = snapshots
+    blocker = folder / 'a-file'
+    blocker.write_text('x')
+    for outdir in (blocker, blocker / 'sub'):
+        proc = _generate(folder, paths['uncond'], outdir, nproc, 'sampling.seeds=0-3')
+        assert proc.returncode == 1 and f'error: sampling.outdir: cannot write to {outdir}' in proc.stderr, proc.stderr[-2000:]
+        assert not re.search(r'File ".*generate\.py", line|File ".*/(training|torch_utils)/', proc.stderr), proc.stderr[-2000:] # torchrun's own summary only.
+        assert 'Generating' not in proc.stdout
+        if nproc == 2:
+            assert proc.stderr.count('error: sampling.outdir') == 2
 
 def test_missing_snapshot_argument(snapshots):
     folder, _ = snapshots
