@@ -117,6 +117,8 @@ def pet(network_pkl, data, val_data, outdir, samples, solver, discretization, st
     if test['full'].shape[-1] != net.img_resolution:
         raise click.ClickException(f'{data}: images are {test["full"].shape[-1]}x{test["full"].shape[-1]}, '
             f'the network expects {net.img_resolution}x{net.img_resolution}')
+    if net.img_resolution < 11: # Before sampling: SSIM's 11 x 11 window would refuse them afterwards.
+        raise click.ClickException(f'{data}: images of {net.img_resolution}x{net.img_resolution} are smaller than the SSIM window (11)')
     os.makedirs(outdir, exist_ok=True)
 
     # Methods.

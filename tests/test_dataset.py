@@ -171,6 +171,16 @@ def test_png_folder_errors(tmp_path):
     write_png(str(tmp_path / 'r' / 'a.png'), np.zeros((4, 6), np.uint8))
     with pytest.raises(ValueError, match='square'):
         ImageFolderDataset(tmp_path / 'r')
+    # A 16-bit RGB PNG (written by hand: Pillow cannot write one) is refused, not cut to its high bytes.
+    import struct, zlib
+    chunk = lambda tag, data: struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data))
+    rgb16 = (np.arange(4 * 4 * 3).reshape(4, 4, 3) * 1000 + 7).astype('>u2')
+    raw = b''.join(b'\x00' + row.tobytes() for row in rgb16)
+    (tmp_path / 'h').mkdir()
+    (tmp_path / 'h' / 'a.png').write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 4, 4, 16, 2, 0, 0, 0))
+        + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+    with pytest.raises(ValueError, match=r"a.png: 16-bit colour PNG \(RGB;16B\): Pillow reads only the high byte"):
+        ImageFolderDataset(tmp_path / 'h')[0]
 
 #----------------------------------------------------------------------------
 # image_io.

@@ -40,10 +40,12 @@ def test_psnr_and_nrmse_golden():
     assert metrics.psnr(x, ref, data_range=1.0)[0] == pytest.approx(20.0)
     assert metrics.nrmse(x, ref)[0] == pytest.approx(0.1)
     assert metrics.psnr(x, ref, data_range=2.0)[0] == pytest.approx(20.0 + 20 * np.log10(2))
+    assert metrics.psnr(x, ref, data_range=np.int64(2))[0] == pytest.approx(20.0 + 20 * np.log10(2)) # numpy numbers too.
 
 @pytest.mark.parametrize('call, message', [
     (lambda: metrics.psnr(np.ones((4, 4)), np.ones((5, 4)), 1.0), 'does not match reference shape'),
     (lambda: metrics.psnr(np.ones((4, 4)), np.ones((4, 4)), 0), 'data_range must be a positive number, got 0'),
+    (lambda: metrics.psnr(np.ones((4, 4)), np.ones((4, 4)), True), 'data_range must be a positive number, got True'),
     (lambda: metrics.ssim(np.ones((8, 8)), np.ones((8, 8)), 1.0), 'smaller than the SSIM window'),
 ])
 def test_metric_errors(call, message):

@@ -37,6 +37,7 @@ def test_normalisation_round_trip_and_scale_from_condition(pet_dir):
     back = pet_dataset.pet_denormalize(torch.as_tensor(item['image'])[None], scale)[0].numpy()
     assert np.allclose(back, raw['full'][3], rtol=1e-5, atol=1e-3)
     assert item['cond'].min() == pytest.approx(-1, abs=1e-3) # (Almost) zero activity -> -1.
+    assert ds[-5]['idx'] == 3 and np.array_equal(ds[-5]['image'], item['image']) # Negative indices as in Python.
 
 def test_simulation_on_device_is_seeded(pet_dir):
     ds = pet_dataset.PETDataset(str(pet_dir / 'train.npz'), simulate=True, n_iter=5, cache_dir=str(pet_dir / 'proj'))

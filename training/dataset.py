@@ -276,6 +276,10 @@ def read_png(fname: str) -> tuple[np.ndarray, int]:
             mode = img.mode
             if mode not in _PNG_MODES:
                 raise ValueError(f'unsupported image mode {mode!r} (use 8-bit L/RGB or 16-bit grayscale PNGs)')
+            raw_mode = str(img.tile[0].args) if getattr(img, 'tile', None) else ''
+            if _PNG_MODES[mode] == 8 and ';16' in raw_mode: # Pillow would keep only the high byte of each sample.
+                raise ValueError(f'16-bit colour PNG ({raw_mode}): Pillow reads only the high byte of its samples; '
+                    f'use 8-bit L/RGB or 16-bit grayscale PNGs')
             image = np.array(img)
     except FileNotFoundError:
         raise FileNotFoundError(f'image file not found: {fname}') from None

@@ -9,6 +9,8 @@ sigma 1.5, K1 = 0.01, K2 = 0.03, C1 = (K1 L)^2, C2 = (K2 L)^2, averaged over
 the valid (unpadded) window positions. L is the data range, which changes both
 PSNR and SSIM, so every function takes it explicitly (no default)."""
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -31,7 +33,7 @@ def _check_pair(x, ref) -> tuple[torch.Tensor, torch.Tensor]:
     return x, ref
 
 def _check_range(data_range: float) -> float:
-    if not (isinstance(data_range, (int, float, np.floating)) and np.isfinite(data_range) and data_range > 0):
+    if not (isinstance(data_range, numbers.Real) and not isinstance(data_range, bool) and np.isfinite(data_range) and data_range > 0):
         raise ValueError(f'metrics: data_range must be a positive number, got {data_range!r}')
     return float(data_range)
 

@@ -78,6 +78,7 @@ class PETDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         idx = int(idx)
+        idx = idx + len(self) if idx < 0 else idx # Python's negative indices, as the other datasets.
         if not 0 <= idx < len(self):
             raise IndexError(f'dataset index {idx} out of range for {len(self)} items')
         item = dict(phantom=self._phantoms[idx], idx=idx)
