@@ -94,8 +94,11 @@ def build_pet_phantoms(
 
 #----------------------------------------------------------------------------
 # A user's own phantoms: an .npz with `phantoms` [N, R, R] or [N, 1, R, R], or a
-# NIfTI volume (X, Y, Z) whose axial slices (last axis) that hold activity
-# become phantoms; slices of another size are resampled to `resolution`.
+# NIfTI volume whose axial slices that hold activity become phantoms, turned
+# by its affine to the closest RAS orientation and shown as the MNI phantoms
+# are (anterior at the top, the subject's right on the right); slices of
+# another size are resampled to `resolution` (Gaussian prefilter when
+# shrinking, as mri_phantoms.antialias, so thin structures do not alias).
 
 def load_user_phantoms(path: str, resolution: int) -> dict:
     """Return dict(phantoms float32 [N,1,R,R], subject, slice) from an npz or NIfTI file."""
@@ -113,11 +116,14 @@ def load_user_phantoms(path: str, resolution: int) -> dict:
             raise ValueError(f'--phantoms: "phantoms" in {path} must be [N, R, R] or [N, 1, R, R], got {images.shape}')
     elif path.endswith(('.nii', '.nii.gz')):
         import nibabel as nib
-        volume = np.asarray(nib.load(path).get_fdata(), dtype=np.float32)
-        if volume.ndim != 3 or volume.shape[0] != volume.shape[1]:
-            raise ValueError(f'--phantoms: {path} must be a 3-D volume with square axial slices, got shape {volume.shape}')
+        image = nib.load(path)
+        if len(image.shape) != 3:
+            raise ValueError(f'--phantoms: {path} must be a 3-D volume with square axial slices, got shape {image.shape}')
+        volume = np.asarray(nib.as_closest_canonical(image).get_fdata(), dtype=np.float32) # Axes x (right), y (anterior), z.
+        if volume.shape[0] != volume.shape[1]:
+            raise ValueError(f'--phantoms: {path} must be a 3-D volume with square axial slices, got shape {volume.shape} (RAS order)')
         keep = volume.reshape(-1, volume.shape[2]).max(0) > 0
-        images = np.moveaxis(volume[:, :, keep], 2, 0)
+        images = np.ascontiguousarray(np.moveaxis(volume[:, :, keep], 2, 0).transpose(0, 2, 1)[:, ::-1]) # Rows: y downwards.
     else:
         raise ValueError(f'--phantoms: expected an .npz or a NIfTI (.nii, .nii.gz) file, got {path}')
     if len(images) == 0:
@@ -125,6 +131,9 @@ def load_user_phantoms(path: str, resolution: int) -> dict:
     if not (np.isfinite(images).all() and (images >= 0).all()):
         raise ValueError(f'--phantoms: {path} must hold finite, non-negative activity')
     if images.shape[-1] != resolution:
+        step = images.shape[-1] / resolution                           # Input pixels per output pixel.
+        if step > 1:
+            images = ndimage.gaussian_filter(images, sigma=(0, (step - 1) / 2, (step - 1) / 2), mode='constant')
         images = np.stack([ndimage.zoom(im, resolution / im.shape[-1], order=1) for im in images]).clip(0, None)
     return dict(phantoms=images[:, None].astype(np.float32), subject=np.zeros(len(images), dtype=np.int64),
         slice=np.arange(len(images), dtype=np.int64))
