@@ -12,6 +12,12 @@ produces un-augmented images. Only geometric operations exist here (no colour
 operations), so any channel count works, and the same per-sample transform
 is applied jointly to the batch's `image`, `cond` and `mask`.
 
+The geometry matches EDM's pipe; the label values are this project's own
+encoding below (the transform's actual parameters), not EDM's raw random
+draws, which differ by constant factors and the rotation's sign. At sampling
+both are zero; an imported EDM network fine-tuned here with augmentation
+would see differently scaled labels than it was trained with.
+
 Augment labels, (N, 9) float32, all zeros for the identity:
     0  xflip        1 if mirrored left-right, else 0
     1  yflip        1 if mirrored top-bottom, else 0
