@@ -8,7 +8,8 @@ import generate
 
 def _scfg(**kw):
     scfg = dict(network_pkl='net.pkl', seeds='0-3', batch=4, format='npz', solver='heun', discretization='edm',
-        num_steps=18, sigma_min=0.002, sigma_max=80, S_churn=0, guidance=1, samples_per_cond=8)
+        num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1,
+        samples_per_cond=8)
     scfg.update(kw)
     return scfg
 
@@ -18,6 +19,9 @@ def _scfg(**kw):
     (dict(num_steps=0), 'sampling.num_steps must be >= 1, got 0'),
     (dict(solver='dpmpp_2m', S_churn=5), "sampling.S_churn applies to the heun and euler solvers, not 'dpmpp_2m'"),
     (dict(S_churn=-1), 'sampling.S_churn must be >= 0, got -1'),
+    (dict(rho=-7), 'sampling.rho must be > 0, got -7'),
+    (dict(S_min=2, S_max=1), 'sampling.S_noise / S_min / S_max: need S_noise >= 0 and S_min <= S_max, got 1, 2, 1'),
+    (dict(seeds='0,4294967296'), 'sampling.seeds: seeds must be in [0, 2**32), got 4294967296'),
     (dict(sigma_min=1, sigma_max=0.5), 'sampling.sigma_min / sigma_max: need 0 < sigma_min < sigma_max'),
     (dict(guidance=float('nan')), 'sampling.guidance must be a finite number'),
     (dict(samples_per_cond=0), 'sampling.samples_per_cond must be >= 1, got 0'),
