@@ -122,6 +122,9 @@ def test_resume_with_another_network_is_refused(tmp_path, data):
     state = sorted(glob.glob(str(tmp_path / 'a' / 'training-state-*.pt')))[-1]
     with pytest.raises(ValueError, match=re.escape(f'{state} does not fit the configured training.network (net: Error(s) in loading state_dict')):
         _train(tmp_path / 'b', data, resume_state=state, network_kwargs=dict(NETWORK, model_channels=16))
+    with pytest.raises(ValueError, match=re.escape(f'{state} was trained with the optimizer torch.optim.adam.Adam, not the configured '
+            f'training.optimizer torch.optim.sgd.SGD')): # torch itself loads Adam's state into SGD without a word.
+        _train(tmp_path / 'c', data, resume_state=state, optimizer_kwargs=dict(_target_='torch.optim.SGD', lr=1e-2, momentum=0.9))
 
 def test_gradient_accumulation_runs_all_rounds(tmp_path, data):
     # batch_gpu=1 -> 4 accumulation rounds per step; every image counts in Loss/loss (per pixel).

@@ -153,6 +153,10 @@ def training_loop(
     if resume_state is not None:
         dist.print0(f'Resuming from "{resume_state}"...')
         state = training_state.load_state(resume_state)
+        optimizer_class = f'{type(optimizer).__module__}.{type(optimizer).__qualname__}'
+        if state.get('optimizer_class', optimizer_class) != optimizer_class: # torch would load one optimizer's state into another.
+            raise ValueError(f'{resume_state} was trained with the optimizer {state["optimizer_class"]}, not the configured '
+                f'training.optimizer {optimizer_class}; resume with the configuration of that run, or resume=none')
         for key, value in (('seed', seed), ('batch_size', batch_size)):
             if key in state and int(state[key]) != value:
                 raise ValueError(f'training.{key}={value} differs from the {key}={int(state[key])} of {resume_state}; '
@@ -331,6 +335,7 @@ def training_loop(
                     total_elapsed_time=time.time() - start_time,
                     nonfinite_total=nonfinite_total, nonfinite_run=nonfinite_run,
                     net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                    optimizer_class=f'{type(optimizer).__module__}.{type(optimizer).__qualname__}',
                     loss_fn=(loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None),
                     grad_scaler=(grad_scaler.state_dict() if grad_scaler is not None else None),
                 ))
