@@ -124,18 +124,19 @@ def _check_image_arg(x: torch.Tensor, system_matrix: SystemMatrix, batch: int, n
 # iteration of the torch path (193 -> 94 ms, one thread). On GPUs there is
 # one group.
 
-LOOP_ORDER = 'hilbert'                  # Names the in-loop pixel and ray orders in the operator caches.
 MIN_GROUP_PIXELS = 8                    # Fewest pixels per cache-blocking group.
 BLOCK_BYTES = 1 << 20                   # Target size of one group's block of X or f on CPU.
 MAX_CACHED = 4                          # Operator sets (subsets x groups) kept per system matrix.
 
-# Position of cell (row i, column j) on the Hilbert curve through the square
-# of side 2^levels (x = j runs first): per level, from the top, the quadrant's index along the
-# curve (0 .. 3 = (3 rx) xor ry) times the quadrant's size, then the
-# coordinates inside the quadrant, turned into the frame in which the curve
-# enters it (reflected and transposed for the lower quadrants).
-def hilbert_index(i: torch.Tensor, j: torch.Tensor, levels: int) -> torch.Tensor:
+# Position of cell (row i, column j), i, j >= 0, on the Hilbert curve through
+# the smallest square of side 2^levels that holds them (x = j runs first):
+# per level, from the top, the quadrant's index along the curve
+# (0 .. 3 = (3 rx) xor ry) times the quadrant's size, then the coordinates
+# inside the quadrant, turned into the frame in which the curve enters it
+# (reflected and transposed for the lower quadrants).
+def hilbert_index(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     x, y, d = j.long(), i.long(), torch.zeros(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.long, device=i.device)
+    levels = max(int(x.max()), int(y.max()), 1).bit_length()
     for level in reversed(range(levels)):
         s = 1 << level
         rx, ry = (x >> level) & 1, (y >> level) & 1
@@ -150,7 +151,7 @@ def hilbert_index(i: torch.Tensor, j: torch.Tensor, levels: int) -> torch.Tensor
 def pixel_order(resolution: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     i = torch.arange(resolution, device=device)[:, None]
     j = torch.arange(resolution, device=device)[None, :]
-    key = hilbert_index(i, j, max(resolution - 1, 1).bit_length())
+    key = hilbert_index(i, j)
     order = torch.argsort(key.reshape(-1))
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=device)
@@ -163,7 +164,7 @@ def subset_rays(system_matrix: SystemMatrix, k: int, n_subsets: int) -> torch.Te
     dev = system_matrix.device
     angles = torch.arange(k, system_matrix.n_angles, n_subsets, device=dev)
     bins = torch.arange(system_matrix.n_bins, device=dev)
-    key = hilbert_index(torch.arange(len(angles), device=dev)[None, :], bins[:, None], max(max(len(bins), len(angles)) - 1, 1).bit_length())
+    key = hilbert_index(torch.arange(len(angles), device=dev)[None, :], bins[:, None])
     rays = (angles[None, :] * system_matrix.n_bins + bins[:, None]).reshape(-1)
     return rays[torch.argsort(key.reshape(-1))]
 
@@ -182,7 +183,7 @@ def n_groups(system_matrix: SystemMatrix, batch: int, n_subsets: int = 1) -> tup
 # concatenated (rays[row] = stored ray: the rows of the loop's sinograms)
 # and its inverse (slot[stored ray] = row).
 def loop_layout(system_matrix: SystemMatrix, n_subsets: int) -> tuple[torch.Tensor, ...]:
-    key = ('layout', n_subsets, LOOP_ORDER)
+    key = ('layout', n_subsets)
     if key not in system_matrix._derived:
         dev = system_matrix.device
         order, rank = pixel_order(system_matrix.resolution, dev)
@@ -202,7 +203,7 @@ def loop_layout(system_matrix: SystemMatrix, n_subsets: int) -> tuple[torch.Tens
 # row's nonzeros are sorted by column (the order of the sums).
 
 def subset_operators(system_matrix: SystemMatrix, n_subsets: int, groups: tuple[int, int] = (1, 1)) -> list[tuple]:
-    key = ('subsets', n_subsets, tuple(groups), LOOP_ORDER)
+    key = ('subsets', n_subsets, tuple(groups))
     if key in system_matrix._derived:
         return system_matrix._derived[key]
     sm, dev = system_matrix, system_matrix.device

@@ -272,7 +272,9 @@ void medEDM_run(const job_t *steps, int n_steps, int repeats, int threads)
   i split over the threads. At 64 x 64, B = 64, 2 threads: 0.15 ms for the
   sinograms (2 MB; torch's transposing copy and row gather: 0.55 ms) and
   0.10 ms for the images (torch: 0.29 ms; 16 x 16 blocks: 0.5 ms, since
-  the 16 output rows of a block, 16 KB apart, share one L1 set). */
+  the 16 output rows of a block, 16 KB apart, share one L1 set). With the
+  Hilbert pixel order of mlem.py the images take 0.22 ms: a block's 16
+  pixels land in 4 image rows, 4 pixels each. */
 
 #define BI 16                           /* Rows i per block. */
 #define BJ_ROWS 16                      /* Columns j per block where out's rows are contiguous in j ... */
