@@ -140,6 +140,7 @@ def training_loop(
     loss_params = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
     params = list(net.parameters()) + loss_params
     optimizer = misc.construct_class(optimizer_kwargs, 'training.optimizer', params=params)
+    optimizer_class = f'{type(optimizer).__module__}.{type(optimizer).__qualname__}' # Kept in the training state.
     base_lrs = [group['lr'] for group in optimizer.param_groups]
     grad_scaler = torch.amp.GradScaler('cuda') if precision == 'fp16' else None
     autocast_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
@@ -153,7 +154,6 @@ def training_loop(
     if resume_state is not None:
         dist.print0(f'Resuming from "{resume_state}"...')
         state = training_state.load_state(resume_state)
-        optimizer_class = f'{type(optimizer).__module__}.{type(optimizer).__qualname__}'
         if state.get('optimizer_class', optimizer_class) != optimizer_class: # torch would load one optimizer's state into another.
             raise ValueError(f'{resume_state} was trained with the optimizer {state["optimizer_class"]}, not the configured '
                 f'training.optimizer {optimizer_class}; resume with the configuration of that run, or resume=none')
@@ -335,7 +335,7 @@ def training_loop(
                     total_elapsed_time=time.time() - start_time,
                     nonfinite_total=nonfinite_total, nonfinite_run=nonfinite_run,
                     net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                    optimizer_class=f'{type(optimizer).__module__}.{type(optimizer).__qualname__}',
+                    optimizer_class=optimizer_class,
                     loss_fn=(loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None),
                     grad_scaler=(grad_scaler.state_dict() if grad_scaler is not None else None),
                 ))
