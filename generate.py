@@ -83,7 +83,6 @@ config_mod.register()
 
 SOLVERS = solvers.SOLVERS
 FORMATS = ('png', 'npz', 'nifti')
-SEED_LIMIT = 2 ** 32                    # Seeds of the per-sample generators: [0, 2^32).
 WARP_K_DEFAULT = config_mod.SamplingConfig.warp_k # The only warp_k accepted with steps other than logsnr_warped.
 
 #----------------------------------------------------------------------------
@@ -195,7 +194,7 @@ def _check(scfg: dict) -> list[int]:
         raise ValueError('sampling.seeds: no seeds given')
     if len(set(seeds)) != len(seeds):
         raise ValueError('sampling.seeds: seeds repeat')
-    if min(seeds) < 0 or max(seeds) >= SEED_LIMIT: # Generators take seeds mod 2^32: two seeds would give one sample.
+    if min(seeds) < 0 or max(seeds) >= sampling.SEED_LIMIT: # Generators take seeds mod 2^32: two seeds would give one sample.
         raise ValueError(f'sampling.seeds: seeds must be in [0, 2**32), got {min(seeds) if min(seeds) < 0 else max(seeds)}')
     return seeds
 
@@ -456,7 +455,7 @@ def run(cfg: DictConfig) -> None:
     if not conditional and scfg['cond_dataset'] is not None:
         raise ValueError('sampling.cond_dataset: the network takes no condition images (cond_channels=0)')
     conds = load_conditions(net, scfg, snapshot) if conditional else None
-    if conditional and not 0 <= scfg['cond_seed'] <= SEED_LIMIT - scfg['samples_per_cond'] * (max(conds['indices']) + 1):
+    if conditional and not 0 <= scfg['cond_seed'] <= sampling.SEED_LIMIT - scfg['samples_per_cond'] * (max(conds['indices']) + 1):
         raise ValueError(f'sampling.cond_seed={scfg["cond_seed"]}: the seeds cond_seed + item * samples_per_cond + j must stay in [0, 2**32)')
 
     # Output location: made, and a file written to it, on rank 0 before any sampling; every rank learns the outcome.

@@ -97,8 +97,8 @@ def build_pet_phantoms(
 # NIfTI volume whose axial slices that hold activity become phantoms, turned
 # by its affine to the closest RAS orientation and shown as the MNI phantoms
 # are (anterior at the top, the subject's right on the right); slices of
-# another size are resampled to `resolution` (Gaussian prefilter when
-# shrinking, as mri_phantoms.antialias, so thin structures do not alias).
+# another size are resampled to `resolution` (with mri_phantoms.antialias's
+# Gaussian prefilter when shrinking, so thin structures do not alias).
 
 def load_user_phantoms(path: str, resolution: int) -> dict:
     """Return dict(phantoms float32 [N,1,R,R], subject, slice) from an npz or NIfTI file."""
@@ -130,10 +130,8 @@ def load_user_phantoms(path: str, resolution: int) -> dict:
         raise ValueError(f'--phantoms: {path} holds no slice with activity')
     if not (np.isfinite(images).all() and (images >= 0).all()):
         raise ValueError(f'--phantoms: {path} must hold finite, non-negative activity')
-    if images.shape[-1] != resolution:
-        step = images.shape[-1] / resolution                           # Input pixels per output pixel.
-        if step > 1:
-            images = ndimage.gaussian_filter(images, sigma=(0, (step - 1) / 2, (step - 1) / 2), mode='constant')
+    if images.shape[-1] != resolution:                                  # Slices as the volume's last axis, as antialias takes them.
+        images = np.moveaxis(mri_phantoms.antialias(np.moveaxis(images, 0, -1), images.shape[-1], resolution), -1, 0)
         images = np.stack([ndimage.zoom(im, resolution / im.shape[-1], order=1) for im in images]).clip(0, None)
     return dict(phantoms=images[:, None].astype(np.float32), subject=np.zeros(len(images), dtype=np.int64),
         slice=np.arange(len(images), dtype=np.int64))

@@ -330,9 +330,11 @@ class PerSampleNet(torch.nn.Module):
 # One torch.Generator per sample: what sample i receives depends only on its
 # seed, never on the batch it lands in or the number of processes.
 
+SEED_LIMIT = 1 << 32                    # Seeds are taken modulo this: callers keep them in [0, SEED_LIMIT).
+
 class StackedRandomGenerator:
     def __init__(self, device: torch.device | str, seeds):
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % SEED_LIMIT) for seed in seeds]
 
     def randn(self, size, **kwargs) -> torch.Tensor:
         if size[0] != len(self.generators):
