@@ -149,7 +149,7 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
     import torch
     from tomography_utils.dose import phantom_counts, simulate_dose
     from tomography_utils.projector import get_system_matrix
-    from training import pet_phantoms
+    from training.pet import phantoms as pet_phantoms
     if not dest.endswith('.npz'):
         raise click.BadParameter(f'--dest must end with .npz, got {dest!r}', param_hint='--dest')
     t0 = time.time()

@@ -74,8 +74,8 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from training import config as config_mod
-from training import edm_import
 from training import image_io
+from training import network_snapshot
 from training import sampling
 from training import solvers
 
@@ -83,7 +83,6 @@ config_mod.register()
 
 SOLVERS = solvers.SOLVERS
 FORMATS = ('png', 'npz', 'nifti')
-WARP_K_DEFAULT = config_mod.SamplingConfig.warp_k # The only warp_k accepted with steps other than logsnr_warped.
 
 #----------------------------------------------------------------------------
 # Per-batch progress line on rank 0: images done, time per batch, remaining time.
@@ -106,9 +105,7 @@ class Progress:
 # Solver settings of the config, as keyword arguments of sampling.sample.
 
 def sampler_kwargs(scfg: dict) -> dict:
-    keys = ('solver', 'discretization', 'corrector', 'afs', 'sigma_c', 'warp_k', 'num_steps', 'sigma_min', 'sigma_max', 'rho',
-        'S_churn', 'S_min', 'S_max', 'S_noise', 'guidance')
-    return {k: scfg[k] for k in keys}
+    return {k: scfg[k] for k in sampling.SAMPLER_KEYS}
 
 #----------------------------------------------------------------------------
 # Unconditional / class-conditional generation, one batch of seeds at a time.
@@ -142,53 +139,13 @@ def generate_images(
 def _check(scfg: dict) -> list[int]:
     if not scfg['network_pkl']:
         raise ValueError('sampling.network_pkl is required: the network-snapshot-*.pkl to sample from')
-    if scfg['solver'] not in SOLVERS:
-        raise ValueError(f'sampling.solver: unknown solver {scfg["solver"]!r} (choose from {", ".join(SOLVERS)})')
-    if scfg['discretization'] not in sampling.DISCRETIZATIONS:
-        raise ValueError(f'sampling.discretization: unknown discretization {scfg["discretization"]!r} (choose from {", ".join(sampling.DISCRETIZATIONS)})')
-    corrector, afs = scfg.get('corrector', 'none'), scfg.get('afs', False)
-    if corrector not in solvers.CORRECTORS:
-        raise ValueError(f'sampling.corrector: unknown corrector {corrector!r} (choose from {", ".join(solvers.CORRECTORS)})')
-    if corrector != 'none' and scfg['solver'] not in solvers.MULTISTEP_SOLVERS:
-        raise ValueError(f'sampling.corrector={corrector} applies to the {" and ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {scfg["solver"]!r}')
-    if afs and scfg['solver'] not in solvers.MULTISTEP_SOLVERS:
-        raise ValueError(f'sampling.afs applies to the {" and ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {scfg["solver"]!r}')
-    if afs and scfg['num_steps'] < 2:
-        raise ValueError(f'sampling.afs needs sampling.num_steps >= 2, got {scfg["num_steps"]}')
-    sigma_c, warp_k = scfg.get('sigma_c'), scfg.get('warp_k', WARP_K_DEFAULT)
-    if sigma_c is not None and not 0 < sigma_c < float('inf'):
-        raise ValueError(f'sampling.sigma_c must be a noise level > 0 or null (the network\'s sigma_data), got {sigma_c}')
-    if not 0 <= warp_k < float('inf'):
-        raise ValueError(f'sampling.warp_k must be >= 0 (0 = uniform log-SNR steps), got {warp_k}')
-    if scfg['discretization'] != 'logsnr_warped': # Both would be ignored silently.
-        if sigma_c is not None:
-            raise ValueError(f'sampling.sigma_c applies to sampling.discretization=logsnr_warped only, not '
-                f'{scfg["discretization"]!r} (set sampling.sigma_c=null)')
-        if warp_k != WARP_K_DEFAULT:
-            raise ValueError(f'sampling.warp_k applies to sampling.discretization=logsnr_warped only, not '
-                f'{scfg["discretization"]!r} (leave sampling.warp_k at {WARP_K_DEFAULT})')
+    sampling.check_sampler_options(scfg, prefix='sampling.')
     if scfg['format'] not in FORMATS:
         raise ValueError(f'sampling.format: expected one of {", ".join(FORMATS)}, got {scfg["format"]!r}')
-    if scfg['num_steps'] < 1:
-        raise ValueError(f'sampling.num_steps must be >= 1, got {scfg["num_steps"]}')
     if scfg['batch'] < 1:
         raise ValueError(f'sampling.batch must be >= 1, got {scfg["batch"]}')
     if scfg['samples_per_cond'] < 1:
         raise ValueError(f'sampling.samples_per_cond must be >= 1, got {scfg["samples_per_cond"]}')
-    if not (0 < scfg['sigma_min'] < scfg['sigma_max']):
-        raise ValueError(f'sampling.sigma_min / sigma_max: need 0 < sigma_min < sigma_max, got {scfg["sigma_min"]}, {scfg["sigma_max"]}')
-    if not np.isfinite(scfg['guidance']):
-        raise ValueError(f'sampling.guidance must be a finite number, got {scfg["guidance"]}')
-    if not scfg['rho'] > 0:
-        raise ValueError(f'sampling.rho must be > 0, got {scfg["rho"]}')
-    if not (scfg['S_noise'] >= 0 and scfg['S_min'] <= scfg['S_max']):
-        raise ValueError(f'sampling.S_noise / S_min / S_max: need S_noise >= 0 and S_min <= S_max, got {scfg["S_noise"]}, '
-            f'{scfg["S_min"]}, {scfg["S_max"]}')
-    if scfg['S_churn'] < 0:
-        raise ValueError(f'sampling.S_churn must be >= 0, got {scfg["S_churn"]}')
-    if scfg['S_churn'] > 0 and scfg['solver'] not in solvers.STOCHASTIC_CHURN_SOLVERS:
-        raise ValueError(f'sampling.S_churn applies to the heun and euler solvers, not {scfg["solver"]!r} '
-            f'(use solver=dpmpp_2m_sde for a stochastic multistep sampler)')
     seeds = misc.parse_int_list(scfg['seeds'], 'sampling.seeds')
     if len(seeds) == 0:
         raise ValueError('sampling.seeds: no seeds given')
@@ -199,25 +156,9 @@ def _check(scfg: dict) -> list[int]:
     return seeds
 
 #----------------------------------------------------------------------------
-# Load the network: a medEDM snapshot (restricted unpickler) or, with the
-# opt-in flag, an NVlabs/edm snapshot.
+# Load the network: training/network_snapshot.py (shared with evaluate.py).
 
-def load_network(path: str, trust_edm_pickle: bool = False) -> tuple[torch.nn.Module, dict]:
-    if trust_edm_pickle:
-        data = edm_import.load_snapshot(path)
-    else:
-        try:
-            data = persistence.load_snapshot(path)
-        except ValueError:
-            if edm_import.looks_like_edm_pickle(path):
-                raise ValueError(f'{path} is an NVlabs/edm snapshot: its format executes the Python source it carries. '
-                    f'To import its weights into medEDM networks (the source is never run), set sampling.trust_edm_pickle=true '
-                    f'-- for files from a trusted source only') from None
-            raise
-    net = data['ema']
-    if not isinstance(net, torch.nn.Module):
-        raise ValueError(f'network snapshot {path}: "ema" is not a network')
-    return net.eval().requires_grad_(False), data
+load_network = network_snapshot.load_network
 
 #----------------------------------------------------------------------------
 # Conditional generation: the conditions (dataset items) and their checks.
@@ -289,7 +230,7 @@ def load_conditions(net, scfg: dict, snapshot: dict) -> dict:
 def generate_posterior(net, conds: dict, scfg: dict, device, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Return (samples [K, S, C, ...], seeds [K, S]) on rank 0, None elsewhere."""
     K, S = len(conds['indices']), scfg['samples_per_cond']
-    seeds = np.array([[scfg['cond_seed'] + i * S + j for j in range(S)] for i in conds['indices']], dtype=np.int64)
+    seeds = sampling.posterior_seeds(conds['indices'], S, scfg['cond_seed'])
     shape = sampling.sample_shape(net)
     batches = sampling.split_seeds(list(range(K * S)), scfg['batch'], rank, world_size)
     progress = Progress(len(batches), 'samples')
@@ -455,8 +396,8 @@ def run(cfg: DictConfig) -> None:
     if not conditional and scfg['cond_dataset'] is not None:
         raise ValueError('sampling.cond_dataset: the network takes no condition images (cond_channels=0)')
     conds = load_conditions(net, scfg, snapshot) if conditional else None
-    if conditional and not 0 <= scfg['cond_seed'] <= sampling.SEED_LIMIT - scfg['samples_per_cond'] * (max(conds['indices']) + 1):
-        raise ValueError(f'sampling.cond_seed={scfg["cond_seed"]}: the seeds cond_seed + item * samples_per_cond + j must stay in [0, 2**32)')
+    if conditional: # Seeds in range, before anything is written.
+        sampling.posterior_seeds(conds['indices'], scfg['samples_per_cond'], scfg['cond_seed'], key='sampling.cond_seed')
 
     # Output location: made, and a file written to it, on rank 0 before any sampling; every rank learns the outcome.
     outdir = scfg['outdir'] or os.path.splitext(scfg['network_pkl'])[0] + '-samples'

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import config as config_mod
+from training import sampling
 from training import training_state
 
 config_mod.register()
@@ -90,6 +91,7 @@ def _resolve_run(resume: str, tcfg: dict, desc: str) -> tuple[str, str | None]:
 
 def run(cfg: DictConfig) -> None:
     config_mod.check_keys(cfg)
+    sampling.check_sampler_options(config_mod.to_plain(cfg.sampling), prefix='sampling.') # A bad sampling setting fails before training.
     tcfg = config_mod.to_plain(cfg.training)
     for key in ('dataset', 'network'):
         if not isinstance(tcfg[key], dict) or '_target_' not in tcfg[key]:

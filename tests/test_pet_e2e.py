@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import launch
-from training import pet_dataset
+from training.pet import dataset as pet_dataset
 
 #----------------------------------------------------------------------------
 
@@ -114,7 +114,7 @@ def test_demo_pet_posterior_mean_beats_low_dose_mlem(tmp_path):
 
 def test_user_phantoms_npz_and_nifti(tmp_path):
     import nibabel as nib
-    from training import pet_phantoms
+    from training.pet import phantoms as pet_phantoms
     vol = np.zeros((24, 24, 5), dtype=np.float32)
     vol[6:18, 6:18, 1:4] = 2.0
     nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / 'v.nii.gz')
@@ -143,7 +143,7 @@ def test_user_nifti_phantoms_are_oriented_and_antialiased(tmp_path):
     # An anterior marker (high y) on the midline appears at the top centre, as in the MNI phantoms,
     # whatever the voxel order the affine describes; shrinking 2-pixel stripes gives their mean.
     import nibabel as nib
-    from training import pet_phantoms
+    from training.pet import phantoms as pet_phantoms
     vol = np.zeros((16, 16, 3), dtype=np.float32)
     vol[8, 14, 1] = 1.0                                                  # x = 8 (midline), y = 14 (anterior).
     nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / 'ras.nii.gz')
@@ -158,7 +158,7 @@ def test_user_nifti_phantoms_are_oriented_and_antialiased(tmp_path):
     assert np.abs(small[2:-2, 2:-2] - 0.5).max() < 0.05                  # Aliasing would give 0 to 1.
 
 def test_mni_phantoms_128():
-    from training import pet_phantoms
+    from training.pet import phantoms as pet_phantoms
     out = pet_phantoms.build_pet_phantoms(resolution=128, subjects=1, slices_per_subject=2)
     p = out['phantoms']
     assert p.shape == (2, 1, 128, 128) and p.min() >= 0

@@ -7,12 +7,22 @@ SSIM follows Wang et al. 2004 ("Image quality assessment: from error
 visibility to structural similarity", Eq. 13): Gaussian window 11x11 with
 sigma 1.5, K1 = 0.01, K2 = 0.03, C1 = (K1 L)^2, C2 = (K2 L)^2, averaged over
 the valid (unpadded) window positions. L is the data range, which changes both
-PSNR and SSIM, so every function takes it explicitly (no default)."""
+PSNR and SSIM, so every function takes it explicitly (no default).
 
+`write_metrics` writes an evaluation's results (metrics.json + metrics.csv)
+atomically, for every evaluate.py subcommand."""
+
+import csv
+import io
+import json
+import math
 import numbers
+import os
 
 import numpy as np
 import torch
+
+from torch_utils import persistence
 
 #----------------------------------------------------------------------------
 
@@ -81,5 +91,41 @@ def ssim(x, ref, data_range: float, win_size: int = 11, sigma: float = 1.5, K1: 
     C1, C2 = (K1 * L) ** 2, (K2 * L) ** 2
     s = ((2 * mu_x * mu_y + C1) * (2 * sxy + C2)) / ((mu_x ** 2 + mu_y ** 2 + C1) * (sxx + syy + C2))
     return s.reshape(n, c, -1).mean(dim=(1, 2)).numpy()
+
+#----------------------------------------------------------------------------
+# Results of an evaluation: `summary` (settings and aggregate metrics, any
+# nesting of dicts and lists) as metrics.json, `rows` (one dict per image and
+# method, the same keys in every row) as metrics.csv, each written atomically.
+# Numpy scalars and arrays become plain numbers and lists; non-finite floats
+# are written as the strings 'nan', 'inf', '-inf' (as in stats.jsonl), so the
+# JSON stays valid for strict readers.
+
+def finite_json(obj):
+    """`obj` with numpy values made plain and non-finite floats made strings."""
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+def write_metrics(outdir: str, summary: dict, rows: list[dict], name: str = 'metrics') -> tuple[str, str]:
+    """Write <outdir>/<name>.json and <name>.csv atomically; return their paths."""
+    fieldnames = list(rows[0]) if rows else []
+    for i, row in enumerate(rows):
+        if list(row) != fieldnames:
+            raise ValueError(f'write_metrics: row {i} has columns {list(row)}, the first row {fieldnames}')
+    json_path, csv_path = os.path.join(outdir, f'{name}.json'), os.path.join(outdir, f'{name}.csv')
+    text = json.dumps(finite_json(summary), indent=2, allow_nan=False)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fieldnames, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows([finite_json(row) for row in rows])
+    persistence.atomic_write_bytes(json_path, text.encode('utf-8'))
+    persistence.atomic_write_bytes(csv_path, table.getvalue().encode('utf-8'))
+    return json_path, csv_path
 
 #----------------------------------------------------------------------------

@@ -380,3 +380,84 @@ def posterior_stats(samples: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.
     return samples.mean(axis=axis).astype(np.float32), samples.std(axis=axis).astype(np.float32)
 
 #----------------------------------------------------------------------------
+# Seeds of conditional sampling (generate.py's conditional mode, evaluate.py):
+# sample j of condition (dataset item) i uses cond_seed + i * S + j, so it
+# depends only on the item, j, S and cond_seed.
+
+def posterior_seeds(indices, samples_per_cond: int, cond_seed: int = 0, key: str = 'sampling.cond_seed') -> np.ndarray:
+    """Seeds [K, S] (int64) of the S samples of each of the K conditions `indices`."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    seeds = cond_seed + indices[:, None] * samples_per_cond + np.arange(samples_per_cond, dtype=np.int64)[None]
+    if seeds.size and not (seeds.min() >= 0 and seeds.max() < SEED_LIMIT): # Seeds are taken mod 2^32: two would give one sample.
+        raise ValueError(f'{key}={cond_seed}: the seeds cond_seed + item * samples_per_cond + j must stay in [0, 2**32)')
+    return seeds
+
+#----------------------------------------------------------------------------
+# The one validation of sampler options, for every entry point (train.py's
+# `sampling` section, generate.py, evaluate.py): the options of sample() as a
+# dict; missing keys take SAMPLER_DEFAULTS (= sample()'s defaults and
+# config.SamplingConfig's). Messages name each key as prefix + key, or as
+# names[key] (a command-line option such as --steps) where `names` is given.
+# What needs the network (guidance: check_guidance) is checked after loading.
+
+SAMPLER_DEFAULTS = dict(solver='heun', discretization='edm', corrector='none', afs=False, sigma_c=None, warp_k=0.3,
+    num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1)
+SAMPLER_KEYS = tuple(SAMPLER_DEFAULTS)
+
+def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict | None = None) -> dict:
+    """Raise ValueError naming the key if the sampler options are unusable; return the keyword arguments of sample()."""
+    name = (lambda k: prefix + k) if names is None else (lambda k: names.get(k, k))
+    unset = (lambda k: f'set {name(k)}=null') if names is None else (lambda k: f'leave out {name(k)}')
+    o = dict(SAMPLER_DEFAULTS, **{k: options[k] for k in SAMPLER_KEYS if k in options})
+    for k, v in o.items(): # Types: what a schema or a command line would give.
+        if isinstance(SAMPLER_DEFAULTS[k], (str, bool)) or k == 'num_steps':
+            kind = {str: 'a name', bool: 'true or false', int: 'an integer'}[type(SAMPLER_DEFAULTS[k])]
+            ok = isinstance(v, type(SAMPLER_DEFAULTS[k])) and (k != 'num_steps' or not isinstance(v, bool))
+        else:
+            kind = 'a number' + (' or null' if k == 'sigma_c' else '')
+            ok = (v is None and k == 'sigma_c') or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
+        if not ok:
+            raise ValueError(f'{name(k)}: expected {kind}, got {v!r}')
+    solver, steps = o['solver'], o['discretization']
+    if solver not in solvers.SOLVERS:
+        raise ValueError(f'{name("solver")}: unknown solver {solver!r} (choose from {", ".join(solvers.SOLVERS)})')
+    if steps not in DISCRETIZATIONS:
+        raise ValueError(f'{name("discretization")}: unknown discretization {steps!r} (choose from {", ".join(DISCRETIZATIONS)})')
+    if o['corrector'] not in solvers.CORRECTORS:
+        raise ValueError(f'{name("corrector")}: unknown corrector {o["corrector"]!r} (choose from {", ".join(solvers.CORRECTORS)})')
+    if o['corrector'] != 'none' and solver not in solvers.MULTISTEP_SOLVERS:
+        raise ValueError(f'{name("corrector")}={o["corrector"]} applies to the {" and ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
+    if o['num_steps'] < 1:
+        raise ValueError(f'{name("num_steps")} must be >= 1, got {o["num_steps"]}')
+    if o['afs'] and solver not in solvers.MULTISTEP_SOLVERS:
+        raise ValueError(f'{name("afs")} applies to the {" and ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
+    if o['afs'] and o['num_steps'] < 2:
+        raise ValueError(f'{name("afs")} needs {name("num_steps")} >= 2, got {o["num_steps"]}')
+    sigma_c, warp_k = o['sigma_c'], o['warp_k']
+    if sigma_c is not None and not 0 < sigma_c < float('inf'):
+        raise ValueError(f'{name("sigma_c")} must be a noise level > 0 or null (the network\'s sigma_data), got {sigma_c}')
+    if not 0 <= warp_k < float('inf'):
+        raise ValueError(f'{name("warp_k")} must be >= 0 (0 = uniform log-SNR steps), got {warp_k}')
+    if steps != 'logsnr_warped': # Both would be ignored silently.
+        if sigma_c is not None:
+            raise ValueError(f'{name("sigma_c")} applies to {name("discretization")}=logsnr_warped only, not {steps!r} ({unset("sigma_c")})')
+        if warp_k != SAMPLER_DEFAULTS['warp_k']:
+            raise ValueError(f'{name("warp_k")} applies to {name("discretization")}=logsnr_warped only, not {steps!r} '
+                f'(leave {name("warp_k")} at {SAMPLER_DEFAULTS["warp_k"]})')
+    if not (0 < o['sigma_min'] < o['sigma_max']):
+        raise ValueError(f'{name("sigma_min")} / {name("sigma_max")}: need 0 < sigma_min < sigma_max, got {o["sigma_min"]}, {o["sigma_max"]}')
+    if not np.isfinite(o['guidance']):
+        raise ValueError(f'{name("guidance")} must be a finite number, got {o["guidance"]}')
+    if not o['rho'] > 0:
+        raise ValueError(f'{name("rho")} must be > 0, got {o["rho"]}')
+    if not (o['S_noise'] >= 0 and o['S_min'] <= o['S_max']):
+        raise ValueError(f'{name("S_noise")} / {name("S_min")} / {name("S_max")}: need S_noise >= 0 and S_min <= S_max, got {o["S_noise"]}, '
+            f'{o["S_min"]}, {o["S_max"]}')
+    if o['S_churn'] < 0:
+        raise ValueError(f'{name("S_churn")} must be >= 0, got {o["S_churn"]}')
+    if o['S_churn'] > 0 and solver not in solvers.STOCHASTIC_CHURN_SOLVERS:
+        raise ValueError(f'{name("S_churn")} applies to the heun and euler solvers, not {solver!r} '
+            f'(use {name("solver")}=dpmpp_2m_sde for a stochastic multistep sampler)')
+    return o
+
+#----------------------------------------------------------------------------
