@@ -34,14 +34,14 @@ FAMILIES = ('pet',)
 
 #----------------------------------------------------------------------------
 # The one error wrapper: a ValueError / FileNotFoundError from any subcommand
-# (bad options, files, networks) becomes "Error: <message>" and exit 1.
+# (bad options, files, networks) becomes one line "Error: <message>" and exit 1.
 
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except (ValueError, FileNotFoundError) as err:
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(' '.join(str(err).split('\n'))) from None
 
 @click.group(cls=_Group)
 def main():

@@ -1,0 +1,55 @@
+# medEDM: the engine (training/*.py, torch_utils/, tomography_utils/) never
+# imports a family package (training/<family>/): checked on the source (every
+# import statement) and in a fresh process that imports every engine module.
+
+import ast
+import glob
+import os
+import subprocess
+import sys
+
+import launch
+
+FAMILIES = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(launch.ROOT, 'training', '*', '__init__.py')))
+
+def _engine_files() -> list[str]:
+    files = glob.glob(os.path.join(launch.ROOT, 'training', '*.py'))
+    for package in ('torch_utils', 'tomography_utils'):
+        files += glob.glob(os.path.join(launch.ROOT, package, '**', '*.py'), recursive=True)
+    return sorted(files)
+
+def family_imports(source: str, families=None) -> list[tuple[int, str]]:
+    """(line, module) of every import of a family package in `source`."""
+    families = FAMILIES if families is None else families
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if n.split('.')[:1] == ['training'] and n.split('.')[1:2] and n.split('.')[1] in families]
+    return found
+
+def test_scanner_finds_family_imports():
+    src = 'import training.pet.dataset\nfrom training import pet\nfrom training.pet import phantoms\nfrom training import sampling\nimport training\n'
+    assert family_imports(src, ['pet']) == [(1, 'training.pet.dataset'), (2, 'training.pet'), (3, 'training.pet'), (3, 'training.pet.phantoms')]
+
+def test_engine_source_imports_no_family():
+    assert 'pet' in FAMILIES
+    files = _engine_files()
+    assert len(files) > 20
+    bad = [f'{os.path.relpath(f, launch.ROOT)}:{line} imports {name}' for f in files
+        for line, name in family_imports(open(f, encoding='utf-8').read())]
+    assert bad == [], 'the engine must not import a family package: ' + '; '.join(bad)
+
+def test_engine_modules_load_no_family():
+    modules = [os.path.relpath(f, launch.ROOT)[:-3].replace(os.sep, '.') for f in _engine_files()]
+    modules = [m[:-len('.__init__')] if m.endswith('.__init__') else m for m in modules]
+    code = ('import importlib, sys\n'
+        f'for m in {modules!r}: importlib.import_module(m)\n'
+        f'print(sorted(m for m in sys.modules if m.split(".")[:1] == ["training"] and m.split(".")[1:2] and m.split(".")[1] in {FAMILIES!r}))')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=launch.ROOT, env=launch.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == '[]'
