@@ -55,3 +55,49 @@ def test_sampler_kwargs_carry_the_new_keys():
     assert {k: kw[k] for k in ('corrector', 'afs', 'sigma_c', 'warp_k')} == dict(corrector='none', afs=False, sigma_c=None, warp_k=0.3)
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# The posterior seed scheme (generate.py's conditional mode and evaluate.py):
+# sample j of item i uses cond_seed + i * samples_per_cond + j.
+
+def test_posterior_seeds_pinned():
+    from training import sampling
+    assert sampling.posterior_seeds([1, 3], 4, 100).tolist() == [[104, 105, 106, 107], [112, 113, 114, 115]]
+    assert sampling.posterior_seeds([0], 2).tolist() == [[0, 1]]
+    assert sampling.posterior_seeds([0, 1], 2, 2 ** 32 - 4).tolist() == [[2 ** 32 - 4, 2 ** 32 - 3], [2 ** 32 - 2, 2 ** 32 - 1]]
+    with pytest.raises(ValueError, match=r'^sampling.cond_seed=4294967293: the seeds cond_seed \+ item \* samples_per_cond \+ j must stay in \[0, 2\*\*32\)$'):
+        sampling.posterior_seeds([0, 1], 2, 2 ** 32 - 3)
+
+#----------------------------------------------------------------------------
+# Snapshots from before PET moved into training/pet/ name training.pet_dataset:
+# the loader renames it (a string table; the engine imports no family).
+
+def test_old_pet_dataset_target_is_renamed(tmp_path):
+    import torch
+    from torch_utils import persistence
+    from training import network_snapshot, networks
+    net = networks.EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    old = dict(_target_='training.pet_dataset.PETDataset', path='pet.npz', simulate=False)
+    persistence.save_snapshot(dict(ema=net, dataset_kwargs=old), tmp_path / 'old.pkl')
+    loaded, data = generate.load_network(str(tmp_path / 'old.pkl'))
+    assert data['dataset_kwargs'] == dict(old, _target_='training.pet.dataset.PETDataset')
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    from training.pet.dataset import PETDataset
+    persistence.check_snapshot_config(data['dataset_kwargs'], torch.utils.data.Dataset, 'dataset_kwargs') # Admitted as a project class.
+    assert network_snapshot.upgrade_config(dict(_target_='training.dataset.NpzDataset', path='x')) == dict(_target_='training.dataset.NpzDataset', path='x')
+    assert PETDataset.__module__ == 'training.pet.dataset'
+
+#----------------------------------------------------------------------------
+# train.py checks the experiment's sampling section with the same function,
+# before any run directory is made.
+
+def test_train_refuses_bad_sampling_section(tmp_path):
+    import os
+    import subprocess
+    import launch
+    launch.make_data(tmp_path)
+    proc = launch.run('train.py', ['sampling.solver=dpmpp_2m', 'sampling.S_churn=1'], tmp_path, nproc=0, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == ["error: sampling.S_churn applies to the heun and euler solvers, not 'dpmpp_2m' "
+        "(use sampling.solver=dpmpp_2m_sde for a stochastic multistep sampler)"], proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / 'runs')

@@ -51,3 +51,22 @@ def test_psnr_and_nrmse_golden():
 def test_metric_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+#----------------------------------------------------------------------------
+# write_metrics: JSON + CSV round trip, non-finite floats as strings, numpy values plain.
+
+def test_write_metrics_round_trip(tmp_path):
+    import csv
+    import json
+    import os
+    summary = dict(images=np.int64(2), sigma=np.float32(0.5), best=float('nan'), scores={'0.5': float('inf'), '1.0': -float('inf')},
+        shape=np.array([1, 16, 16]), sampler=dict(solver='heun', S_max=float('inf')))
+    rows = [dict(image=0, method='a', psnr=np.float64(20.5)), dict(image=1, method='a', psnr=float('nan'))]
+    json_path, csv_path = metrics.write_metrics(str(tmp_path), summary, rows)
+    assert (json_path, csv_path) == (str(tmp_path / 'metrics.json'), str(tmp_path / 'metrics.csv'))
+    assert json.loads(open(json_path).read(), parse_constant=lambda c: pytest.fail(f'non-standard JSON constant {c}')) == dict(
+        images=2, sigma=0.5, best='nan', scores={'0.5': 'inf', '1.0': '-inf'}, shape=[1, 16, 16], sampler=dict(solver='heun', S_max='inf'))
+    assert list(csv.DictReader(open(csv_path))) == [dict(image='0', method='a', psnr='20.5'), dict(image='1', method='a', psnr='nan')]
+    assert sorted(os.listdir(tmp_path)) == ['metrics.csv', 'metrics.json'] # No temporary files left.
+    with pytest.raises(ValueError, match=r"write_metrics: row 1 has columns \['image', 'psnr'\], the first row \['image', 'method', 'psnr'\]"):
+        metrics.write_metrics(str(tmp_path / 'x'), {}, [rows[0], dict(image=1, psnr=1.0)])
