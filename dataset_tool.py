@@ -31,51 +31,10 @@ def parse_float_range(s: str | tuple) -> tuple[float, float]:
     return lo, hi
 
 #----------------------------------------------------------------------------
-# Build 2-D axial brain MRI slices of random subjects (the dataset itself,
-# callable from tests without the CLI).
+# The MRI slices themselves: training/mri_phantoms.py (with the template
+# loading and subject deformation that every MNI152-based family uses).
 
-def build_mri_slices(
-    resolution          = 32,           # Output image size (pixels per side).
-    subjects            = 40,           # Number of random subjects.
-    slices_per_subject  = 16,           # Axial slices per subject.
-    z_mm                = (-20.0, 50.0),# MNI z range (mm) the slices are drawn from.
-    voxel_mm            = 2,            # Working grid of the template (mm).
-    seed                = 0,            # Random seed; subject i depends only on (seed, i).
-    augment             = True,         # False: undeformed template, no bias/noise.
-) -> dict:
-    template, affine = mri_phantoms.load_mni152('t1', voxel_mm)
-    bbox = mri_phantoms.brain_bbox(template)
-    filtered = mri_phantoms.antialias(template, bbox[2], resolution)
-    subject_kwargs = {} if augment else dict(rotate_deg=0, scale_std=0, aniso_std=0, translate_mm=0, warp_mm=0,
-        bias_std=0, gamma_std=0, noise_range=(0, 0))
-
-    # Stratified slice positions on the 1 mm template grid.
-    raw_affine = mri_phantoms.mni152_affine(1)
-    k_lo, k_hi = [(z - raw_affine[2, 3]) / raw_affine[2, 2] for z in z_mm]
-    z_lim = affine[2, 3] + affine[2, 2] * np.array([0, template.shape[2] - 1]) # Centres of the first and last planes.
-    if not (z_lim[0] <= z_mm[0] and z_mm[1] <= z_lim[1]):
-        raise ValueError(f'--z-mm {z_mm[0]:g},{z_mm[1]:g} lies outside the template ({z_lim[0]:g}..{z_lim[1]:g} mm)')
-    width = (k_hi - k_lo) / slices_per_subject
-    if width < 1:
-        raise ValueError(f'--slices-per-subject {slices_per_subject} does not fit into --z-mm {z_mm[0]},{z_mm[1]} (at most one slice per mm)')
-
-    images, subject_ids, slice_ids, z_list = [], [], [], []
-    for s in range(subjects):
-        rng = np.random.default_rng([seed, s])
-        k = np.floor(k_lo + (np.arange(slices_per_subject) + rng.uniform(size=slices_per_subject)) * width).astype(np.int64)
-        z = raw_affine[2, 3] + raw_affine[2, 2] * k                 # MNI mm.
-        z_vox = (z - affine[2, 3]) / affine[2, 2]                   # Working grid.
-        slices = mri_phantoms.random_subject_slices(rng, filtered, z_vox, resolution, bbox, voxel_mm=voxel_mm, **subject_kwargs)
-        images.append(mri_phantoms.normalize_slices(slices))
-        subject_ids.append(np.full(slices_per_subject, s, dtype=np.int64))
-        slice_ids.append(k)
-        z_list.append(z.astype(np.float32))
-    return dict(
-        images  = np.concatenate(images)[:, None],
-        subject = np.concatenate(subject_ids),
-        slice   = np.concatenate(slice_ids),
-        z_mm    = np.concatenate(z_list),
-    )
+build_mri_slices = mri_phantoms.build_mri_slices
 
 #----------------------------------------------------------------------------
 # Command group.

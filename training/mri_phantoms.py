@@ -13,7 +13,9 @@ change and Rician noise, all drawn from a `numpy.random.Generator`.
 Coordinates are voxel indices of the working grid (the template, block
 averaged to `voxel_mm`); axial slices are returned as images with anterior
 at the top and the subject's right on the right of the image (neurological
-convention). Reused by the MRI, PET and anomaly data families.
+convention). Reused by the MRI, PET and anomaly data families: the one place
+for MNI152 data building (template, subject deformation, slices, and the MRI
+slice set of `dataset_tool.py mri-slices`, build_mri_slices).
 """
 
 import functools
@@ -252,5 +254,59 @@ def random_subject_slices(rng: np.random.Generator, template: np.ndarray, z: np.
     points = slice_points(z, resolution, bbox)
     values = subject.sample(template, points)
     return subject.intensity(values, points, rng)
+
+#----------------------------------------------------------------------------
+# Stratified random positions: one uniform draw in each of `count` equal
+# parts of [lo, hi) (the axial slices of a subject).
+
+def stratified_positions(rng: np.random.Generator, lo: float, hi: float, count: int) -> np.ndarray:
+    width = (hi - lo) / count
+    return lo + (np.arange(count) + rng.uniform(size=count)) * width
+
+#----------------------------------------------------------------------------
+# Build 2-D axial brain MRI slices of random subjects (the dataset itself,
+# dataset_tool.py mri-slices; the anomaly family's healthy slices).
+
+def build_mri_slices(
+    resolution          = 32,           # Output image size (pixels per side).
+    subjects            = 40,           # Number of random subjects.
+    slices_per_subject  = 16,           # Axial slices per subject.
+    z_mm                = (-20.0, 50.0),# MNI z range (mm) the slices are drawn from.
+    voxel_mm            = 2,            # Working grid of the template (mm).
+    seed                = 0,            # Random seed; subject i depends only on (seed, i).
+    augment             = True,         # False: undeformed template, no bias/noise.
+) -> dict:
+    template, affine = load_mni152('t1', voxel_mm)
+    bbox = brain_bbox(template)
+    filtered = antialias(template, bbox[2], resolution)
+    subject_kwargs = {} if augment else dict(rotate_deg=0, scale_std=0, aniso_std=0, translate_mm=0, warp_mm=0,
+        bias_std=0, gamma_std=0, noise_range=(0, 0))
+
+    # Stratified slice positions on the 1 mm template grid.
+    raw_affine = mni152_affine(1)
+    k_lo, k_hi = [(z - raw_affine[2, 3]) / raw_affine[2, 2] for z in z_mm]
+    z_lim = affine[2, 3] + affine[2, 2] * np.array([0, template.shape[2] - 1]) # Centres of the first and last planes.
+    if not (z_lim[0] <= z_mm[0] and z_mm[1] <= z_lim[1]):
+        raise ValueError(f'--z-mm {z_mm[0]:g},{z_mm[1]:g} lies outside the template ({z_lim[0]:g}..{z_lim[1]:g} mm)')
+    if (k_hi - k_lo) / slices_per_subject < 1:
+        raise ValueError(f'--slices-per-subject {slices_per_subject} does not fit into --z-mm {z_mm[0]},{z_mm[1]} (at most one slice per mm)')
+
+    images, subject_ids, slice_ids, z_list = [], [], [], []
+    for s in range(subjects):
+        rng = np.random.default_rng([seed, s])
+        k = np.floor(stratified_positions(rng, k_lo, k_hi, slices_per_subject)).astype(np.int64)
+        z = raw_affine[2, 3] + raw_affine[2, 2] * k                 # MNI mm.
+        z_vox = (z - affine[2, 3]) / affine[2, 2]                   # Working grid.
+        slices = random_subject_slices(rng, filtered, z_vox, resolution, bbox, voxel_mm=voxel_mm, **subject_kwargs)
+        images.append(normalize_slices(slices))
+        subject_ids.append(np.full(slices_per_subject, s, dtype=np.int64))
+        slice_ids.append(k)
+        z_list.append(z.astype(np.float32))
+    return dict(
+        images  = np.concatenate(images)[:, None],
+        subject = np.concatenate(subject_ids),
+        slice   = np.concatenate(slice_ids),
+        z_mm    = np.concatenate(z_list),
+    )
 
 #----------------------------------------------------------------------------

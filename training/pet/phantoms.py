@@ -70,8 +70,7 @@ def build_pet_phantoms(
     phantoms, subject_ids, slice_ids, z_list = [], [], [], []
     for s in range(subjects):
         rng = np.random.default_rng([seed, s, 7])
-        width = (z_vox_hi - z_vox_lo) / slices_per_subject
-        z_vox = z_vox_lo + (np.arange(slices_per_subject) + rng.uniform(size=slices_per_subject)) * width
+        z_vox = mri_phantoms.stratified_positions(rng, z_vox_lo, z_vox_hi, slices_per_subject)
         subject = mri_phantoms.RandomSubject(rng, gm.shape, voxel_mm=voxel_mm, **subject_kwargs)
         points = mri_phantoms.slice_points(z_vox, resolution, bbox)
         gm_s = np.clip(subject.sample(gm_f, points), 0, 1)
