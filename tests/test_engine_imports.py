@@ -53,3 +53,25 @@ def test_engine_modules_load_no_family():
     proc = subprocess.run([sys.executable, '-c', code], cwd=launch.ROOT, env=launch.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == '[]'
+
+#----------------------------------------------------------------------------
+# Snapshots admit the classes of family packages as they do the engine's.
+
+def test_snapshot_admits_family_classes(tmp_path, monkeypatch):
+    import types
+    import torch
+    from torch_utils import persistence
+    module = types.ModuleType('training.pet.snapshot_test_module')
+    class FamilyNet(torch.nn.Module):
+        def __init__(self, width=3):
+            super().__init__()
+            self.lin = torch.nn.Linear(width, 1)
+    FamilyNet.__module__ = module.__name__
+    FamilyNet.__qualname__ = 'FamilyNet'
+    module.FamilyNet = persistence.persistent_class(FamilyNet)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    net = module.FamilyNet(width=4)
+    persistence.save_snapshot(dict(ema=net), tmp_path / 's.pkl')
+    back = persistence.load_snapshot(tmp_path / 's.pkl')['ema']
+    assert type(back) is module.FamilyNet and back.init_kwargs == dict(width=4)
+    assert torch.equal(back.lin.weight, net.lin.weight)
