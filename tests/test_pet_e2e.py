@@ -165,3 +165,20 @@ def test_mni_phantoms_128():
     # Activity only inside the circle every projection angle sees (radius 64 px).
     yy, xx = np.mgrid[:128, :128] - 63.5
     assert p[:, 0][:, xx ** 2 + yy ** 2 > 64 ** 2].max() == 0
+
+def test_dataset_refuses_unreadable_files(pet_dir, tmp_path):
+    (tmp_path / 'text.npz').write_text('not an archive')
+    with pytest.raises(ValueError, match=re.escape(f'training.dataset.path: {tmp_path / "text.npz"} is not an .npz archive (or it is truncated)')):
+        pet_dataset.PETDataset(str(tmp_path / 'text.npz'))
+    good = (pet_dir / 'train.npz').read_bytes()
+    (tmp_path / 'short.npz').write_bytes(good[:len(good) // 2])
+    with pytest.raises(ValueError, match='is not an .npz archive'):
+        pet_dataset.PETDataset(str(tmp_path / 'short.npz'))
+    import zipfile
+    with zipfile.ZipFile(pet_dir / 'train.npz') as z:
+        offset = z.getinfo('phantoms.npy').header_offset + 30 + len('phantoms.npy') + 200
+    bad = bytearray(good)
+    bad[offset] ^= 0xFF
+    (tmp_path / 'crc.npz').write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match=re.escape(f"cannot read dataset file {tmp_path / 'crc.npz'}: damaged archive (BadZipFile: Bad CRC-32 for file 'phantoms.npy')")):
+        pet_dataset.PETDataset(str(tmp_path / 'crc.npz'))

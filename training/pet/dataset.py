@@ -17,6 +17,8 @@ test time and a posterior sample maps back to counts per pixel as
 (x_n + 1) * s. `scale` travels with every item. (The reference normalised each
 reconstruction by its own maximum, which the target's is unknown at test time.)"""
 
+import zipfile
+
 import numpy as np
 import torch
 
@@ -49,18 +51,19 @@ class PETDataset(Dataset):
         max_size        = None,     # Keep only the first max_size items, None = all.
     ):
         self._path = _check_path(path)
+        needed = ['phantoms'] + ([] if simulate else ['full', 'low'])
+        if not zipfile.is_zipfile(self._path): # A text file, a .npy, a truncated archive.
+            raise ValueError(f'training.dataset.path: {self._path} is not an .npz archive (or it is truncated); build it with dataset_tool.py pet-data')
         try:
             with np.load(self._path, allow_pickle=False) as npz:
-                needed = ['phantoms'] + ([] if simulate else ['full', 'low'])
-                missing = [k for k in needed if k not in npz.files]
-                if missing:
-                    raise ValueError(f'training.dataset.path: {self._path} lacks arrays {missing} '
-                        f'(build it with dataset_tool.py pet-data{"" if simulate else "; or set training.dataset.simulate=true"})')
-                self._phantoms = npz['phantoms'].astype(np.float32)
-                self._full = None if simulate else npz['full'].astype(np.float32)
-                self._low = None if simulate else npz['low'].astype(np.float32)
-        except (OSError, EOFError) as err:
-            raise ValueError(f'cannot read dataset file {self._path}: {err}') from None
+                arrays = {k: npz[k].astype(np.float32) for k in needed if k in npz.files}
+        except Exception as err: # pylint: disable=broad-except # Bad CRC, damaged members: never a traceback.
+            raise ValueError(f'cannot read dataset file {self._path}: damaged archive ({type(err).__name__}: {err})') from None
+        missing = [k for k in needed if k not in arrays]
+        if missing:
+            raise ValueError(f'training.dataset.path: {self._path} lacks arrays {missing} '
+                f'(build it with dataset_tool.py pet-data{"" if simulate else "; or set training.dataset.simulate=true"})')
+        self._phantoms, self._full, self._low = arrays['phantoms'], arrays.get('full'), arrays.get('low')
         if self._phantoms.ndim != 4 or self._phantoms.shape[1] != 1:
             raise ValueError(f'training.dataset.path: phantoms in {self._path} must be [N, 1, R, R], got {self._phantoms.shape}')
         for name, arr in (('full', self._full), ('low', self._low)):
