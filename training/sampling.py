@@ -288,6 +288,7 @@ def edm_sampler(
     class_labels    = None,     # Class labels / vectors [N, label_dim] or None.
     cond            = None,     # Condition images [N, Cc, ...] or None.
     randn_like      = torch.randn_like, # Noise source (per-seed for reproducibility).
+    embedding       = None,     # Embedding vectors [N, E] or None.
     num_steps       = 18,       # Number of time steps.
     sigma_min       = 0.002,    # Lowest noise level.
     sigma_max       = 80,       # Highest noise level.
@@ -298,7 +299,7 @@ def edm_sampler(
     S_noise         = 1,        # Noise inflation of the churn.
 ) -> torch.Tensor:
     """Generate images from latents with EDM's Algorithm 2."""
-    return sample(net, latents, class_labels=class_labels, cond=cond, randn_like=randn_like, solver='heun',
+    return sample(net, latents, class_labels=class_labels, cond=cond, embedding=embedding, randn_like=randn_like, solver='heun',
         discretization='edm', num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
 

@@ -121,13 +121,6 @@ def training_loop(
     torch.manual_seed(seed)
     net = misc.construct_class(network_kwargs, 'training.network', **{k: v for k, v in interface_kwargs.items() if k not in network_kwargs})
     net.train().requires_grad_(True).to(device)
-    if rank == 0 and print_summary:
-        x = torch.zeros([batch_gpu, *dataset_obj.image_shape], device=device)
-        kwargs = dict(class_labels=torch.zeros([batch_gpu, net.label_dim], device=device) if net.label_dim else None)
-        if getattr(dataset_obj, 'cond_channels', 0):
-            kwargs['cond'] = torch.zeros([batch_gpu, dataset_obj.cond_channels, *dataset_obj.image_shape[1:]], device=device)
-        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []): # Its dropout must not move rank 0's stream.
-            misc.print_module_summary(net, [x, torch.ones([batch_gpu], device=device)], kwargs, max_nesting=2)
 
     # Set up loss and optimizer.
     dist.print0('Setting up optimizer...')
@@ -137,6 +130,8 @@ def training_loop(
         if world_size > 1: # DDP broadcasts the network's weights; a trainable loss gets rank 0's the same way.
             for tensor in list(loss_fn.parameters()) + list(loss_fn.buffers()):
                 torch.distributed.broadcast(tensor.data, src=0)
+    if rank == 0 and print_summary:
+        _print_summary(net, loss_fn, augment_pipe, dataset_obj, batch_gpu, device)
     loss_params = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
     params = list(net.parameters()) + loss_params
     optimizer = misc.construct_class(optimizer_kwargs, 'training.optimizer', params=params)
@@ -453,6 +448,30 @@ def _truncate_stats(path: str, cur_nimg: int) -> None:
     persistence.atomic_write_bytes(path, ''.join(keep).encode('utf-8'))
 
 #----------------------------------------------------------------------------
+# Module summary on rank 0: the loss object calls the network on the first
+# items of the dataset, so the summary sees the inputs that training gives it
+# (labels, condition images, embeddings, augment labels, per-pixel sigma).
+# The random streams are restored: the summary does not change the run.
+
+def _print_summary(net, loss_fn, augment_pipe, dataset_obj, batch_gpu: int, device: torch.device) -> None:
+    calls = [] # The network's inputs of its first call.
+    def capture(_module, args, kwargs):
+        if not calls:
+            calls.append((args, kwargs))
+    hook = net.register_forward_pre_hook(capture, with_kwargs=True)
+    np_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
+            items = [dataset_obj[i % len(dataset_obj)] for i in range(batch_gpu)]
+            batch = getattr(dataset_obj, 'device_transform', lambda b: b)(_to_device(torch.utils.data.default_collate(items), device))
+            loss_fn(net=net, batch=batch, augment_pipe=augment_pipe)
+            if calls:
+                misc.print_module_summary(net, list(calls[0][0]), calls[0][1], max_nesting=2)
+    finally:
+        hook.remove()
+        np.random.set_state(np_state)
+
+#----------------------------------------------------------------------------
 # Sample grid at snapshot time: fixed seeds, labels and conditions, so grids of
 # successive snapshots are comparable.
 
@@ -461,12 +480,15 @@ def _grid_setup(dataset_obj, grid_images: int, seed: int, device: torch.device, 
     grid = dict(seeds=list(range(seed, seed + n)))
     if dataset_obj.label_dim:
         grid['class_labels'] = torch.eye(dataset_obj.label_dim)[torch.arange(n) % dataset_obj.label_dim]
-    if getattr(dataset_obj, 'cond_channels', 0):
+    if getattr(dataset_obj, 'cond_channels', 0) or 'embedding' in dataset_obj[0]:
         items = [dataset_obj[i % len(dataset_obj)] for i in range(n)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             batch = device_transform(_to_device(torch.utils.data.default_collate(items), device))
-        grid['cond'] = batch['cond'].float().cpu()
+        if getattr(dataset_obj, 'cond_channels', 0):
+            grid['cond'] = batch['cond'].float().cpu()
+        if 'embedding' in batch: # Embedding vectors of the network's embedding path, from the same items.
+            grid['embedding'] = batch['embedding'].float().cpu()
     return grid
 
 @torch.no_grad()
@@ -479,9 +501,10 @@ def _save_grid(ema: torch.nn.Module, grid: dict, num_steps: int, path: str) -> N
         seeds = [grid['seeds'][i] for i in idx]
         rnd = sampling.StackedRandomGenerator(device, seeds)
         latents = rnd.randn([len(seeds), ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
-        labels, cond = grid.get('class_labels'), grid.get('cond')
+        labels, cond, embedding = grid.get('class_labels'), grid.get('cond'), grid.get('embedding')
         images = sampling.edm_sampler(ema, latents, class_labels=None if labels is None else labels[idx].to(device),
-            cond=None if cond is None else cond[idx].to(device), randn_like=rnd.randn_like, num_steps=num_steps).float().cpu()
+            cond=None if cond is None else cond[idx].to(device), randn_like=rnd.randn_like, num_steps=num_steps,
+            embedding=None if embedding is None else embedding[idx].to(device)).float().cpu()
     parts = [images]
     if world_size > 1:
         parts = [None] * world_size if rank == 0 else None
