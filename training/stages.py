@@ -106,7 +106,7 @@ def _submodule(net: torch.nn.Module, name: str, what: str, key: str, path: str) 
     try:
         return net.get_submodule(name)
     except AttributeError:
-        raise ValueError(f'{key}: {what} {name!r} is not a submodule of {"the network" if what == "module" else path}') from None
+        raise ValueError(f'{key}.{what}={name!r} is not a submodule of the network{" in " + path if what == "source" else ""}') from None
 
 def init_from(net: torch.nn.Module, spec, key: str = 'training.init_from') -> list[str]:
     """Copy the snapshot's weights into `net` (or its submodule); return the copied names.
@@ -118,13 +118,13 @@ def init_from(net: torch.nn.Module, spec, key: str = 'training.init_from') -> li
     if spec is None:
         return []
     path = spec['path']
+    dst_module = _submodule(net, spec['module'], 'module', key, path)
     if not os.path.isfile(path):
         raise ValueError(f'{key}: snapshot not found: {path}')
     source_net = persistence.load_snapshot(path)['ema']
     if not isinstance(source_net, torch.nn.Module):
         raise ValueError(f'{key}: "ema" of {path} is not a network')
     src = _submodule(source_net, spec['source'], 'source', key, path).state_dict()
-    dst_module = _submodule(net, spec['module'], 'module', key, path)
     dst = dst_module.state_dict()
     where = f'the network{" submodule " + repr(spec["module"]) if spec["module"] else ""}'
     copied = [name for name in dst if name in src and src[name].shape == dst[name].shape]
