@@ -249,9 +249,27 @@ def test_frozen_errors(tmp_path, data):
     assert str(err.value) == ("training.frozen: the loss object EDMLoss takes no frozen= argument, so it cannot use the "
         "networks ['autoencoder'] (remove training.frozen or use a loss that takes them)")
 
+def test_loss_and_device_transform_receive_the_frozen_networks(tmp_path, data):
+    # One process: a dataset whose device_transform takes `frozen`, and LatentEDMLoss, which sets the latent interface.
+    torch.manual_seed(0)
+    ae = stage_toys.TinyAutoencoder(img_resolution=16, img_channels=1, latent_channels=3)
+    path = _save(tmp_path, ae, 'ae.pkl')
+    stage_toys.FrozenSeeingDataset.seen.clear()
+    state = _train(tmp_path, data, frozen=dict(autoencoder=path), loss_kwargs=dict(_target_='stage_toys.LatentEDMLoss'),
+        dataset_kwargs=dict(_target_='stage_toys.FrozenSeeingDataset', path=data), optimizer_kwargs=dict(_target_='torch.optim.Adam', lr=1e-3),
+        snapshot_ticks=1)
+    seen = stage_toys.FrozenSeeingDataset.seen
+    assert len(seen) == 1 and set(seen[0]) == {'autoencoder'} # One step of 4 images.
+    got = seen[0]['autoencoder']
+    assert isinstance(got, stage_toys.TinyAutoencoder) and not got.training and not any(p.requires_grad for p in got.parameters())
+    _assert_same(ae.state_dict(), got.state_dict(), 'autoencoder')
+    assert state['net']['model.enc.8x8_conv.weight'].shape[1] == 3 # The network works on 3 x 8 x 8 latents.
+    snapshot = persistence.load_snapshot(_snapshot(tmp_path / 'run'))
+    _assert_same(ae.state_dict(), snapshot['frozen']['autoencoder'].state_dict(), 'embedded autoencoder')
+
 def test_init_from_through_train_py_is_one_line(pipeline):
     folder, ae_dir, _ = pipeline
-    proc = _run('train.py', 'stage_latent', ['training.desc=bad_init', f'+training.init_from={_snapshot(ae_dir)}', 'resume=none'], folder, nproc=0)
+    proc = _run('train.py', 'stage_latent', ['training.desc=bad_init', f'training.init_from={_snapshot(ae_dir)}', 'resume=none'], folder, nproc=0)
     assert proc.returncode == 1
     assert (f"error: training.init_from: {_snapshot(ae_dir)} does not fit the network: 'model.map_layer0.weight' is missing "
         f"from the snapshot") in proc.stderr, proc.stderr[-3000:]

@@ -9,6 +9,7 @@ import torch
 
 from torch_utils import persistence
 from training import sampling
+from training.dataset import NpzDataset
 from training.loss import EDMLoss
 
 # Snapshots may name only persistent classes of the project's packages; this test module joins them.
@@ -110,5 +111,15 @@ class FrozenFeatureLoss(EDMLoss, torch.nn.Module):
     def __call__(self, net, batch, augment_pipe=None):
         loss = self.features(super().__call__(net, batch, augment_pipe))
         return loss / self.logvar.exp() + self.logvar
+
+#----------------------------------------------------------------------------
+
+class FrozenSeeingDataset(NpzDataset):
+    """NpzDataset whose device transform takes the frozen networks: it records what it got."""
+    seen = []
+
+    def device_transform(self, batch, frozen):
+        FrozenSeeingDataset.seen.append(frozen)
+        return batch
 
 #----------------------------------------------------------------------------
