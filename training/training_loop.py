@@ -119,7 +119,7 @@ def training_loop(
     elif network_kwargs.get('augment_dim'): # Its input would stay unused: DDP fails on the unused weights, one process trains them never.
         raise ValueError(f'training.network.augment_dim={network_kwargs["augment_dim"]} needs an augment pipe, but training.augment '
             f'is null (set training.network.augment_dim=0 or configure training.augment)')
-    frozen_nets = {name: net.to(device) for name, net in stages.load_frozen(frozen).items()} # Eval mode, no gradients.
+    frozen_nets = {name: module.to(device) for name, module in stages.load_frozen(frozen).items()} # Eval mode, no gradients.
     with torch.random.fork_rng(devices=[]): # Built before the network: it may set the network's interface (e.g. a latent shape).
         torch.manual_seed(seed)
         loss_fn = misc.construct_class(loss_kwargs, 'training.loss')
@@ -150,7 +150,7 @@ def training_loop(
         if world_size > 1: # DDP broadcasts the network's weights; a trainable loss gets rank 0's the same way.
             for tensor in list(loss_fn.parameters()) + list(loss_fn.buffers()):
                 torch.distributed.broadcast(tensor.data, src=0)
-    frozen_ids = stages.frozen_param_ids(frozen_nets) # The loss's own requires_grad=False parameters are frozen too:
+    frozen_ids = stages.frozen_param_ids(frozen_nets) # Not optimized, not all-reduced: frozen nets, requires_grad=False parameters.
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad and id(p) not in frozen_ids] if isinstance(loss_fn, torch.nn.Module) else []
     params = list(net.parameters()) + loss_params
     optimizer = misc.construct_class(optimizer_kwargs, 'training.optimizer', params=params)
