@@ -78,6 +78,7 @@ from training import image_io
 from training import network_snapshot
 from training import sampling
 from training import solvers
+from training import stages
 
 config_mod.register()
 
@@ -116,6 +117,7 @@ def generate_images(
     device,                     # Device to run on.
     class_idx   = None,         # Class label, None = random per seed.
     sampler_kwargs = {},        # Arguments of sampling.sample (solver, num_steps, guidance, ...).
+    decode      = None,         # Samples -> images (a latent model's decoder, training/stages.py), None = as sampled.
 ):
     """Yield (seeds, images float32 [B, C, ...] in [-1, 1]-ish units) per batch."""
     shape = sampling.sample_shape(net)
@@ -131,6 +133,8 @@ def generate_images(
                 class_labels[:, :] = 0
                 class_labels[:, class_idx] = 1
         images = sampling.sample(net, latents, class_labels=class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+        if decode is not None:
+            images = decode(images)
         yield batch_seeds, images.to(torch.float32)
 
 #----------------------------------------------------------------------------
@@ -342,12 +346,12 @@ def write_posterior(outdir: str, fmt: str, conds: dict, samples: np.ndarray, see
 #----------------------------------------------------------------------------
 # Unconditional / class-conditional generation and its outputs.
 
-def run_unconditional(net, scfg: dict, seeds: list[int], outdir: str, device, rank: int, world_size: int) -> None:
+def run_unconditional(net, scfg: dict, seeds: list[int], outdir: str, device, rank: int, world_size: int, decode=None) -> None:
     batches = sampling.split_seeds(seeds, scfg['batch'], rank, world_size)
     dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
     progress = Progress(len(batches))
     results = []
-    for i, (batch_seeds, images) in enumerate(generate_images(net, batches, device, scfg['class_idx'], sampler_kwargs(scfg))):
+    for i, (batch_seeds, images) in enumerate(generate_images(net, batches, device, scfg['class_idx'], sampler_kwargs(scfg), decode)):
         images = images.cpu().numpy()
         if scfg['format'] in ('png', 'nifti'):
             for seed, image in zip(batch_seeds, images):
@@ -387,6 +391,8 @@ def run(cfg: DictConfig) -> None:
     dist.print0(f'Loading network from "{scfg["network_pkl"]}"...')
     net, snapshot = load_network(scfg['network_pkl'], scfg['trust_edm_pickle'])
     net = net.to(device)
+    snapshot['frozen'] = {name: frozen.to(device) for name, frozen in (snapshot.get('frozen') or {}).items()}
+    decode = (lambda x: stages.decode(snapshot, x)) if hasattr(snapshot.get('loss_fn'), 'decode') else None
     if scfg['batch_invariant']:
         net = sampling.PerSampleNet(net)
     if scfg['class_idx'] is not None and not (0 <= scfg['class_idx'] < max(net.label_dim, 0)):
@@ -415,7 +421,7 @@ def run(cfg: DictConfig) -> None:
 
     # Generate.
     if not conditional:
-        run_unconditional(net, scfg, seeds, outdir, device, rank, world_size)
+        run_unconditional(net, scfg, seeds, outdir, device, rank, world_size, decode)
     else:
         K, S = len(conds['indices']), scfg['samples_per_cond']
         dist.print0(f'Generating {S} samples for each of {K} conditions to "{outdir}"...')

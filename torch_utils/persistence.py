@@ -226,10 +226,14 @@ def load_snapshot(path: str | os.PathLike) -> dict:
     return unpickle_snapshot(path, RestrictedUnpickler)
 
 def save_snapshot(data: dict, path: str | os.PathLike) -> None:
-    """Pickle a snapshot dict atomically. Module values must be persistent classes."""
+    """Pickle a snapshot dict atomically. Module values, and the modules of a
+    dict value (the frozen networks of earlier stages, `frozen: {name: net}`),
+    must be persistent classes."""
     for key, value in data.items():
-        if isinstance(value, torch.nn.Module) and not is_persistent(value):
-            raise ValueError(f'snapshot key "{key}": {type(value).__name__} is not a @persistent_class')
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, obj in items:
+            if isinstance(obj, torch.nn.Module) and not is_persistent(obj):
+                raise ValueError(f'snapshot key "{key}{"." + name if name else ""}": {type(obj).__name__} is not a @persistent_class')
     atomic_write(path, lambda f: pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 #----------------------------------------------------------------------------

@@ -47,6 +47,8 @@ class TrainingConfig:
     loss_scaling: float = 1             # Loss scaling factor.
     precision: str = 'fp32'             # 'fp32', 'bf16' or 'fp16' (CUDA only).
     freeze: list[FreezeConfig] = field(default_factory=list) # Module-freezing schedule.
+    frozen: dict[str, str] = field(default_factory=dict) # Earlier stages' networks {name: network-snapshot-*.pkl}, handed to the loss, embedded in snapshots.
+    init_from: Any = None               # Warm start: a snapshot path or {path, module, source, strict}, None = off.
     max_nonfinite_steps: int = 10       # Abort after this many consecutive non-finite steps.
     kimg_per_tick: float = 50           # Progress-print interval.
     snapshot_ticks: Optional[int] = 50  # Snapshot + sample grid interval in ticks, None = off.

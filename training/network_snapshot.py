@@ -11,8 +11,8 @@ imports a family package to do it."""
 
 import torch
 
-from torch_utils import persistence
 from training import edm_import
+from training import stages
 
 #----------------------------------------------------------------------------
 # Classes that moved: old `_target_` -> new. Snapshots written before PET
@@ -38,13 +38,14 @@ def load_network(path: str, trust_edm_pickle: bool = False, trust_flag: str = 's
         data = edm_import.load_snapshot(path)
     else:
         try:
-            data = persistence.load_snapshot(path)
+            data = stages.load_snapshot(path) # ema and the frozen networks of earlier stages, eval mode.
         except ValueError:
             if edm_import.looks_like_edm_pickle(path):
                 raise ValueError(f'{path} is an NVlabs/edm snapshot: its format executes the Python source it carries. '
                     f'To import its weights into medEDM networks (the source is never run), set {trust_flag} '
                     f'-- for files from a trusted source only') from None
             raise
+    data.setdefault('frozen', {})
     net = data['ema']
     if not isinstance(net, torch.nn.Module):
         raise ValueError(f'network snapshot {path}: "ema" is not a network')

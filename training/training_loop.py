@@ -10,6 +10,7 @@ ends with bit-identical weights (same world size)."""
 
 import copy
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from torch_utils import persistence
 from torch_utils import training_stats
 from training import image_io
 from training import sampling
+from training import stages
 from training import training_state
 
 #----------------------------------------------------------------------------
@@ -59,6 +61,8 @@ def training_loop(
     slice_kimg          = None,     # Stop (with a state dump) after this many kimg in this invocation, None = run to the end.
     workers             = 2,        # DataLoader worker processes per rank.
     resume_state        = None,     # Training-state file to resume from, None = start afresh.
+    frozen              = {},       # Networks of earlier stages {name: network-snapshot-*.pkl}, handed to the loss (training/stages.py).
+    init_from           = None,     # Warm start: a snapshot path or {path, module, source, strict}, None = off (ignored on resume).
     print_summary       = True,     # Print a module summary at start-up?
     cudnn_benchmark     = True,     # Enable torch.backends.cudnn.benchmark?
 ):
@@ -115,24 +119,37 @@ def training_loop(
     elif network_kwargs.get('augment_dim'): # Its input would stay unused: DDP fails on the unused weights, one process trains them never.
         raise ValueError(f'training.network.augment_dim={network_kwargs["augment_dim"]} needs an augment pipe, but training.augment '
             f'is null (set training.network.augment_dim=0 or configure training.augment)')
+    frozen_nets = {name: module.to(device) for name, module in stages.load_frozen(frozen).items()} # Eval mode, no gradients.
+    with torch.random.fork_rng(devices=[]): # Built before the network: it may set the network's interface (e.g. a latent shape).
+        torch.manual_seed(seed)
+        loss_fn = misc.construct_class(loss_kwargs, 'training.loss')
+    loss_extra = _loss_extra(loss_fn, frozen_nets)
+    if hasattr(loss_fn, 'network_interface'):
+        interface_kwargs = dict(loss_fn.network_interface(dict(interface_kwargs), frozen_nets))
     for key, value in interface_kwargs.items():
         if key in network_kwargs and network_kwargs[key] != value:
             raise ValueError(f'training.network.{key}={network_kwargs[key]} does not match the dataset/augment pipe ({value})')
     torch.manual_seed(seed)
     net = misc.construct_class(network_kwargs, 'training.network', **{k: v for k, v in interface_kwargs.items() if k not in network_kwargs})
     net.train().requires_grad_(True).to(device)
+    if resume_state is None and init_from is not None: # A resumed run has its own weights.
+        copied = stages.init_from(net, init_from)
+        dist.print0(f'Initialized {len(copied)} tensors from "{stages.parse_init_from(init_from)["path"]}".')
 
     # Set up loss and optimizer.
     dist.print0('Setting up optimizer...')
-    loss_fn = misc.construct_class(loss_kwargs, 'training.loss')
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn.to(device)
         if world_size > 1: # DDP broadcasts the network's weights; a trainable loss gets rank 0's the same way.
             for tensor in list(loss_fn.parameters()) + list(loss_fn.buffers()):
                 torch.distributed.broadcast(tensor.data, src=0)
+    device_transform = getattr(dataset_obj, 'device_transform', lambda batch: batch) # On-device data simulation (e.g. PET).
+    if stages.takes_frozen(device_transform):
+        device_transform = functools.partial(device_transform, frozen=frozen_nets)
     if rank == 0 and print_summary:
-        _print_summary(net, loss_fn, augment_pipe, dataset_obj, batch_gpu, device)
-    loss_params = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
+        _print_summary(net, loss_fn, augment_pipe, dataset_obj, batch_gpu, device, device_transform, loss_extra)
+    frozen_ids = stages.frozen_param_ids(frozen_nets) # Not optimized, not all-reduced: frozen nets, requires_grad=False parameters.
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad and id(p) not in frozen_ids] if isinstance(loss_fn, torch.nn.Module) else []
     params = list(net.parameters()) + loss_params
     optimizer = misc.construct_class(optimizer_kwargs, 'training.optimizer', params=params)
     optimizer_class = f'{type(optimizer).__module__}.{type(optimizer).__qualname__}' # Kept in the training state.
@@ -189,8 +206,10 @@ def training_loop(
     if workers > 0:
         loader_kwargs.update(prefetch_factor=2, persistent_workers=True)
     dataset_iterator = iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
-    device_transform = getattr(dataset_obj, 'device_transform', lambda batch: batch) # On-device data simulation (e.g. PET).
-    grid = _grid_setup(dataset_obj, grid_images, seed, device, device_transform) if grid_images > 0 and snapshot_ticks is not None else None
+    grid_fn = getattr(loss_fn, 'grid', None) # The stage's own picture (e.g. reconstructions) instead of the sampler's.
+    want_grid = grid_images > 0 and snapshot_ticks is not None
+    grid = _grid_setup(dataset_obj, grid_images, seed, device, device_transform) if want_grid and grid_fn is None else None
+    grid_batch = _grid_batch(dataset_obj, grid_images, seed, device, device_transform) if want_grid and grid_fn is not None and rank == 0 else None
 
     # Train.
     dist.print0(f'Training for {total_kimg} kimg...')
@@ -215,7 +234,7 @@ def training_loop(
             with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
                 batch = device_transform(_to_device(next(dataset_iterator), device))
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=(autocast_dtype is not None)):
-                    loss = loss_fn(net=ddp, batch=batch, augment_pipe=augment_pipe)
+                    loss = loss_fn(net=ddp, batch=batch, augment_pipe=augment_pipe, **loss_extra)
                 loss = loss.float()
                 training_stats.report('Loss/loss', loss)
                 loss = loss.sum().mul(loss_scaling / batch_gpu_total)
@@ -313,9 +332,13 @@ def training_loop(
                     value = copy.deepcopy(value).eval().requires_grad_(False)
                     misc.check_ddp_consistency(value)
                     data[key] = value.cpu()
+            if frozen_nets: # Embedded: the stage's snapshot alone serves generate.py and evaluate.py.
+                data['frozen'] = {name: copy.deepcopy(value).cpu() for name, value in frozen_nets.items()}
             if rank == 0:
                 persistence.save_snapshot(data, training_state.snapshot_path(run_dir, cur_nimg))
             del data
+            if grid_batch is not None: # Rank 0 draws the stage's picture.
+                _save_loss_grid(grid_fn, ema, grid_batch, frozen_nets, seed, os.path.join(run_dir, f'samples-{cur_nimg // 1000:06d}.png'))
             if grid is not None: # Every rank samples its share of the grid.
                 _save_grid(ema, grid, grid_steps, os.path.join(run_dir, f'samples-{cur_nimg // 1000:06d}.png'))
 
@@ -453,7 +476,7 @@ def _truncate_stats(path: str, cur_nimg: int) -> None:
 # (labels, condition images, embeddings, augment labels, per-pixel sigma).
 # The random streams are restored: the summary does not change the run.
 
-def _print_summary(net, loss_fn, augment_pipe, dataset_obj, batch_gpu: int, device: torch.device) -> None:
+def _print_summary(net, loss_fn, augment_pipe, dataset_obj, batch_gpu: int, device: torch.device, device_transform, loss_extra: dict) -> None:
     calls = [] # The network's inputs of its first call.
     def capture(_module, args, kwargs):
         if not calls:
@@ -463,13 +486,43 @@ def _print_summary(net, loss_fn, augment_pipe, dataset_obj, batch_gpu: int, devi
     try:
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
             items = [dataset_obj[i % len(dataset_obj)] for i in range(batch_gpu)]
-            batch = getattr(dataset_obj, 'device_transform', lambda b: b)(_to_device(torch.utils.data.default_collate(items), device))
-            loss_fn(net=net, batch=batch, augment_pipe=augment_pipe)
+            batch = device_transform(_to_device(torch.utils.data.default_collate(items), device))
+            loss_fn(net=net, batch=batch, augment_pipe=augment_pipe, **loss_extra)
             if calls:
                 misc.print_module_summary(net, list(calls[0][0]), calls[0][1], max_nesting=2)
     finally:
         hook.remove()
         np.random.set_state(np_state)
+
+#----------------------------------------------------------------------------
+# Stages (training/stages.py): what the loss object is called with, and its
+# own picture at snapshot time (reconstructions of an autoencoder, ...).
+
+def _loss_extra(loss_fn, frozen_nets: dict) -> dict:
+    if stages.takes_frozen(loss_fn):
+        return dict(frozen=frozen_nets)
+    if frozen_nets:
+        raise ValueError(f'training.frozen: the loss object {type(loss_fn).__qualname__} takes no frozen= argument, so it '
+            f'cannot use the networks {sorted(frozen_nets)} (remove training.frozen or use a loss that takes them)')
+    return {}
+
+def _grid_batch(dataset_obj, grid_images: int, seed: int, device: torch.device, device_transform) -> dict:
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []): # Must not move the training stream.
+        torch.manual_seed(seed)
+        items = [dataset_obj[i % len(dataset_obj)] for i in range(int(grid_images))]
+        return device_transform(_to_device(torch.utils.data.default_collate(items), device))
+
+@torch.no_grad()
+def _save_loss_grid(grid_fn, ema: torch.nn.Module, batch: dict, frozen_nets: dict, seed: int, path: str) -> None:
+    device = batch['image'].device
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        images = grid_fn(ema, batch, frozen_nets)
+    if images is not None:
+        images = images.float().cpu()
+        while images.ndim > 4: # Volumes: the middle slice.
+            images = images[:, :, images.shape[2] // 2]
+        image_io.save_image_grid(images.numpy(), path, drange=(-1, 1))
 
 #----------------------------------------------------------------------------
 # Sample grid at snapshot time: fixed seeds, labels and conditions, so grids of
