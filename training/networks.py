@@ -297,7 +297,7 @@ class DhariwalUNet(torch.nn.Module):
 
 def model_types() -> dict:
     from training import networks3d, networks_vector # Imported here: both build on this module.
-    return {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'UNet3D': networks3d.UNet3D,
+    return {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'DhariwalUNet3D': networks3d.DhariwalUNet3D,
         'VectorDenoiser': networks_vector.VectorDenoiser}
 
 # Floor of the per-sample sigma that feeds c_noise when sigma is per pixel, so that

@@ -26,7 +26,7 @@ from training.networks import _check_embedding, _class_label_input, _label_dropo
 #----------------------------------------------------------------------------
 # ADM U-Net for volumes.
 
-class UNet3D(torch.nn.Module):
+class DhariwalUNet3D(torch.nn.Module):
     spatial_dims = 3
 
     def __init__(self,
