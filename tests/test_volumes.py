@@ -229,6 +229,36 @@ def test_nifti_volume_dataset_crop_pad_affine_and_collate(tmp_path):
         NiftiVolumeDataset(files('img'), shape=[8, 8])
 
 #----------------------------------------------------------------------------
+# generate.py's per-seed NIfTI output (in-process; tests/test_volumes_e2e.py runs it with torchrun).
+
+def _scfg(**kwargs):
+    scfg = dict(batch=2, format='nifti', subdirs=False, class_idx=None, affine_from=None, solver='euler', discretization='edm',
+        corrector='none', afs=False, sigma_c=None, warp_k=0.3, num_steps=2, sigma_min=0.002, sigma_max=80, rho=7,
+        S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1)
+    return dict(scfg, **kwargs)
+
+def test_generate_nifti_carries_the_reference_affine(tmp_path):
+    import generate
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=[8, 4, 8], img_channels=1, **TINY3D).eval().requires_grad_(False) # As load_network returns it.
+    ras = np.array([[1.0, 0, 0, -4.0], [0, 1.0, 0, -2.0], [0, 0, 1.0, 2.5], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.zeros([8, 4, 8], dtype=np.float32), ras), tmp_path / 'ref.nii.gz')
+    for name in 'abcd': # generate.run makes the output folder.
+        os.makedirs(tmp_path / name)
+    generate.run_unconditional(net, _scfg(affine_from=str(tmp_path / 'ref.nii.gz')), [3, 7], str(tmp_path / 'a'), 'cpu', 0, 1)
+    generate.run_unconditional(net, _scfg(format='npz', batch=1), [3, 7], str(tmp_path / 'b'), 'cpu', 0, 1)
+    images = np.load(tmp_path / 'b' / 'images.npz')['images']
+    for k, seed in enumerate((3, 7)):
+        img = nib.load(tmp_path / 'a' / f'{seed:06d}.nii.gz')
+        np.testing.assert_array_equal(img.affine, ras)
+        np.testing.assert_array_equal(np.asarray(img.dataobj), images[k, 0])
+    generate.run_unconditional(net, _scfg(), [3], str(tmp_path / 'c'), 'cpu', 0, 1)
+    np.testing.assert_array_equal(nib.load(tmp_path / 'c' / '000003.nii.gz').affine, np.eye(4)) # No reference: identity.
+    with pytest.raises(ValueError, match='sampling.affine_from: cannot read the NIfTI affine / header of .*missing.nii.gz'):
+        generate.run_unconditional(net, _scfg(affine_from=str(tmp_path / 'missing.nii.gz')), [3], str(tmp_path / 'd'), 'cpu', 0, 1)
+    assert not os.listdir(tmp_path / 'd') # Read before sampling: nothing written.
+
+#----------------------------------------------------------------------------
 # Grids of volumes: the mid-slices of the three planes.
 
 def test_volume_grid_shows_three_mid_slices(tmp_path):
