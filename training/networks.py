@@ -8,7 +8,10 @@ of Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
 as denoisers D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Eq. 7, Table 1).
 Constructor arguments and state-dict keys match NVlabs/edm. Medical extensions:
 per-pixel sigma, condition images concatenated to the network input
-(`cond_channels`) and continuous embedding vectors (`embedding_dim`).
+(`cond_channels`) and continuous embedding vectors (`embedding_dim`); the
+preconditioners also wrap `DhariwalUNet3D` (training/networks3d.py, volumes
+N x C x D x H x W) and `VectorDenoiser` (training/networks_vector.py, vectors
+N x K conditioned on image features), chosen by `model_type`.
 """
 
 from typing import Any
