@@ -247,18 +247,19 @@ class NpzDataset(Dataset):
             if labels.shape[0] != images.shape[0]:
                 raise ValueError(f'training.dataset.label_key: {label_key!r} has {labels.shape[0]} labels for {images.shape[0]} images in {self._path}')
         self._npz_labels = labels
+        axes = 'H, W' if images.ndim == 4 else 'D, H, W'
         if cond is not None:
             if cond.ndim == images.ndim - 1:
                 cond = cond[:, None]
             if cond.ndim != images.ndim or cond.shape[0] != images.shape[0] or cond.shape[2:] != images.shape[2:] or not np.issubdtype(cond.dtype, np.floating):
-                raise ValueError(f'training.dataset.cond_key: {cond_key!r} in {self._path} must be float (N, Cc, *spatial) '
+                raise ValueError(f'training.dataset.cond_key: {cond_key!r} in {self._path} must be float (N, Cc, {axes}) '
                     f'matching the images {images.shape}, got {cond.dtype} {cond.shape}')
             self._cond = cond.astype(np.float32)
         if mask is not None:
             if mask.ndim == images.ndim - 1:
                 mask = mask[:, None]
             if mask.ndim != images.ndim or mask.shape[0] != images.shape[0] or mask.shape[2:] != images.shape[2:]:
-                raise ValueError(f'training.dataset.mask_key: {mask_key!r} in {self._path} must be (N, Cm, *spatial) '
+                raise ValueError(f'training.dataset.mask_key: {mask_key!r} in {self._path} must be (N, Cm, {axes}) '
                     f'matching the images {images.shape}, got {mask.shape}')
             if not np.isin(mask, (0, 1)).all():
                 raise ValueError(f'training.dataset.mask_key: {mask_key!r} in {self._path} must hold 0 and 1 only')
