@@ -258,6 +258,39 @@ def test_generate_nifti_carries_the_reference_affine(tmp_path):
         generate.run_unconditional(net, _scfg(affine_from=str(tmp_path / 'missing.nii.gz')), [3], str(tmp_path / 'd'), 'cpu', 0, 1)
     assert not os.listdir(tmp_path / 'd') # Read before sampling: nothing written.
 
+def test_nifti_volumes_train_in_the_loop_and_condition_generation(tmp_path, monkeypatch):
+    # Conditional volume EDM on NIfTI files (non-RAS, cropped and padded), 3-D augmentation, in one
+    # process: the items' affines travel beside the tensors through the loop, and conditional NIfTI
+    # output carries the affine of its condition item (the file's, moved to the crop).
+    import generate
+    from training import training_loop
+    rng = np.random.default_rng(0)
+    for name in ('img', 'cond'):
+        os.makedirs(tmp_path / name)
+        for i in range(3):
+            nib.save(nib.Nifti1Image(rng.uniform(0, 100, [10, 8, 6]).astype(np.float32), LAS), tmp_path / name / f'{i}.nii.gz')
+    monkeypatch.chdir(tmp_path)
+    dataset_kwargs = dict(_target_='training.dataset.NiftiVolumeDataset', path='img', cond_path='cond', shape=[8, 8, 8],
+        intensity=dict(mode='percentile'))
+    training_loop.training_loop(run_dir='run', dataset_kwargs=dataset_kwargs,
+        network_kwargs=dict(_target_='training.networks.EDMPrecond', **TINY3D), loss_kwargs=dict(_target_='training.loss.EDMLoss'),
+        augment_kwargs=dict(_target_='training.augment.AugmentPipe3D', xflip=1, rotate_int=1, translate_int=1),
+        optimizer_kwargs=dict(_target_='torch.optim.Adam', lr=1e-3), batch_size=2, total_kimg=0.004, kimg_per_tick=0.002,
+        snapshot_ticks=1, state_dump_ticks=1, grid_images=2, grid_steps=2, workers=0, print_summary=False)
+    assert Image.open(tmp_path / 'run' / 'samples-000000.png').size == (2 * 24, 8) # Two volumes' mid-slices.
+    net, snapshot = generate.load_network(str(tmp_path / 'run' / 'network-snapshot-000000.pkl'))
+    assert net.cond_channels == 1 and sampling.sample_shape(net) == [1, 8, 8, 8]
+    scfg = _scfg(cond_dataset=None, cond_indices=[2], samples_per_cond=2, cond_seed=0)
+    conds = generate.load_conditions(net, scfg, snapshot)
+    samples, seeds = generate.generate_posterior(net, conds, scfg, 'cpu', 0, 1)
+    os.makedirs('out')
+    generate.write_posterior('out', 'nifti', conds, samples, seeds)
+    expected = LAS @ np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, -1], [0, 0, 0, 1]]) # Crop 10 -> 8 along i (offset 1), pad 6 -> 8 along k (offset -1).
+    for what in ('mean', 'std', 'samples'):
+        img = nib.load(tmp_path / 'out' / f'000002-{what}.nii.gz')
+        np.testing.assert_array_equal(img.affine, expected)
+    assert nib.load(tmp_path / 'out' / '000002-samples.nii.gz').shape == (8, 8, 8, 2)
+
 #----------------------------------------------------------------------------
 # Grids of volumes: the mid-slices of the three planes.
 
