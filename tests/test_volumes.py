@@ -307,3 +307,11 @@ def test_volume_grid_shows_three_mid_slices(tmp_path):
     assert np.all(g[:6, 28] == 255) and g[:, 24:32].astype(int).sum() == 6 * 255 # Volume 1, axial: the column W // 2.
 
 #----------------------------------------------------------------------------
+
+def test_bad_img_resolution_names_the_key():
+    for bad, model in ((None, {}), ([8, 8], TINY3D), ([8, 0, 8], TINY3D), (True, TINY3D)):
+        with pytest.raises(ValueError, match='img_resolution: expected a positive int or'):
+            EDMPrecond(img_resolution=bad, img_channels=1, **(model or dict(model_type='DhariwalUNet', model_channels=8,
+                channel_mult=[1], num_blocks=1, attn_resolutions=[])))
+
+#----------------------------------------------------------------------------

@@ -323,8 +323,8 @@ def _spatial_shape(img_resolution: Any, spatial_dims: int) -> list[int]:
     # [H, W], [D, H, W] or [] from an int (square / cubic) or a list of sizes.
     if spatial_dims == 0:
         return []
-    sizes = [img_resolution] * spatial_dims if isinstance(img_resolution, (int, np.integer)) else list(img_resolution)
-    if len(sizes) != spatial_dims or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in sizes):
+    sizes = [img_resolution] * spatial_dims if isinstance(img_resolution, (int, np.integer)) else img_resolution
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != spatial_dims or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in sizes):
         raise ValueError(f'img_resolution: expected a positive int or {spatial_dims} positive ints, got {img_resolution!r}')
     return [int(v) for v in sizes]
 
