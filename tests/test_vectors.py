@@ -54,6 +54,12 @@ def test_vector_denoiser_with_image_condition_is_batch_independent():
     one = torch.cat([net(x[i:i + 1], 1.0, cond=cond[i:i + 1], class_labels=labels[i:i + 1], embedding=emb[i:i + 1]) for i in range(4)])
     torch.testing.assert_close(full, one, rtol=1e-5, atol=1e-6)
 
+def test_no_sample_grid_for_vector_networks(tmp_path):
+    from training import training_loop
+    net = _net(cond_channels=K).eval()
+    training_loop._save_grid(net, dict(seeds=[0, 1], cond=torch.randn(2, K)), 2, str(tmp_path / 'grid.png'))
+    assert not (tmp_path / 'grid.png').exists()
+
 #----------------------------------------------------------------------------
 # Toy problems: train with EDMLoss on CPU for a few hundred steps, sample with the solvers.
 
