@@ -49,7 +49,9 @@ samples | mean | std scaled to its maximum; volumes show their middle slice);
 or NIfTI files `<index>-mean.nii.gz`, `-std.nii.gz`, `-samples.nii.gz` (samples
 along the 4th axis), float32, with the affine and header of the item (its
 `affine`, `header` or `nifti_path` entries) and the tensor's spatial axes as
-the NIfTI axes.
+the NIfTI axes. Unconditional NIfTI output (`sampling.format=nifti`, one
+`<seed>.nii.gz` per seed) carries the affine and header of the reference
+volume `sampling.affine_from=<file.nii.gz>` (identity without one).
 
 Snapshots load through a restricted unpickler: only this project's classes and
 tensors, never arbitrary code. An NVlabs/edm `network-snapshot-*.pkl` is read
@@ -348,6 +350,12 @@ def write_posterior(outdir: str, fmt: str, conds: dict, samples: np.ndarray, see
 
 def run_unconditional(net, scfg: dict, seeds: list[int], outdir: str, device, rank: int, world_size: int, decode=None) -> None:
     batches = sampling.split_seeds(seeds, scfg['batch'], rank, world_size)
+    meta = {} # NIfTI geometry: the affine and header of sampling.affine_from, read before sampling; identity without one.
+    if scfg.get('affine_from') is not None:
+        try:
+            meta = dict(zip(('affine', 'header'), _nifti_affine_header({'nifti_path': scfg['affine_from']})))
+        except Exception as err: # pylint: disable=broad-except # nibabel raises many kinds.
+            raise ValueError(f'sampling.affine_from: cannot read the NIfTI affine / header of {scfg["affine_from"]}: {err}') from None
     dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
     progress = Progress(len(batches))
     results = []
@@ -360,7 +368,7 @@ def run_unconditional(net, scfg: dict, seeds: list[int], outdir: str, device, ra
                 if scfg['format'] == 'png':
                     image_io.save_png(_middle_slice(image), os.path.join(folder, f'{seed:06d}.png'))
                 else:
-                    write_nifti(os.path.join(folder, f'{seed:06d}.nii.gz'), image, {})
+                    write_nifti(os.path.join(folder, f'{seed:06d}.nii.gz'), image, meta)
         else:
             results.append((batch_seeds, images))
         progress.update(i, len(batch_seeds))

@@ -3,7 +3,8 @@
 """Training throughput: the full training loop against a bare loop.
 
 Both variants train the same network (EDMPrecond + SongUNet, the DDPM++ set-up
-of configs/edm_mri.yaml at the chosen width) on the same synthetic .npz data
+of configs/edm_mri.yaml at the chosen width; with --dims 3 a small
+DhariwalUNet3D on volumes) on the same synthetic .npz data
 (written to a temporary folder) with the same world size, batch size and
 number of steps, in the same invocation of this script:
 
@@ -35,6 +36,10 @@ python bench/train_throughput.py
 \b
 # One process:
 python bench/train_throughput.py --nproc 1
+
+\b
+# A small 3-D network on 16^3 volumes:
+python bench/train_throughput.py --dims 3 --resolution 16 --batch 8 --channels 16 --kimg 0.25
 """
 
 import json
@@ -54,22 +59,25 @@ GOAL_OVERHEAD = 0.10
 #----------------------------------------------------------------------------
 # Shared set-up of both variants: network, optimizer, data, step schedule.
 
-def network_kwargs(channels: int) -> dict:
+def network_kwargs(channels: int, dims: int = 2) -> dict:
+    if dims == 3:
+        return dict(_target_='training.networks.EDMPrecond', model_type='DhariwalUNet3D', model_channels=channels,
+            channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=channels, dropout=0.0)
     return dict(_target_='training.networks.EDMPrecond', model_type='SongUNet', model_channels=channels,
         channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0, embedding_type='positional',
         channel_mult_noise=1, encoder_type='standard', decoder_type='standard', resample_filter=[1, 1])
 
 OPTIMIZER_KWARGS = dict(_target_='torch.optim.Adam', lr=2e-3, betas=[0.9, 0.999], eps=1e-8)
 
-def make_data(path: str, n: int, resolution: int, seed: int = 0) -> None:
-    """Smooth random discs in [-1, 1], float32 (N, 1, H, W), as in tests/launch.py."""
+def make_data(path: str, n: int, resolution: int, seed: int = 0, dims: int = 2) -> None:
+    """Smooth random discs (balls with dims=3) in [-1, 1], float32 (N, 1, H, W) or (N, 1, D, H, W), as in tests/launch.py."""
     import numpy as np
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:resolution, :resolution] / resolution
-    images = np.empty([n, 1, resolution, resolution], dtype=np.float32)
+    grid = np.mgrid[(slice(None, resolution),) * dims] / resolution
+    images = np.empty([n, 1] + [resolution] * dims, dtype=np.float32)
     for i in range(n):
-        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
-        images[i, 0] = np.where((xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2, 1.0, -1.0)
+        centre, r = rng.uniform(0.3, 0.7, dims), rng.uniform(0.15, 0.3)
+        images[i, 0] = np.where(sum((g - c) ** 2 for g, c in zip(grid, centre)) < r ** 2, 1.0, -1.0)
     np.savez(path, images=images)
 
 def schedule(kimg: float, batch: int, ticks: int) -> dict:
@@ -129,7 +137,7 @@ def children_cpu_s() -> float:
 # same single step the full loop spends in tick 0), from a barrier to the end
 # of its last optimizer step.
 
-def worker_bare(out: str, data: str, batch: int, channels: int, sched: dict) -> None:
+def worker_bare(out: str, data: str, batch: int, channels: int, sched: dict, dims: int = 2) -> None:
     import numpy as np
     import torch
     from torch_utils import distributed as dist
@@ -143,7 +151,7 @@ def worker_bare(out: str, data: str, batch: int, channels: int, sched: dict) -> 
     batch_per_rank = batch // world_size
     images = torch.from_numpy(np.load(data)['images'])
     torch.manual_seed(0)
-    net = misc.construct_class(network_kwargs(channels), 'network', img_resolution=images.shape[-1], img_channels=images.shape[1], label_dim=0)
+    net = misc.construct_class(network_kwargs(channels, dims), 'network', img_resolution=images.shape[-1], img_channels=images.shape[1], label_dim=0)
     net.train().requires_grad_(True).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) if world_size > 1 else net
     optimizer = misc.construct_class(OPTIMIZER_KWARGS, 'optimizer', params=list(net.parameters()))
@@ -174,7 +182,7 @@ def worker_bare(out: str, data: str, batch: int, channels: int, sched: dict) -> 
 # next to the stats.jsonl timestamp): CPU seconds per image hardly depend on
 # what other processes do, unlike wall time on a shared machine.
 
-def worker_full(out: str, data: str, batch: int, channels: int, sched: dict, cadence: dict) -> None:
+def worker_full(out: str, data: str, batch: int, channels: int, sched: dict, cadence: dict, dims: int = 2) -> None:
     from torch_utils import distributed as dist
     from torch_utils import training_stats
     from training import training_loop
@@ -188,7 +196,7 @@ def worker_full(out: str, data: str, batch: int, channels: int, sched: dict, cad
     training_stats.default_collector.update = update_and_mark
     training_loop.training_loop(run_dir=out,
         dataset_kwargs=dict(_target_='training.dataset.NpzDataset', path=data),
-        network_kwargs=network_kwargs(channels), loss_kwargs=dict(_target_='training.loss.EDMLoss'),
+        network_kwargs=network_kwargs(channels, dims), loss_kwargs=dict(_target_='training.loss.EDMLoss'),
         optimizer_kwargs=dict(OPTIMIZER_KWARGS), seed=0, batch_size=batch,
         total_kimg=sched['total_kimg'], kimg_per_tick=sched['kimg_per_tick'],
         ema_halflife_kimg=1, lr_rampup_kimg=0.5, print_summary=False, **cadence)
@@ -255,7 +263,8 @@ def launch(variant: str, out: str, opts: dict) -> dict:
 
 @click.command(help=__doc__.split('\n\n')[0])
 @click.option('--nproc',            help='Processes per run (torchrun, gloo on CPU; 1 = plain python)', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
-@click.option('--resolution',       help='Image resolution', metavar='INT',                   type=click.IntRange(min=8), default=32, show_default=True)
+@click.option('--dims',             help='2: images and SongUNet; 3: volumes and DhariwalUNet3D', metavar='INT', type=click.IntRange(min=2, max=3), default=2, show_default=True)
+@click.option('--resolution',       help='Image (volume) resolution', metavar='INT',                  type=click.IntRange(min=8), default=32, show_default=True)
 @click.option('--batch',            help='Total batch size over all processes', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--kimg',             help='Training length of each run (approximate)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option('--channels',         help='model_channels of the SongUNet', metavar='INT',    type=click.IntRange(min=1), default=32, show_default=True)
@@ -283,14 +292,16 @@ def main(**opts):
     if opts['worker'] is not None:
         sys.path.insert(0, ROOT)
         if opts['worker'] == 'bare':
-            worker_bare(opts['outdir'], opts['data'], opts['batch'], opts['channels'], sched)
+            worker_bare(opts['outdir'], opts['data'], opts['batch'], opts['channels'], sched, opts['dims'])
         else:
-            worker_full(opts['outdir'], opts['data'], opts['batch'], opts['channels'], sched, cadence)
+            worker_full(opts['outdir'], opts['data'], opts['batch'], opts['channels'], sched, cadence, opts['dims'])
         return
 
     # Launcher: data, then bare/full alternately.
-    print(f'medEDM training throughput: {opts["nproc"]} process(es), {opts["resolution"]}x{opts["resolution"]}, batch {opts["batch"]}, '
-        f'model_channels {opts["channels"]}, {sched["total_steps"]} steps ({sched["total_kimg"]:.3f} kimg) per run, '
+    size = 'x'.join([str(opts['resolution'])] * opts['dims'])
+    model = 'DhariwalUNet3D' if opts['dims'] == 3 else 'SongUNet'
+    print(f'medEDM training throughput: {opts["nproc"]} process(es), {size}, batch {opts["batch"]}, '
+        f'{model} model_channels {opts["channels"]}, {sched["total_steps"]} steps ({sched["total_kimg"]:.3f} kimg) per run, '
         f'{sched["timed_steps"]} timed ({opts["ticks"]} ticks x {sched["steps_per_tick"]} steps)')
     grid = f'{opts["grid_images"]}-image grid, {opts["grid_steps"]} steps' if opts['grid_images'] else 'no grid'
     print(f'full loop cadence: snapshot every {opts["snapshot_ticks"]} ticks ({grid}), '
@@ -298,7 +309,7 @@ def main(**opts):
     results = dict(bare=[], full=[])
     with tempfile.TemporaryDirectory(prefix='medEDM-bench-') as tmp:
         opts['data'] = os.path.join(tmp, 'data.npz')
-        make_data(opts['data'], n=max(256, opts['batch'] * 4), resolution=opts['resolution'])
+        make_data(opts['data'], n=max(256, opts['batch'] * 4), resolution=opts['resolution'], dims=opts['dims'])
         order = ['bare', 'full'] * opts['repeats']
         for idx, variant in enumerate(order):
             r = launch(variant, os.path.join(tmp, f'{idx}-{variant}'), opts)

@@ -40,3 +40,20 @@ def make_data(folder, n: int = 64, resolution: int = 16, seed: int = 0) -> str:
     path = os.path.join(folder, 'data.npz')
     np.savez(path, images=np.asarray(images, dtype=np.float32)[:, None])
     return path
+
+def run_config(script: str, config: str, args, cwd, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Like run(), with the test config tests/configs/<config>.yaml instead of tiny."""
+    cmd = torchrun_cmd(script, nproc) + ['-cd', os.path.join(ROOT, 'tests', 'configs'), '-cn', config] + list(args)
+    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+def make_volume_data(folder, n: int = 16, size: int = 8, seed: int = 0) -> str:
+    """Balls in [-1, 1] volumes (N, 1, size, size, size) in volumes.npz."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[:size, :size, :size] / size
+    volumes = []
+    for _ in range(n):
+        cz, cy, cx, r = rng.uniform(0.3, 0.7, 3).tolist() + [rng.uniform(0.2, 0.35)]
+        volumes.append(np.where((xx - cx) ** 2 + (yy - cy) ** 2 + (zz - cz) ** 2 < r ** 2, 1.0, -1.0))
+    path = os.path.join(folder, 'volumes.npz')
+    np.savez(path, images=np.asarray(volumes, dtype=np.float32)[:, None])
+    return path

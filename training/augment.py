@@ -201,3 +201,142 @@ class AugmentPipe:
         return out, labels
 
 #----------------------------------------------------------------------------
+# Joint augmentation of volumes (N, C, D, H, W): flips, axis-aligned
+# rotations by multiples of 90 degrees and integer shifts, all exact voxel
+# permutations (image, cond and mask move together, nothing is resampled),
+# non-leaking through augment labels like AugmentPipe.
+#
+# Coordinates: tensor axes (D, H, W) = (z, y, x), voxel p measured from the
+# volume's centre (p_a = index_a - (n_a - 1) / 2). The transform is
+#     q = R F p + t
+# F = diag of the flips (xflip mirrors W, yflip H, zflip D), R a product of
+# quarter turns in the (H, W), (D, W) and (D, H) planes (only planes whose two
+# sizes agree turn by 90 degrees; others by 0 or 180), t integer voxels with
+# reflection at the borders (EDM's integer translation pads by reflection).
+# Augment labels, (N, 15) float32, all zeros for the identity:
+#     0-2   xflip, yflip, zflip     1 if mirrored, else 0
+#     3-11  R - I                   the rotation matrix (rows z, y, x), minus the identity
+#     12-14 translate_x, _y, _z     shift as a fraction of the size along W, H, D
+
+AUGMENT3D_LABEL_NAMES = ('xflip', 'yflip', 'zflip', *(f'rotate_{r}{c}' for r in 'zyx' for c in 'zyx'),
+    'translate_x', 'translate_y', 'translate_z')
+
+_PLANES = ((1, 2), (0, 2), (0, 1)) # Rotation planes as pairs of spatial axes (D=0, H=1, W=2).
+
+def _quarter_turn(a: int, b: int, k: int) -> torch.Tensor:
+    # Matrix of torch.rot90(x, k, dims=(a, b)) on centred coordinates: q_a = -p_b, q_b = p_a per turn.
+    m = torch.eye(3)
+    for _ in range(k % 4):
+        turn = torch.eye(3)
+        turn[a, a] = turn[b, b] = 0
+        turn[a, b], turn[b, a] = -1, 1
+        m = turn @ m
+    return m
+
+def _reflect_index(n: int, shift: int) -> torch.Tensor:
+    # Source index of output voxel i for a shift by `shift`: i - shift, reflected (no edge repeat) into [0, n).
+    i = torch.arange(n) - shift
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i >= n, period - i, i)
+
+@persistence.persistent_class
+class AugmentPipe3D:
+    augment_dim = len(AUGMENT3D_LABEL_NAMES)
+
+    def __init__(self,
+        p                   = 1,        # Overall probability multiplier; each op applies with prob min(p * op value, 1).
+        xflip               = 0,        # Mirror along W (50/50 when applied).
+        yflip               = 0,        # Mirror along H (50/50 when applied).
+        zflip               = 0,        # Mirror along D (50/50 when applied).
+        rotate_int          = 0,        # Random quarter turns in the three planes.
+        translate_int       = 0,        # Integer-voxel translation.
+        translate_int_max   = 0.125,    # Range of integer translation, fraction of the size per axis.
+    ):
+        args = dict(p=p, xflip=xflip, yflip=yflip, zflip=zflip, rotate_int=rotate_int, translate_int=translate_int,
+            translate_int_max=translate_int_max)
+        for key, value in args.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f'AugmentPipe3D: {key} must be a finite number >= 0, got {value!r}')
+        if args['p'] > 1:
+            raise ValueError(f'AugmentPipe3D: p is a probability in [0, 1], got {p!r}')
+        for key, value in args.items():
+            setattr(self, key, float(value))
+
+    def _prob(self, value: float) -> float:
+        return min(self.p * value, 1.0)
+
+    # Per-sample parameters: flips (N, 3) in x, y, z order, quarter turns (N, 3) per plane, shifts (N, 3) in D, H, W order.
+    def _draw(self, N: int, size: list[int]) -> dict:
+        applied = lambda value: (torch.rand([N]) < self._prob(value)).to(torch.int64)
+        flips = torch.zeros([N, 3], dtype=torch.int64)
+        for i, value in enumerate((self.xflip, self.yflip, self.zflip)):
+            if self._prob(value) > 0:
+                flips[:, i] = torch.randint(2, [N]) * applied(value)
+        turns = torch.zeros([N, 3], dtype=torch.int64)
+        if self._prob(self.rotate_int) > 0:
+            on = applied(self.rotate_int)
+            for i, (a, b) in enumerate(_PLANES):
+                k = torch.randint(4, [N])
+                turns[:, i] = (k if size[a] == size[b] else 2 * (k % 2)) * on # Non-square planes: half turns only.
+        shifts = torch.zeros([N, 3], dtype=torch.int64)
+        if self._prob(self.translate_int) > 0:
+            n = torch.tensor(size, dtype=torch.float32)
+            t = ((torch.rand([N, 3]) * 2 - 1) * self.translate_int_max * n).round().to(torch.int64)
+            shifts = t * applied(self.translate_int)[:, None]
+        return dict(flips=flips, turns=turns, shifts=shifts)
+
+    @staticmethod
+    def rotation(turns: torch.Tensor) -> torch.Tensor:
+        """Rotation matrix R (3, 3) on centred (z, y, x) coordinates of the quarter turns of one sample."""
+        m = torch.eye(3)
+        for (a, b), k in zip(_PLANES, turns.tolist()):
+            m = _quarter_turn(a, b, k) @ m
+        return m
+
+    @staticmethod
+    def _apply(x: torch.Tensor, flips: list, turns: list, shifts: list) -> torch.Tensor:
+        # One sample (C, D, H, W): flip, turn, shift.
+        dims = [d for d, f in zip((3, 2, 1), flips) if f] # xflip -> W (dim 3 of C, D, H, W).
+        if dims:
+            x = x.flip(dims)
+        for (a, b), k in zip(_PLANES, turns):
+            if k % 4:
+                x = torch.rot90(x, k, dims=(a + 1, b + 1))
+        for axis, t in enumerate(shifts):
+            if t:
+                x = x.index_select(axis + 1, _reflect_index(x.shape[axis + 1], t).to(x.device))
+        return x
+
+    def __call__(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """Augment `image` and, with the same transforms, `cond` and `mask` of a
+        batch dict of volumes; other keys pass through. Returns a new dict and
+        the (N, 15) float32 augment labels."""
+        if not isinstance(batch, dict) or not isinstance(batch.get('image'), torch.Tensor) or batch['image'].ndim != 5:
+            raise ValueError('AugmentPipe3D: batch must be a dict with an "image" tensor of shape (N, C, D, H, W)')
+        images = batch['image']
+        N, size, device = images.shape[0], list(images.shape[2:]), images.device
+        keys = ['image']
+        for key in ('cond', 'mask'):
+            x = batch.get(key)
+            if x is None:
+                continue
+            if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[0] != N or x.shape[2:] != images.shape[2:]:
+                raise ValueError(f'AugmentPipe3D: batch["{key}"] must be a tensor of shape ({N}, C, {", ".join(map(str, size))}), '
+                    f'got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}')
+            keys.append(key)
+        out = dict(batch)
+        if self.p == 0:
+            return out, torch.zeros([N, self.augment_dim], dtype=torch.float32, device=device)
+        d = self._draw(N, size)
+        for key in keys:
+            out[key] = torch.stack([self._apply(batch[key][i], d['flips'][i].tolist(), d['turns'][i].tolist(), d['shifts'][i].tolist())
+                for i in range(N)])
+        rot = torch.stack([self.rotation(d['turns'][i]) for i in range(N)])
+        frac = d['shifts'].flip(1).to(torch.float32) / torch.tensor(size[::-1], dtype=torch.float32) # x, y, z order.
+        labels = torch.cat([d['flips'].to(torch.float32), (rot - torch.eye(3)).reshape(N, 9), frac], dim=1)
+        return out, labels.to(device)
+
+#----------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class SamplingConfig:
     cond_indices: Any = None            # Items of the condition dataset: 0-9, "0,4,7"; None = all.
     samples_per_cond: int = 8           # S samples (seeds) per condition -> posterior mean and std.
     cond_seed: int = 0                  # Sample j of item i uses seed cond_seed + i * samples_per_cond + j.
+    affine_from: Optional[str] = None   # Unconditional NIfTI output: reference volume whose affine and header the files carry (None = identity).
     batch_invariant: bool = True        # Evaluate the network per sample: seed -> bit-identical sample for any batch/world size.
 
 @dataclass

@@ -1,10 +1,14 @@
 # medEDM: diffusion-model training toolkit for medical imaging.
 
-"""Datasets of 2-D images as dicts of numpy arrays.
+"""Datasets of 2-D images and 3-D volumes as dicts of numpy arrays.
 
-Every sample is a dict: `image` float32 (C, H, W), already mapped to about
+Every sample is a dict: `image` float32 (C, H, W) or (C, D, H, W), already mapped to about
 [-1, 1] by an explicit intensity normalisation; `label` float32 (label_dim,)
-when the dataset has labels (one-hot for integer classes); `idx` (int).
+when the dataset has labels (one-hot for integer classes); optional `cond`
+(condition images of the same spatial size) and `mask`; `idx` (int). NIfTI
+volumes also carry `affine` (4 x 4 float64, the voxel-to-world matrix of the
+item as cropped), metadata that travels beside the tensors, never into the
+network.
 Constructor arguments are plain values so that a config (`_target_` plus
 kwargs, or EDM's `class_name`) can build a dataset.
 
@@ -100,7 +104,7 @@ def _labels_to_float(labels: np.ndarray, where: str) -> np.ndarray:
 class Dataset(torch.utils.data.Dataset):
     def __init__(self,
         name,                   # Name of the dataset.
-        raw_shape,              # Shape of the raw image data (N, C, H, W).
+        raw_shape,              # Shape of the raw image data (N, C, H, W) or (N, C, D, H, W).
         max_size    = None,     # Keep only the first max_size items, None = all.
         intensity   = None,     # Intensity normalisation, see module docstring.
         default_range = None,   # Format-specific range for intensity=None.
@@ -112,9 +116,9 @@ class Dataset(torch.utils.data.Dataset):
         self._size = self._raw_shape[0] if max_size is None else min(self._raw_shape[0], int(max_size))
         if self._size < 1:
             raise ValueError(f'dataset {name!r} is empty')
-        if len(self._raw_shape) != 4:
-            raise ValueError(f'dataset {name!r}: images must be (C, H, W), got raw shape {self._raw_shape}')
-        if self._raw_shape[2] != self._raw_shape[3]:
+        if len(self._raw_shape) not in (4, 5):
+            raise ValueError(f'dataset {name!r}: images must be (C, H, W) or volumes (C, D, H, W), got raw shape {self._raw_shape}')
+        if len(self._raw_shape) == 4 and self._raw_shape[2] != self._raw_shape[3]:
             raise ValueError(f'dataset {name!r}: images must be square, got H x W = {self._raw_shape[2]} x {self._raw_shape[3]}')
         self._norm = IntensityNorm(intensity, default_range)
         self._labels = None
@@ -158,7 +162,7 @@ class Dataset(torch.utils.data.Dataset):
         return self._name
 
     @property
-    def image_shape(self) -> list[int]: # [C, H, W]
+    def image_shape(self) -> list[int]: # [C, H, W] or [C, D, H, W]
         return list(self._raw_shape[1:])
 
     @property
@@ -166,8 +170,9 @@ class Dataset(torch.utils.data.Dataset):
         return self._raw_shape[1]
 
     @property
-    def resolution(self) -> int:
-        return self._raw_shape[2]
+    def resolution(self) -> int | list[int]: # H of square images; D (= H = W) of cubic volumes, else [D, H, W].
+        spatial = self._raw_shape[2:]
+        return spatial[0] if len(set(spatial)) == 1 else list(spatial)
 
     @property
     def label_dim(self) -> int:
@@ -187,19 +192,21 @@ def _check_path(path) -> str:
     return os.fspath(path)
 
 #----------------------------------------------------------------------------
-# Images (N, C, H, W) or (N, H, W) in a .npz file.
+# Images (N, C, H, W) or (N, H, W), or volumes (N, C, D, H, W), in a .npz file.
 
 class NpzDataset(Dataset):
     def __init__(self,
         path,                   # Path to the .npz file.
-        key         = 'images', # Array of images, (N, C, H, W) or (N, H, W).
+        key         = 'images', # Array of images, (N, C, H, W) or (N, H, W), or volumes (N, C, D, H, W).
         label_key   = None,     # Array of labels: (N,) integer classes or (N, D) vectors; None = no labels.
-        cond_key    = None,     # Array of condition images (N, Cc, H, W), used as is (no normalisation); None = none.
+        cond_key    = None,     # Array of condition images (N, Cc, *spatial), used as is (no normalisation); None = none.
+        mask_key    = None,     # Array of masks (N, Cm, *spatial) or (N, *spatial), 1 where the loss / inpainting applies; None = none.
         max_size    = None,     # Keep only the first max_size items, None = all.
         intensity   = None,     # Intensity normalisation, see module docstring.
     ):
         self._path = _check_path(path)
         self._cond = None
+        self._mask = None
         try:
             npz = np.load(self._path, allow_pickle=False)
         except (OSError, EOFError, ValueError) as err:
@@ -207,19 +214,20 @@ class NpzDataset(Dataset):
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError(f'training.dataset.path: {self._path} is not an .npz archive')
         with npz:
-            for cfg_key, name in (('key', key), ('label_key', label_key), ('cond_key', cond_key)):
+            for cfg_key, name in (('key', key), ('label_key', label_key), ('cond_key', cond_key), ('mask_key', mask_key)):
                 if name is not None and name not in npz.files:
                     raise ValueError(f'training.dataset.{cfg_key}: array {name!r} not found in {self._path} (arrays: {sorted(npz.files)})')
             try:
                 images = npz[key]
                 labels = None if label_key is None else npz[label_key]
                 cond = None if cond_key is None else npz[cond_key]
+                mask = None if mask_key is None else npz[mask_key]
             except (OSError, EOFError, ValueError) as err:
                 raise ValueError(f'cannot read dataset file {self._path}: {err}') from None
         if images.ndim == 3:
             images = images[:, None]
-        if images.ndim != 4:
-            raise ValueError(f'training.dataset.key: array {key!r} in {self._path} must be (N, C, H, W) or (N, H, W), got shape {images.shape}')
+        if images.ndim not in (4, 5):
+            raise ValueError(f'training.dataset.key: array {key!r} in {self._path} must be (N, C, H, W), (N, H, W) or (N, C, D, H, W), got shape {images.shape}')
 
         # Decide the default intensity range from the dtype.
         default_range = None
@@ -239,13 +247,23 @@ class NpzDataset(Dataset):
             if labels.shape[0] != images.shape[0]:
                 raise ValueError(f'training.dataset.label_key: {label_key!r} has {labels.shape[0]} labels for {images.shape[0]} images in {self._path}')
         self._npz_labels = labels
+        axes = 'H, W' if images.ndim == 4 else 'D, H, W'
         if cond is not None:
-            if cond.ndim == 3:
+            if cond.ndim == images.ndim - 1:
                 cond = cond[:, None]
-            if cond.ndim != 4 or cond.shape[0] != images.shape[0] or cond.shape[2:] != images.shape[2:] or not np.issubdtype(cond.dtype, np.floating):
-                raise ValueError(f'training.dataset.cond_key: {cond_key!r} in {self._path} must be float (N, Cc, H, W) '
+            if cond.ndim != images.ndim or cond.shape[0] != images.shape[0] or cond.shape[2:] != images.shape[2:] or not np.issubdtype(cond.dtype, np.floating):
+                raise ValueError(f'training.dataset.cond_key: {cond_key!r} in {self._path} must be float (N, Cc, {axes}) '
                     f'matching the images {images.shape}, got {cond.dtype} {cond.shape}')
             self._cond = cond.astype(np.float32)
+        if mask is not None:
+            if mask.ndim == images.ndim - 1:
+                mask = mask[:, None]
+            if mask.ndim != images.ndim or mask.shape[0] != images.shape[0] or mask.shape[2:] != images.shape[2:]:
+                raise ValueError(f'training.dataset.mask_key: {mask_key!r} in {self._path} must be (N, Cm, {axes}) '
+                    f'matching the images {images.shape}, got {mask.shape}')
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError(f'training.dataset.mask_key: {mask_key!r} in {self._path} must hold 0 and 1 only')
+            self._mask = mask.astype(np.float32)
         name = os.path.splitext(os.path.basename(self._path))[0]
         super().__init__(name=name, raw_shape=images.shape, max_size=max_size, intensity=intensity, default_range=default_range)
 
@@ -256,6 +274,8 @@ class NpzDataset(Dataset):
         item = super().__getitem__(idx)
         if self._cond is not None:
             item['cond'] = self._cond[item['idx']]
+        if self._mask is not None:
+            item['mask'] = self._mask[item['idx']]
         return item
 
     @property
@@ -362,5 +382,129 @@ class ImageFolderDataset(Dataset):
             except (TypeError, ValueError) as err:
                 raise ValueError(f'{fname}: label vectors must be numbers ({err})') from None
         raise ValueError(f'{fname}: labels must be all integers (classes) or all lists of the same length (vectors)')
+
+#----------------------------------------------------------------------------
+# NIfTI volumes (.nii / .nii.gz): a folder (sorted, searched recursively) or a
+# list of files, with optional condition volumes and masks matched by
+# position. Each volume is centre-cropped / padded (with `pad_value`, in raw
+# units) to `shape` along the NIfTI array axes i, j, k, which become the
+# tensor's (D, H, W); a 4-D file's 4th axis gives the channels. The item's
+# `affine` is the file's affine moved to the crop: A' = A T(o), with o the
+# voxel offset of the crop (negative for padding). Masks are binarised (> 0).
+
+_NIFTI_SUFFIXES = ('.nii', '.nii.gz')
+
+def _nifti_files(spec, key: str) -> list[str]:
+    if isinstance(spec, (str, os.PathLike)):
+        path = os.fspath(spec)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f'training.dataset.{key}: {path} not found')
+        if not os.path.isdir(path):
+            return [path]
+        files = sorted(os.path.join(root, f) for root, _dirs, names in os.walk(path) for f in names if f.lower().endswith(_NIFTI_SUFFIXES))
+        if not files:
+            raise ValueError(f'training.dataset.{key}: no .nii / .nii.gz files in {path}')
+        return files
+    if isinstance(spec, collections.abc.Sequence) and spec and all(isinstance(f, (str, os.PathLike)) for f in spec):
+        files = [os.fspath(f) for f in spec]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f'training.dataset.{key}: {f} not found')
+        return files
+    raise ValueError(f'training.dataset.{key}: expected a folder, a file or a list of .nii / .nii.gz files, got {spec!r}')
+
+def read_nifti(fname: str) -> tuple[np.ndarray, np.ndarray]:
+    """(data (C, i, j, k) float32, affine (4, 4) float64) of a 3-D or 4-D NIfTI file; ValueError naming the file."""
+    import nibabel as nib
+    try:
+        img = nib.load(fname)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err: # pylint: disable=broad-except # nibabel raises many kinds.
+        raise ValueError(f'cannot read NIfTI file {fname}: {err}') from None
+    if data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, 3, 0)
+    else:
+        raise ValueError(f'NIfTI file {fname}: expected a 3-D volume (or 4-D with channels last), got shape {data.shape}')
+    if not np.isfinite(data).all():
+        raise ValueError(f'NIfTI file {fname}: the volume contains NaN or Inf')
+    return np.ascontiguousarray(data), np.asarray(img.affine, dtype=np.float64)
+
+def crop_or_pad(data: np.ndarray, shape, pad_value: float = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-crop / pad (C, *spatial) to `shape`; returns the result and the voxel offset o (new i = old i - o)."""
+    offset = np.array([(n - t) // 2 if n >= t else -((t - n) // 2) for n, t in zip(data.shape[1:], shape)], dtype=np.int64)
+    out = np.full([data.shape[0], *shape], pad_value, dtype=data.dtype)
+    src = tuple(slice(max(o, 0), max(o, 0) + min(n, t)) for o, n, t in zip(offset, data.shape[1:], shape))
+    dst = tuple(slice(max(-o, 0), max(-o, 0) + min(n, t)) for o, n, t in zip(offset, data.shape[1:], shape))
+    out[(slice(None), *dst)] = data[(slice(None), *src)]
+    return out, offset
+
+class NiftiVolumeDataset(Dataset):
+    def __init__(self,
+        path,                   # Folder of .nii / .nii.gz files or a list of files.
+        cond_path   = None,     # Condition volumes (folder or list, same order and size as the images); None = none.
+        mask_path   = None,     # Masks (folder or list, same order and size); None = none.
+        shape       = None,     # [D, H, W] to crop / pad to (NIfTI axes i, j, k); None = the first volume's size.
+        pad_value   = 0,        # Value of padded voxels before the intensity normalisation.
+        max_size    = None,     # Keep only the first max_size items, None = all.
+        intensity   = None,     # Intensity normalisation of images and conditions, see module docstring.
+    ):
+        self._files = _nifti_files(path, 'path')
+        self._extra = {}
+        for key, spec in (('cond', cond_path), ('mask', mask_path)):
+            if spec is None:
+                continue
+            files = _nifti_files(spec, f'{key}_path')
+            if len(files) != len(self._files):
+                raise ValueError(f'training.dataset.{key}_path: {len(files)} files for {len(self._files)} images')
+            self._extra[key] = files
+        first, _ = read_nifti(self._files[0])
+        if shape is None:
+            shape = list(first.shape[1:])
+        if not (isinstance(shape, collections.abc.Sequence) and len(shape) == 3 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in shape)):
+            raise ValueError(f'training.dataset.shape must be [D, H, W] (three positive ints) or null, got {shape!r}')
+        self._shape = [int(v) for v in shape]
+        if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or not np.isfinite(pad_value):
+            raise ValueError(f'training.dataset.pad_value must be a finite number, got {pad_value!r}')
+        self._pad_value = float(pad_value)
+        self._channels = {'image': first.shape[0]}
+        for key, files in self._extra.items():
+            self._channels[key] = read_nifti(files[0])[0].shape[0]
+        name = os.path.basename(os.path.normpath(path)) if isinstance(path, (str, os.PathLike)) else 'nifti'
+        super().__init__(name=name, raw_shape=[len(self._files), first.shape[0], *self._shape], max_size=max_size, intensity=intensity)
+
+    def _load(self, key: str, raw_idx: int) -> tuple[np.ndarray, np.ndarray]:
+        fname = (self._files if key == 'image' else self._extra[key])[raw_idx]
+        data, affine = read_nifti(fname)
+        if data.shape[0] != self._channels[key]:
+            raise ValueError(f'NIfTI file {fname} has {data.shape[0]} channel(s), the dataset\'s first {key} has {self._channels[key]}')
+        return data, affine
+
+    def _load_raw_image(self, raw_idx):
+        raw, affine = self._load('image', raw_idx)
+        data, offset = crop_or_pad(raw, self._shape, self._pad_value)
+        self._last = (raw_idx, list(raw.shape[1:]), affine, offset) # Geometry of this item, for __getitem__.
+        return data
+
+    def __getitem__(self, idx: int) -> dict:
+        item = super().__getitem__(idx)
+        raw_idx, raw_size, affine, offset = self._last
+        assert raw_idx == item['idx']
+        shift = np.eye(4)
+        shift[:3, 3] = offset
+        item['affine'] = affine @ shift
+        for key in self._extra:
+            data, _ = self._load(key, item['idx'])
+            if list(data.shape[1:]) != raw_size:
+                raise ValueError(f'NIfTI file {self._extra[key][item["idx"]]} has size {list(data.shape[1:])}, '
+                    f'its image {self._files[item["idx"]]} {raw_size}')
+            data, _ = crop_or_pad(data, self._shape, self._pad_value if key == 'cond' else 0)
+            item[key] = self._norm(data) if key == 'cond' else (data > 0).astype(np.float32)
+        return item
+
+    @property
+    def cond_channels(self) -> int:
+        return self._channels.get('cond', 0) if 'cond' in self._extra else 0
 
 #----------------------------------------------------------------------------

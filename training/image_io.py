@@ -1,6 +1,7 @@
 # medEDM: diffusion-model training toolkit for medical imaging.
 
-"""Writing images as PNG files (8 or 16 bit), single or as a grid.
+"""Writing images as PNG files (8 or 16 bit), single or as a grid (volumes
+as the mid-slices of their three planes).
 
 Images are float arrays (C, H, W) in the range `drange` (default [-1, 1],
 the range of the datasets). The 8-bit encoding is EDM's: for [-1, 1] a value
@@ -71,15 +72,35 @@ def auto_grid_size(n: int) -> tuple[int, int]:
     return gw, max(int(np.ceil(n / gw)), 1)
 
 #----------------------------------------------------------------------------
-# Save a batch (N, C, H, W) as one PNG grid, row-major, gw images per row.
+# Volumes (N, C, D, H, W) as images: the mid-slices of the three planes side
+# by side, x[:, :, D//2] (H x W), x[:, :, :, H//2] (D x W), x[..., W//2]
+# (D x H), each placed top-left in an S x S tile (S = max(D, H, W)) filled
+# with `fill` elsewhere: (N, C, S, 3 S).
+
+def volume_mid_slices(volumes, fill: float = -1) -> np.ndarray:
+    volumes = _to_numpy(volumes)
+    if volumes.ndim != 5:
+        raise ValueError(f'expected volumes of shape (N, C, D, H, W), got shape {tuple(volumes.shape)}')
+    N, C, D, H, W = volumes.shape
+    S = max(D, H, W)
+    out = np.full([N, C, S, 3 * S], fill, dtype=np.float32)
+    for i, plane in enumerate((volumes[:, :, D // 2], volumes[:, :, :, H // 2], volumes[:, :, :, :, W // 2])):
+        out[:, :, :plane.shape[2], i * S:i * S + plane.shape[3]] = plane
+    return out
+
+#----------------------------------------------------------------------------
+# Save a batch (N, C, H, W) as one PNG grid, row-major, gw images per row;
+# volumes (N, C, D, H, W) show their three mid-slices (volume_mid_slices).
 
 def save_image_grid(images, path: str | os.PathLike, drange=(-1, 1), grid_size: tuple[int, int] | None = None, bits: int = 8) -> None:
     """Save N images (N, C, H, W) as a gw x gh grid (row-major; empty cells
     are filled with drange[0]). `grid_size=None` picks a near-square grid.
     The PNG is (gh*H) x (gw*W) for C in {1, 3} (C*gw*W wide otherwise)."""
     images = _to_numpy(images)
+    if images.ndim == 5:
+        images = volume_mid_slices(images, fill=float(drange[0]))
     if images.ndim != 4:
-        raise ValueError(f'expected images of shape (N, C, H, W), got shape {tuple(images.shape)}')
+        raise ValueError(f'expected images of shape (N, C, H, W) or volumes (N, C, D, H, W), got shape {tuple(images.shape)}')
     N, C, H, W = images.shape
     gw, gh = auto_grid_size(N) if grid_size is None else (int(grid_size[0]), int(grid_size[1]))
     if gw < 1 or gh < 1 or gw * gh < N:

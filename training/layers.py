@@ -119,6 +119,58 @@ class Conv2d(torch.nn.Module):
         return x
 
 #----------------------------------------------------------------------------
+# 3D convolution with the conventions of Conv2d (volumes N, C, D, H, W): the
+# same fan-in / fan-out init over k^3 taps, and FIR up/down-sampling by 2 with
+# the outer product of the taps along the three axes (unit DC gain).
+
+class Conv3d(torch.nn.Module):
+    def __init__(self,
+        in_channels:        int,                        # Number of input channels.
+        out_channels:       int,                        # Number of output channels.
+        kernel:             int,                        # Kernel size, 0 = no convolution.
+        bias:               bool    = True,             # Learn an additive bias?
+        up:                 bool    = False,            # Upsample by 2 before the convolution?
+        down:               bool    = False,            # Downsample by 2 after the convolution?
+        resample_filter:    list    = [1,1],            # 1D taps of the separable resampling filter.
+        init_mode:          str     = 'kaiming_normal', # Weight initialization, see weight_init().
+        init_weight:        float   = 1,                # Multiplier of the initial weights.
+        init_bias:          float   = 0,                # Multiplier of the initial bias.
+    ):
+        if up and down:
+            raise ValueError('Conv3d: up and down cannot both be set')
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.weight = None
+        self.bias = None
+        if kernel:
+            fans = dict(mode=init_mode, fan_in=in_channels*kernel**3, fan_out=out_channels*kernel**3)
+            self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel, kernel], **fans) * init_weight)
+            if bias:
+                self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias)
+        taps = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f3d = torch.einsum('i,j,k->ijk', taps, taps, taps)[None, None] / taps.sum() ** 3 # Separable 3D filter, unit DC gain.
+        self.register_buffer('resample_filter', f3d if (up or down) else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        if self.up: # Depthwise transposed FIR (gain 8 = 2^3 keeps the DC level).
+            x = torch.nn.functional.conv_transpose3d(x, (f * 8).tile([self.in_channels, 1, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+        if self.down:
+            x = torch.nn.functional.conv3d(x, f.tile([self.in_channels, 1, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+        if w is not None:
+            x = torch.nn.functional.conv3d(x, w, padding=w_pad)
+        if b is not None:
+            x = x + b.reshape(1, -1, 1, 1, 1)
+        return x
+
+#----------------------------------------------------------------------------
 # Group normalization (Wu & He 2018); statistics are per sample, never per batch.
 
 class GroupNorm(torch.nn.Module):
@@ -148,7 +200,8 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=2).to(q.dtype)
 
 #----------------------------------------------------------------------------
-# Residual U-Net block with embedding modulation and self-attention (EDM App. F.2).
+# Residual U-Net block with embedding modulation and self-attention (EDM App. F.2);
+# dims=3 builds it from Conv3d for volumes (attention over all D*H*W voxels).
 
 class UNetBlock(torch.nn.Module):
     def __init__(self,
@@ -169,11 +222,16 @@ class UNetBlock(torch.nn.Module):
         init:               dict    = dict(),               # Init kwargs of ordinary layers.
         init_zero:          dict    = dict(init_weight=0),  # Init kwargs of layers that end a residual branch.
         init_attn:          dict    = None,                 # Init kwargs of the qkv layer, None = init.
+        dims:               int     = 2,                    # Spatial dimensions: 2 (Conv2d, images) or 3 (Conv3d, volumes).
     ):
+        if dims not in (2, 3):
+            raise ValueError(f'UNetBlock: dims must be 2 or 3, got {dims!r}')
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
+        self.dims = dims
+        conv = Conv2d if dims == 2 else Conv3d
         self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
         self.dropout = dropout
         self.skip_scale = skip_scale
@@ -181,29 +239,29 @@ class UNetBlock(torch.nn.Module):
 
         # Main branch.
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.conv0 = conv(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
         self.affine = Linear(in_features=emb_channels, out_features=out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
+        self.conv1 = conv(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
 
         # Skip branch: a 1x1 projection if the width changes (or resample_proj), else pure resampling.
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if (resample_proj or out_channels != in_channels) else 0
-            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
+            self.skip = conv(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
 
         # Self-attention.
         if self.num_heads:
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
-            self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
+            self.qkv = conv(in_channels=out_channels, out_channels=out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.proj = conv(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
         x = self.conv0(silu(self.norm0(x)))
 
         # Modulate by the embedding: (1 + scale) * norm(x) + shift, or norm(x + shift).
-        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        params = self.affine(emb).reshape(*emb.shape[:1], -1, *[1] * self.dims).to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
             x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))

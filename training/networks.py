@@ -8,7 +8,10 @@ of Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
 as denoisers D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Eq. 7, Table 1).
 Constructor arguments and state-dict keys match NVlabs/edm. Medical extensions:
 per-pixel sigma, condition images concatenated to the network input
-(`cond_channels`) and continuous embedding vectors (`embedding_dim`).
+(`cond_channels`) and continuous embedding vectors (`embedding_dim`); the
+preconditioners also wrap `DhariwalUNet3D` (training/networks3d.py, volumes
+N x C x D x H x W) and `VectorDenoiser` (training/networks_vector.py, vectors
+N x K conditioned on image features), chosen by `model_type`.
 """
 
 from typing import Any
@@ -290,44 +293,66 @@ class DhariwalUNet(torch.nn.Module):
         return self.out_conv(silu(self.out_norm(x)))
 
 #----------------------------------------------------------------------------
-# Inner architectures a preconditioner can wrap.
+# Inner architectures a preconditioner can wrap. An inner model may declare
+# `spatial_dims` (2 images, 3 volumes, 0 vectors; default 2) and whether the
+# condition is concatenated to its input channels (`concat_cond`, default
+# True) or handed to it as `cond` (it then takes `cond_channels`).
 
-_MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
+def model_types() -> dict:
+    from training import networks3d, networks_vector # Imported here: both build on this module.
+    return {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'DhariwalUNet3D': networks3d.DhariwalUNet3D,
+        'VectorDenoiser': networks_vector.VectorDenoiser}
 
 # Floor of the per-sample sigma that feeds c_noise when sigma is per pixel, so that
 # ln(0) never reaches the network (where sigma = 0, c_out = 0 and D(x) = x anyway).
 _SIGMA_FLOOR = 1e-20
 
-def _sigma_4d(sigma: Any, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    # Returns sigma broadcastable to x with batch dim N, and whether it varies within a sample.
+def _sigma_like(sigma: Any, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    # Returns sigma broadcastable to x (any ndim) with batch dim N, and whether it varies within a sample.
     n = x.shape[0]
     sigma = torch.as_tensor(sigma).to(device=x.device, dtype=torch.float32)
     if sigma.ndim <= 1 and sigma.numel() in (1, n):
-        return sigma.reshape(-1, 1, 1, 1).expand(n, 1, 1, 1), False
+        return sigma.reshape(-1, *[1] * (x.ndim - 1)).expand(n, *[1] * (x.ndim - 1)), False
     if sigma.ndim == x.ndim and sigma.shape[0] in (1, n) and all(s in (1, t) for s, t in zip(sigma.shape[1:], x.shape[1:])):
         sigma = sigma.expand(n, *sigma.shape[1:])
         return sigma, sigma[0].numel() > 1
-    raise ValueError(f'sigma: expected a scalar, shape ({n},), ({n}, 1, 1, 1) or a per-pixel map broadcastable to x '
+    raise ValueError(f'sigma: expected a scalar, shape ({n},), {(n, *[1] * (x.ndim - 1))} or a per-element map broadcastable to x '
         f'{tuple(x.shape)}, got shape {tuple(sigma.shape)}')
+
+def _spatial_shape(img_resolution: Any, spatial_dims: int) -> list[int]:
+    # [H, W], [D, H, W] or [] from an int (square / cubic) or a list of sizes.
+    if spatial_dims == 0:
+        return []
+    sizes = [img_resolution] * spatial_dims if isinstance(img_resolution, (int, np.integer)) else img_resolution
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != spatial_dims or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in sizes):
+        raise ValueError(f'img_resolution: expected a positive int or {spatial_dims} positive ints, got {img_resolution!r}')
+    return [int(v) for v in sizes]
 
 #----------------------------------------------------------------------------
 # Preconditioning shared by all formulations: D(x) = c_skip x + c_out F(c_in x, c_noise).
+# x is an image batch (N, C, H, W), a volume batch (N, C, D, H, W) or vectors (N, K)
+# (K = img_channels); `img_shape` is the shape of one sample.
 
 class _Precond(torch.nn.Module):
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, cond_channels, embedding_dim, model_kwargs):
         super().__init__()
-        if model_type not in _MODEL_TYPES:
-            raise ValueError(f"model_type: expected 'SongUNet' or 'DhariwalUNet', got {model_type!r}")
+        types = model_types()
+        if model_type not in types:
+            raise ValueError(f"model_type: expected one of {', '.join(repr(k) for k in types)}, got {model_type!r}")
         if cond_channels < 0 or embedding_dim < 0:
             raise ValueError(f'cond_channels and embedding_dim must be >= 0, got cond_channels={cond_channels}, embedding_dim={embedding_dim}')
+        model_class = types[model_type]
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
         self.cond_channels = cond_channels
         self.embedding_dim = embedding_dim
-        self.model = _MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels + cond_channels,
-            out_channels=img_channels, label_dim=label_dim, embedding_dim=embedding_dim, **model_kwargs)
+        self.concat_cond = getattr(model_class, 'concat_cond', True)
+        self.img_shape = [int(img_channels), *_spatial_shape(img_resolution, getattr(model_class, 'spatial_dims', 2))]
+        io = dict(in_channels=img_channels + cond_channels) if self.concat_cond else dict(in_channels=img_channels, cond_channels=cond_channels)
+        self.model = model_class(img_resolution=img_resolution, out_channels=img_channels, label_dim=label_dim,
+            embedding_dim=embedding_dim, **io, **model_kwargs)
 
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -347,9 +372,9 @@ class _Precond(torch.nn.Module):
             embedding: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None, force_fp32: bool = False, **model_kwargs) -> torch.Tensor:
         x = x.to(torch.float32)
         n = x.shape[0]
-        if x.ndim != 4 or x.shape[1] != self.img_channels:
-            raise ValueError(f'x: expected shape (N, {self.img_channels}, H, W), got {tuple(x.shape)}')
-        sigma, per_pixel = _sigma_4d(sigma, x)
+        if tuple(x.shape[1:]) != tuple(self.img_shape):
+            raise ValueError(f'x: expected shape (N, {", ".join(str(v) for v in self.img_shape)}), got {tuple(x.shape)}')
+        sigma, per_pixel = _sigma_like(sigma, x)
         class_labels = _class_label_input(class_labels, self.label_dim, n, x.device)
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
 
@@ -358,14 +383,20 @@ class _Precond(torch.nn.Module):
         sigma_sample = sigma.reshape(n, -1).amax(dim=1)
         c_noise = self.noise_label(sigma_sample.clamp(min=_SIGMA_FLOOR) if per_pixel else sigma_sample)
 
-        # Network input: [c_in x, cond]; the condition image is neither noised nor scaled.
+        # Network input: [c_in x, cond]; the condition is neither noised nor scaled. Models that
+        # do not concatenate it (vector denoisers) receive it as `cond`.
         x_in = c_in * x
         if self.cond_channels:
             if cond is None:
-                raise ValueError(f'cond: a condition image of shape ({n}, {self.cond_channels}, H, W) is required because cond_channels={self.cond_channels}')
-            if cond.ndim != 4 or tuple(cond.shape) != (n, self.cond_channels, *x.shape[2:]):
+                raise ValueError(f'cond: a condition of shape ({n}, {self.cond_channels}, ...) is required because cond_channels={self.cond_channels}')
+            if self.concat_cond and tuple(cond.shape) != (n, self.cond_channels, *x.shape[2:]):
                 raise ValueError(f'cond: expected shape {(n, self.cond_channels, *x.shape[2:])} for x of shape {tuple(x.shape)}, got {tuple(cond.shape)}')
-            x_in = torch.cat([x_in, cond.to(torch.float32)], dim=1)
+            if not self.concat_cond and (cond.ndim < 2 or tuple(cond.shape[:2]) != (n, self.cond_channels)):
+                raise ValueError(f'cond: expected shape ({n}, {self.cond_channels}, ...) (features or an image), got {tuple(cond.shape)}')
+            if self.concat_cond:
+                x_in = torch.cat([x_in, cond.to(torch.float32)], dim=1)
+            else:
+                model_kwargs = dict(model_kwargs, cond=cond.to(dtype))
         elif cond is not None:
             raise ValueError('cond: given, but the network was built with cond_channels=0')
 

@@ -519,16 +519,15 @@ def _save_loss_grid(grid_fn, ema: torch.nn.Module, batch: dict, frozen_nets: dic
         torch.manual_seed(seed)
         images = grid_fn(ema, batch, frozen_nets)
     if images is not None:
-        images = images.float().cpu()
-        while images.ndim > 4: # Volumes: the middle slice.
-            images = images[:, :, images.shape[2] // 2]
-        image_io.save_image_grid(images.numpy(), path, drange=(-1, 1))
+        image_io.save_image_grid(images.float().cpu().numpy(), path, drange=(-1, 1)) # Volumes: three mid-slices.
 
 #----------------------------------------------------------------------------
 # Sample grid at snapshot time: fixed seeds, labels and conditions, so grids of
 # successive snapshots are comparable.
 
-def _grid_setup(dataset_obj, grid_images: int, seed: int, device: torch.device, device_transform) -> dict:
+def _grid_setup(dataset_obj, grid_images: int, seed: int, device: torch.device, device_transform) -> dict | None:
+    if len(dataset_obj.image_shape) < 3: # Vectors: no picture to show.
+        return None
     n = int(grid_images)
     grid = dict(seeds=list(range(seed, seed + n)))
     if dataset_obj.label_dim:
@@ -549,11 +548,14 @@ def _save_grid(ema: torch.nn.Module, grid: dict, num_steps: int, path: str) -> N
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = next(ema.parameters()).device
     idx = list(range(rank, len(grid['seeds']), world_size))
-    images = torch.zeros([0, ema.img_channels, ema.img_resolution, ema.img_resolution])
+    shape = sampling.sample_shape(ema) # [C, H, W] or [C, D, H, W].
+    if len(shape) < 3: # Vector networks (label space): no grid.
+        return
+    images = torch.zeros([0, *shape])
     if idx:
         seeds = [grid['seeds'][i] for i in idx]
         rnd = sampling.StackedRandomGenerator(device, seeds)
-        latents = rnd.randn([len(seeds), ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
+        latents = rnd.randn([len(seeds), *shape], device=device)
         labels, cond, embedding = grid.get('class_labels'), grid.get('cond'), grid.get('embedding')
         images = sampling.edm_sampler(ema, latents, class_labels=None if labels is None else labels[idx].to(device),
             cond=None if cond is None else cond[idx].to(device), randn_like=rnd.randn_like, num_steps=num_steps,
