@@ -5,7 +5,9 @@ printing and a clean shutdown. The same code runs on CPU (gloo) and GPU (nccl,
 one device per local rank); a plain `python train.py` is a world of one."""
 
 import datetime
+import errno
 import os
+import re
 import sys
 
 import torch
@@ -16,12 +18,14 @@ import torch.distributed
 # MASTER_ADDR, MASTER_PORT). Without them, run as a single process.
 
 _device = None
+_timeout_sec = None # Of the process group, for the message when a collective times out.
 
 def init(timeout_sec: float = 1800) -> None:
     """Start the process group; gloo on CPU, nccl when CUDA is available."""
-    global _device
+    global _device, _timeout_sec
     if torch.distributed.is_initialized():
         return
+    _timeout_sec = timeout_sec
     if 'WORLD_SIZE' not in os.environ: # Plain `python train.py`: a world of one.
         os.environ.setdefault('RANK', '0')
         os.environ.setdefault('LOCAL_RANK', '0')
@@ -87,17 +91,38 @@ def all_reduce_min(value: float) -> float:
     return float(t.item())
 
 #----------------------------------------------------------------------------
-# Run an entry point: user errors (bad config, files, values) print one line
-# `error: ...` on stderr and exit 1 without a traceback; then a clean shutdown.
+# Run an entry point: user errors (bad config, files, values), a full disk and
+# a collective that timed out (another rank hung or died) print one line
+# `error: ...` on stderr per rank and exit 1 without a traceback; then a clean
+# shutdown. Under torchrun, the agent then reports only the exit code.
+
+_TIMEOUT_RE = re.compile(r'timed? ?out|timeout', re.IGNORECASE)
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """A torch.distributed error that says a collective or the store timed out."""
+    dist_errors = tuple(e for e in (getattr(torch.distributed, 'DistError', None), RuntimeError) if e is not None)
+    return isinstance(err, dist_errors) and bool(_TIMEOUT_RE.search(str(err)))
 
 def run_and_exit(fn, *args, user_errors: tuple = (ValueError, FileNotFoundError)) -> None:
     try:
         fn(*args)
     except user_errors as err:
-        prefix = f'[rank {get_rank()}] ' if get_world_size() > 1 else ''
-        print(f'{prefix}error: {err}', file=sys.stderr)
-        shutdown(1)
+        _fail(f'error: {err}')
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _fail(f'error: {err.strerror or err}')
+    except Exception as err:
+        if not (get_world_size() > 1 and is_collective_timeout(err)):
+            raise
+        _fail(f'error: a collective operation timed out after training.timeout_sec={_timeout_sec} s: another process '
+            f'stopped responding (hung, killed or much slower); if a step legitimately takes longer, raise training.timeout_sec')
     shutdown(0)
+
+def _fail(message: str) -> None:
+    prefix = f'[rank {get_rank()}] ' if get_world_size() > 1 else ''
+    print(f'{prefix}{message}', file=sys.stderr)
+    shutdown(1)
 
 #----------------------------------------------------------------------------
 # Clean shutdown. DDP on gloo sometimes aborts at interpreter exit after all

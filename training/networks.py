@@ -401,8 +401,9 @@ class VPPrecond(_Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        with torch.device('cpu'): # Numbers, also when the network is built on the meta device (persistence).
+            self.sigma_min = float(self.sigma(epsilon_t))
+            self.sigma_max = float(self.sigma(1))
         self.sigma_data = 0.5
 
     def scalings(self, sigma):
