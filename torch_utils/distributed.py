@@ -115,12 +115,14 @@ def run_and_exit(fn, *args, user_errors: tuple = (ValueError, FileNotFoundError)
     except Exception as err:
         if not (get_world_size() > 1 and is_collective_timeout(err)):
             raise
-        _fail(f'error: a collective operation timed out after training.timeout_sec={_timeout_sec} s: another process '
+        _fail(f'error: a collective operation timed out after training.timeout_sec={_timeout_sec:g} s: another process '
             f'stopped responding (hung, killed or much slower); if a step legitimately takes longer, raise training.timeout_sec')
     shutdown(0)
 
 def _fail(message: str) -> None:
-    prefix = f'[rank {get_rank()}] ' if get_world_size() > 1 else ''
+    rank, world_size = (get_rank(), get_world_size()) if torch.distributed.is_initialized() else \
+        (int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))) # Failed before init: torchrun's numbers.
+    prefix = f'[rank {rank}] ' if world_size > 1 else ''
     print(f'{prefix}{message}', file=sys.stderr)
     shutdown(1)
 
