@@ -99,19 +99,38 @@ TARGET_SLOTS = (('dataset', 'dataset'), ('network', 'network'), ('loss', 'loss')
 
 #----------------------------------------------------------------------------
 
-def run(cfg: DictConfig) -> None:
+def _check_config(cfg: DictConfig) -> dict:
+    """The checks that need no data or network, before a run directory exists -> plain training config."""
     if 'training' not in cfg: # No -cn: Hydra composed an empty config.
         raise ValueError(_no_experiment_message())
     config_mod.check_keys(cfg)
     tcfg = config_mod.to_plain(cfg.training)
     for key, kind in TARGET_SLOTS: # Before anything is built: a slot admits only classes of its kind.
-        if tcfg[key] is not None or key in ('dataset', 'network', 'loss', 'optimizer'):
+        if tcfg[key] is not None or key != 'augment':
             misc.check_target(tcfg[key], f'training.{key}', kind)
-    dist.init(timeout_sec=tcfg['timeout_sec'])
-    desc = tcfg['desc'] or _default_desc(tcfg)
     from training import training_loop
-    loop_kwargs = {k: v for k, v in tcfg.items() if k not in ('outdir', 'desc', 'dataset', 'network', 'loss', 'augment', 'optimizer', 'timeout_sec')}
-    training_loop.check_options(**loop_kwargs) # Config errors before a run directory exists.
+    training_loop.check_options(**_loop_kwargs(tcfg))
+    return tcfg
+
+def _loop_kwargs(tcfg: dict) -> dict:
+    return {k: v for k, v in tcfg.items() if k not in ('outdir', 'desc', 'dataset', 'network', 'loss', 'augment', 'optimizer', 'timeout_sec')}
+
+def _timeout_sec(cfg: DictConfig) -> float:
+    try:
+        return float(cfg.training.timeout_sec)
+    except Exception: # Missing or malformed: _check_config says so.
+        return 1800
+
+def run(cfg: DictConfig) -> None:
+    # Every rank checks the config; on an error each prints its line and all exit together.
+    dist.init(timeout_sec=_timeout_sec(cfg))
+    tcfg, err = None, None
+    try:
+        tcfg = _check_config(cfg)
+    except ValueError as e:
+        err = e
+    dist.fail_together(err)
+    desc = tcfg['desc'] or _default_desc(tcfg)
 
     # Rank 0 picks and locks the run directory; every rank checks it got the same config.
     result = None
@@ -122,8 +141,7 @@ def run(cfg: DictConfig) -> None:
         except (ValueError, FileNotFoundError) as err:
             result = ('error', str(err), None, False, tcfg)
     result = dist.broadcast_object(result)
-    if result[0] == 'error':
-        raise ValueError(result[1])
+    dist.fail_together(ValueError(result[1]) if result[0] == 'error' else None)
     _, run_dir, state, is_new, tcfg0 = result
     if tcfg0 != tcfg:
         raise ValueError('the ranks composed different training configs (check per-rank overrides and ${now:} resolvers)')
@@ -141,9 +159,10 @@ def run(cfg: DictConfig) -> None:
     dist.print0()
 
     # Train. A run that fails before producing anything leaves no empty directory behind.
+    from training import training_loop
     try:
         training_loop.training_loop(run_dir=run_dir, dataset_kwargs=tcfg['dataset'], network_kwargs=tcfg['network'],
-            loss_kwargs=tcfg['loss'], augment_kwargs=tcfg['augment'], optimizer_kwargs=tcfg['optimizer'], resume_state=state, **loop_kwargs)
+            loss_kwargs=tcfg['loss'], augment_kwargs=tcfg['augment'], optimizer_kwargs=tcfg['optimizer'], resume_state=state, **_loop_kwargs(tcfg))
     except BaseException:
         if is_new and dist.get_rank() == 0:
             training_state.remove_empty_run(run_dir)

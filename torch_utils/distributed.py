@@ -119,11 +119,28 @@ def run_and_exit(fn, *args, user_errors: tuple = (ValueError, FileNotFoundError)
             f'stopped responding (hung, killed or much slower); if a step legitimately takes longer, raise training.timeout_sec')
     shutdown(0)
 
-def _fail(message: str) -> None:
+def fail_together(err: Exception | None) -> None:
+    """Collective (every rank calls it at the same point): if any rank has an error,
+    each rank with one prints its line, all wait until every rank has printed (so
+    torchrun, which stops the others when one exits, cuts no line off) and exit 1."""
+    if err is not None:
+        _print_error(f'error: {err}')
+    failed = err is not None
+    if get_world_size() > 1:
+        t = torch.tensor([float(failed)], dtype=torch.float64, device=get_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        failed = bool(t.item())
+    if failed:
+        shutdown(1)
+
+def _print_error(message: str) -> None:
     rank, world_size = (get_rank(), get_world_size()) if torch.distributed.is_initialized() else \
         (int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))) # Failed before init: torchrun's numbers.
     prefix = f'[rank {rank}] ' if world_size > 1 else ''
-    print(f'{prefix}{message}', file=sys.stderr)
+    print(f'{prefix}{message}', file=sys.stderr, flush=True)
+
+def _fail(message: str) -> None:
+    _print_error(message)
     shutdown(1)
 
 #----------------------------------------------------------------------------
