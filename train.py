@@ -21,6 +21,12 @@ Resume: `resume=auto` (default) continues the newest run of the same
 description and configuration in training.outdir; `resume=<run dir>` continues
 that run; `resume=<training-state file>` starts a new run from that state;
 `resume=none` always starts afresh.
+
+A run directory belongs to one run at a time (`<run dir>/.lock`, dropped by
+the kernel when its holder exits or is killed): `resume=<run dir>` of a live
+run is refused naming its host and pid, and `resume=auto` leaves live runs
+alone and reuses an empty run directory of the same configuration. Config
+errors are found before a run directory is made.
 """
 
 import os

@@ -103,6 +103,12 @@ def is_collective_timeout(err: BaseException) -> bool:
     dist_errors = tuple(e for e in (getattr(torch.distributed, 'DistError', None), RuntimeError) if e is not None)
     return isinstance(err, dist_errors) and bool(_TIMEOUT_RE.search(str(err)))
 
+_PEER_LOST_RE = re.compile(r'connection (closed|reset) by peer|broken pipe', re.IGNORECASE)
+
+def is_peer_lost(err: BaseException) -> bool:
+    """A torch.distributed error that says another rank's connection went away (it exited)."""
+    return isinstance(err, RuntimeError) and bool(_PEER_LOST_RE.search(str(err)))
+
 def run_and_exit(fn, *args, user_errors: tuple = (ValueError, FileNotFoundError)) -> None:
     try:
         fn(*args)
@@ -113,10 +119,12 @@ def run_and_exit(fn, *args, user_errors: tuple = (ValueError, FileNotFoundError)
             raise
         _fail(f'error: {err.strerror or err}')
     except Exception as err:
-        if not (get_world_size() > 1 and is_collective_timeout(err)):
-            raise
-        _fail(f'error: a collective operation timed out after training.timeout_sec={_timeout_sec:g} s: another process '
-            f'stopped responding (hung, killed or much slower); if a step legitimately takes longer, raise training.timeout_sec')
+        if get_world_size() > 1 and is_collective_timeout(err):
+            _fail(f'error: a collective operation timed out after training.timeout_sec={_timeout_sec:g} s: another process '
+                f'stopped responding (hung, killed or much slower); if a step legitimately takes longer, raise training.timeout_sec')
+        if get_world_size() > 1 and is_peer_lost(err):
+            _fail('error: another process of this run exited (see its message); stopping')
+        raise
     shutdown(0)
 
 def fail_together(err: Exception | None) -> None:
