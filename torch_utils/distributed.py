@@ -145,7 +145,11 @@ def _print_error(message: str) -> None:
     rank, world_size = (get_rank(), get_world_size()) if torch.distributed.is_initialized() else \
         (int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))) # Failed before init: torchrun's numbers.
     prefix = f'[rank {rank}] ' if world_size > 1 else ''
-    print(f'{prefix}{message}', file=sys.stderr, flush=True)
+    line = f'{prefix}{message}\n'
+    try: # One write per line: ranks sharing a pipe do not interleave within lines.
+        os.write(sys.stderr.fileno(), line.encode('utf-8', 'replace'))
+    except (OSError, ValueError, AttributeError): # No real file descriptor (a test's capture, a closed stream).
+        print(line, end='', file=sys.stderr, flush=True)
 
 def _fail(message: str) -> None:
     _print_error(message)
