@@ -166,15 +166,27 @@ def test_second_process_on_a_live_run_dir_never_harms_the_first(data_dir, refere
             assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
             assert f'error: the run directory {run_dir} is in use by another run (host ' in proc.stderr and f'pid {first.pid}' in proc.stderr, proc.stderr[-2000:]
             assert first.poll() is None and os.path.exists(fake_tmp), f'attempt {attempt} harmed the live run'
+        # resume=auto with the same config leaves the live run alone: a run directory of its own.
+        second = _start(data_dir, 'race', hold)
+        second_dir = None
+        while second_dir is None and second.poll() is None:
+            dirs = [d for d in glob.glob(os.path.join(data_dir, 'runs', '*-race')) if d != run_dir and training_state.list_states(d)]
+            second_dir = dirs[0] if dirs else None
+            time.sleep(0.05)
+        assert second_dir is not None, second.stdout.read()
         hold.unlink()
         out, _ = first.communicate(timeout=180)
+        out2, _ = second.communicate(timeout=180)
     finally:
-        if first.poll() is None:
-            first.kill()
+        for proc in (first, locals().get('second')):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     assert first.returncode == 0, out[-3000:]
+    assert second.returncode == 0 and 'Resume from:    -' in out2, out2[-3000:]
     assert 'in use' not in open(os.path.join(run_dir, 'log.txt')).read() # Nothing of the attempts went into the live run's log.
     _assert_same_weights(reference, _final(run_dir))
-    assert len(glob.glob(os.path.join(data_dir, 'runs', '*-race'))) == 1
+    _assert_same_weights(reference, _final(second_dir))
+    assert len(glob.glob(os.path.join(data_dir, 'runs', '*-race'))) == 2
 
 def test_killed_holder_never_blocks_resume_auto(data_dir, reference):
     hold = data_dir / 'hold-kill'

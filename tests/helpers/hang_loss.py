@@ -1,4 +1,4 @@
-# medEDM test helper: an EDM loss whose rank `hang_rank` stops responding (sleeps) at its first step.
+# medEDM test helper: an EDM loss whose rank `hang_rank` stops responding (sleeps a minute) at its first step.
 
 import time
 
@@ -12,5 +12,5 @@ class HangOnRankLoss(EDMLoss):
 
     def __call__(self, net, batch, augment_pipe=None):
         if dist.get_rank() == self.hang_rank:
-            time.sleep(3600)
+            time.sleep(60) # Far beyond the test's timeout_sec; bounded, should a failed test orphan this rank.
         return super().__call__(net, batch, augment_pipe)
