@@ -8,6 +8,7 @@ Example:
 
 import os
 import re
+import tempfile
 import time
 
 import click
@@ -48,6 +49,30 @@ def main():
     """
 
 #----------------------------------------------------------------------------
+# The output file: checked before the (long) build, so a bad --dest fails at
+# once with one line and nothing written; written atomically.
+
+def _check_dest(dest: str) -> None:
+    if not dest.endswith('.npz'):
+        raise click.BadParameter(f'--dest must end with .npz, got {dest!r}', param_hint='--dest')
+    if os.path.isdir(dest):
+        raise click.BadParameter(f'{dest!r} is an existing directory; give a file name ending in .npz', param_hint='--dest')
+    folder = os.path.dirname(os.path.abspath(dest))
+    try: # Root passes os.access on read-only mounts: try a real (empty, removed) file.
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix='.dataset_tool-probe-')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise click.ClickException(f'cannot write --dest {dest}: {err.strerror or err} ({folder}); nothing was written') from None
+
+def _write_dest(dest: str, data: dict) -> None:
+    try:
+        persistence.atomic_write(dest, lambda f: np.savez(f, **data))
+    except OSError as err:
+        raise click.ClickException(f'cannot write --dest {dest}: {err.strerror or err}; nothing was written') from None
+
+#----------------------------------------------------------------------------
 # Command: MNI152-based brain MRI slices.
 
 @main.command('mri-slices')
@@ -66,17 +91,14 @@ def mri_slices(dest, resolution, subjects, slices_per_subject, z_mm, voxel_mm, s
     `slice` (z index on the 1 mm MNI grid) and `z_mm`. Needs nilearn's data
     files (pip install --no-deps nilearn==0.14.1) and nibabel.
     """
-    if not dest.endswith('.npz'):
-        raise click.BadParameter(f'--dest must end with .npz, got {dest!r}', param_hint='--dest')
+    _check_dest(dest)
     t0 = time.time()
     try:
         data = build_mri_slices(resolution=resolution, subjects=subjects, slices_per_subject=slices_per_subject,
             z_mm=z_mm, voxel_mm=voxel_mm, seed=seed, augment=augment)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    if os.path.dirname(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-    persistence.atomic_write(dest, lambda f: np.savez(f, **data))
+    _write_dest(dest, data)
     n, c, h, w = data['images'].shape
     print(f'Wrote {dest}: {n} images {c}x{h}x{w} ({subjects} subjects x {slices_per_subject} slices, '
         f'z {z_mm[0]:g}..{z_mm[1]:g} mm, seed {seed}) in {time.time() - t0:.1f} s')
@@ -109,8 +131,7 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
     from tomography_utils.dose import phantom_counts, simulate_dose
     from tomography_utils.projector import get_system_matrix
     from training.pet import phantoms as pet_phantoms
-    if not dest.endswith('.npz'):
-        raise click.BadParameter(f'--dest must end with .npz, got {dest!r}', param_hint='--dest')
+    _check_dest(dest)
     t0 = time.time()
     try:
         if phantoms is not None:
@@ -134,9 +155,7 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
             raise click.ClickException(str(err)) from None
         data.update(full=np.concatenate(full), low=np.concatenate(low),
             total_counts=np.float64(total_counts), dose_fraction=np.float64(dose_fraction), n_iter=np.int64(n_iter))
-    if os.path.dirname(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-    persistence.atomic_write(dest, lambda f: np.savez(f, **data))
+    _write_dest(dest, data)
     print(f'Wrote {dest}: {len(data["phantoms"])} phantoms {resolution}x{resolution}'
         f'{"" if phantoms_only else f" with full/low-dose MLEM ({total_counts:g} counts, fraction {dose_fraction:g}, {n_iter} iterations)"} in {time.time() - t0:.1f} s')
 

@@ -21,6 +21,12 @@ Resume: `resume=auto` (default) continues the newest run of the same
 description and configuration in training.outdir; `resume=<run dir>` continues
 that run; `resume=<training-state file>` starts a new run from that state;
 `resume=none` always starts afresh.
+
+A run directory belongs to one run at a time (`<run dir>/.lock`, dropped by
+the kernel when its holder exits or is killed): `resume=<run dir>` of a live
+run is refused naming its host and pid, and `resume=auto` leaves live runs
+alone and reuses an empty run directory of the same configuration. Config
+errors are found before a run directory is made.
 """
 
 import os
@@ -30,6 +36,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from torch_utils import distributed as dist
+from torch_utils import misc
 from torch_utils import persistence
 from training import config as config_mod
 from training import sampling
@@ -68,53 +75,86 @@ def _default_desc(tcfg: dict) -> str:
     model = str(network.get('model_type', '')).lower().replace('unet', '')
     return '-'.join(x for x in [dataset, model, precond, f'batch{tcfg["batch_size"]}'] if x)
 
-def _resolve_run(resume: str, tcfg: dict, desc: str) -> tuple[str, str | None]:
+def _resolve_run(resume: str, tcfg: dict, desc: str) -> tuple[str, str | None, bool]:
+    """(run_dir, state or None, whether run_dir is new); run_dir is locked for this process."""
     outdir = tcfg['outdir']
     if resume == 'none':
-        return training_state.new_run_dir(outdir, desc), None
+        return training_state.new_run_dir(outdir, desc), None, True
     if resume == 'auto':
-        found = training_state.find_auto_resume(outdir, desc, tcfg)
+        found = training_state.find_auto_resume(outdir, desc, tcfg) # Skips run dirs that a live run holds.
         if found is not None:
-            return found
-        return training_state.new_run_dir(outdir, desc), None
+            return found[0], found[1], False
+        return training_state.new_run_dir(outdir, desc), None, True
     if os.path.isdir(resume):
+        training_state.lock_run_dir(resume) # Refused, naming the holder, while another run trains there.
         state = training_state.find_latest_state(resume)
         if state is None:
             raise ValueError(f'resume={resume}: no loadable training state in that run directory')
-        return resume, state
+        return resume, state, False
     if os.path.isfile(resume):
-        training_state.load_state(resume) # Fail early, naming the file, if it is damaged.
-        return training_state.new_run_dir(outdir, desc), resume
+        training_state.check_state_values(training_state.load_state(resume), resume) # Fail early, naming the file, if it is damaged.
+        return training_state.new_run_dir(outdir, desc), resume, True
     raise ValueError(f"resume={resume}: no such file or directory (use 'auto', 'none', a run directory or a training-state file)")
+
+def _no_experiment_message() -> str:
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+    names = sorted(os.path.splitext(n)[0] for n in os.listdir(folder) if n.endswith('.yaml')) if os.path.isdir(folder) else []
+    return f'give an experiment config with -cn=<name>, e.g. -cn=edm_mri (configs in {folder}: {", ".join(names) or "none"})'
+
+# The `_target_` slots of the training section and the kind of class each admits.
+TARGET_SLOTS = (('dataset', 'dataset'), ('network', 'network'), ('loss', 'loss'), ('optimizer', 'optimizer'), ('augment', 'augment'))
 
 #----------------------------------------------------------------------------
 
-def run(cfg: DictConfig) -> None:
+def _check_config(cfg: DictConfig) -> dict:
+    """The checks that need no data or network, before a run directory exists -> plain training config."""
+    if 'training' not in cfg: # No -cn: Hydra composed an empty config.
+        raise ValueError(_no_experiment_message())
     config_mod.check_keys(cfg)
     sampling.check_sampler_options(config_mod.to_plain(cfg.sampling), prefix='sampling.') # A bad sampling setting fails before training.
     tcfg = config_mod.to_plain(cfg.training)
-    for key in ('dataset', 'network'):
-        if not isinstance(tcfg[key], dict) or '_target_' not in tcfg[key]:
-            raise ValueError(f'training.{key}: expected a mapping with a _target_ key')
-    dist.init(timeout_sec=tcfg['timeout_sec'])
+    for key, kind in TARGET_SLOTS: # Before anything is built: a slot admits only classes of its kind.
+        if tcfg[key] is not None or key != 'augment':
+            misc.check_target(tcfg[key], f'training.{key}', kind)
+    from training import training_loop
+    training_loop.check_options(**_loop_kwargs(tcfg))
+    return tcfg
+
+def _loop_kwargs(tcfg: dict) -> dict:
+    return {k: v for k, v in tcfg.items() if k not in ('outdir', 'desc', 'dataset', 'network', 'loss', 'augment', 'optimizer', 'timeout_sec')}
+
+def _timeout_sec(cfg: DictConfig) -> float:
+    try:
+        return float(cfg.training.timeout_sec)
+    except Exception: # Missing or malformed: _check_config says so.
+        return 1800
+
+def run(cfg: DictConfig) -> None:
+    # Every rank checks the config; on an error each prints its line and all exit together.
+    dist.init(timeout_sec=_timeout_sec(cfg))
+    tcfg, err = None, None
+    try:
+        tcfg = _check_config(cfg)
+    except ValueError as e:
+        err = e
+    dist.fail_together(err)
     desc = tcfg['desc'] or _default_desc(tcfg)
 
-    # Rank 0 picks the run directory; every rank checks it got the same config.
+    # Rank 0 picks and locks the run directory; every rank checks it got the same config.
     result = None
     if dist.get_rank() == 0:
         try:
-            run_dir, state = _resolve_run(str(cfg.resume), tcfg, desc)
-            result = ('ok', run_dir, state, tcfg)
+            run_dir, state, is_new = _resolve_run(str(cfg.resume), tcfg, desc)
+            result = ('ok', run_dir, state, is_new, tcfg)
         except (ValueError, FileNotFoundError) as err:
-            result = ('error', str(err), None, tcfg)
+            result = ('error', str(err), None, False, tcfg)
     result = dist.broadcast_object(result)
-    if result[0] == 'error':
-        raise ValueError(result[1])
-    _, run_dir, state, tcfg0 = result
+    dist.fail_together(ValueError(result[1]) if result[0] == 'error' else None)
+    _, run_dir, state, is_new, tcfg0 = result
     if tcfg0 != tcfg:
         raise ValueError('the ranks composed different training configs (check per-rank overrides and ${now:} resolvers)')
 
-    # Log and save the resolved config.
+    # Log and save the resolved config (rank 0 holds the lock: no other run writes here).
     if dist.get_rank() == 0:
         training_state.remove_stale_tmp(run_dir)
         Logger(os.path.join(run_dir, 'log.txt'))
@@ -126,11 +166,15 @@ def run(cfg: DictConfig) -> None:
     dist.print0(f'Resume from:    {state or "-"}')
     dist.print0()
 
-    # Train.
+    # Train. A run that fails before producing anything leaves no empty directory behind.
     from training import training_loop
-    kwargs = {k: v for k, v in tcfg.items() if k not in ('outdir', 'desc', 'dataset', 'network', 'loss', 'augment', 'optimizer', 'timeout_sec')}
-    training_loop.training_loop(run_dir=run_dir, dataset_kwargs=tcfg['dataset'], network_kwargs=tcfg['network'],
-        loss_kwargs=tcfg['loss'], augment_kwargs=tcfg['augment'], optimizer_kwargs=tcfg['optimizer'], resume_state=state, **kwargs)
+    try:
+        training_loop.training_loop(run_dir=run_dir, dataset_kwargs=tcfg['dataset'], network_kwargs=tcfg['network'],
+            loss_kwargs=tcfg['loss'], augment_kwargs=tcfg['augment'], optimizer_kwargs=tcfg['optimizer'], resume_state=state, **_loop_kwargs(tcfg))
+    except BaseException:
+        if is_new and dist.get_rank() == 0:
+            training_state.remove_empty_run(run_dir)
+        raise
 
 #----------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from training import sampling
 # `affine` / `header`), written next to the data so the subprocess can import it.
 DATASET_SRC = '''
 import numpy as np
-class CondNpz:
+import torch.utils.data
+class CondNpz(torch.utils.data.Dataset): # A `_target_` dataset slot admits only Dataset classes.
     def __init__(self, path, with_affine=False):
         d = np.load(path)
         self.images, self.conds, self.with_affine = d['images'], d['conds'], with_affine

@@ -100,8 +100,8 @@ def test_leftovers_of_killed_writes_are_removed(tmp_path):
     persistence.atomic_write(tmp_path / 'training-state-000008.pt', lambda f: names.append(os.path.basename(f.name)) or f.write(b'x'))
     (tmp_path / names[0]).write_bytes(b'half') # What a kill -9 between write and rename leaves.
     (tmp_path / 'notes.tmp.txt').write_bytes(b'keep')
-    training_state.remove_stale_tmp(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ['notes.tmp.txt', 'training-state-000008.pt']
+    training_state.remove_stale_tmp(str(tmp_path)) # (It takes the run directory's lock first: .lock.)
+    assert sorted(os.listdir(tmp_path)) == ['.lock', 'notes.tmp.txt', 'training-state-000008.pt']
 
 def _state(nimg):
     return dict(cur_nimg=nimg, cur_tick=1, net={'w': torch.ones(2)}, ema={'w': torch.ones(2)}, optimizer={'state': {}, 'param_groups': []})

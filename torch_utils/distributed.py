@@ -5,7 +5,9 @@ printing and a clean shutdown. The same code runs on CPU (gloo) and GPU (nccl,
 one device per local rank); a plain `python train.py` is a world of one."""
 
 import datetime
+import errno
 import os
+import re
 import sys
 
 import torch
@@ -16,12 +18,14 @@ import torch.distributed
 # MASTER_ADDR, MASTER_PORT). Without them, run as a single process.
 
 _device = None
+_timeout_sec = None # Of the process group, for the message when a collective times out.
 
 def init(timeout_sec: float = 1800) -> None:
     """Start the process group; gloo on CPU, nccl when CUDA is available."""
-    global _device
+    global _device, _timeout_sec
     if torch.distributed.is_initialized():
         return
+    _timeout_sec = timeout_sec
     if 'WORLD_SIZE' not in os.environ: # Plain `python train.py`: a world of one.
         os.environ.setdefault('RANK', '0')
         os.environ.setdefault('LOCAL_RANK', '0')
@@ -87,17 +91,69 @@ def all_reduce_min(value: float) -> float:
     return float(t.item())
 
 #----------------------------------------------------------------------------
-# Run an entry point: user errors (bad config, files, values) print one line
-# `error: ...` on stderr and exit 1 without a traceback; then a clean shutdown.
+# Run an entry point: user errors (bad config, files, values), a full disk and
+# a collective that timed out (another rank hung or died) print one line
+# `error: ...` on stderr per rank and exit 1 without a traceback; then a clean
+# shutdown. Under torchrun, the agent then reports only the exit code.
+
+_TIMEOUT_RE = re.compile(r'timed? ?out|timeout', re.IGNORECASE)
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """A torch.distributed error that says a collective or the store timed out."""
+    dist_errors = tuple(e for e in (getattr(torch.distributed, 'DistError', None), RuntimeError) if e is not None)
+    return isinstance(err, dist_errors) and bool(_TIMEOUT_RE.search(str(err)))
+
+_PEER_LOST_RE = re.compile(r'connection (closed|reset) by peer|broken pipe', re.IGNORECASE)
+
+def is_peer_lost(err: BaseException) -> bool:
+    """A torch.distributed error that says another rank's connection went away (it exited)."""
+    return isinstance(err, RuntimeError) and bool(_PEER_LOST_RE.search(str(err)))
 
 def run_and_exit(fn, *args, user_errors: tuple = (ValueError, FileNotFoundError)) -> None:
     try:
         fn(*args)
     except user_errors as err:
-        prefix = f'[rank {get_rank()}] ' if get_world_size() > 1 else ''
-        print(f'{prefix}error: {err}', file=sys.stderr)
-        shutdown(1)
+        _fail(f'error: {err}')
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _fail(f'error: {err.strerror or err}')
+    except Exception as err:
+        if get_world_size() > 1 and is_collective_timeout(err):
+            _fail(f'error: a collective operation timed out after training.timeout_sec={_timeout_sec:g} s: another process '
+                f'stopped responding (hung, killed or much slower); if a step legitimately takes longer, raise training.timeout_sec')
+        if get_world_size() > 1 and is_peer_lost(err):
+            _fail('error: another process of this run exited (see its message); stopping')
+        raise
     shutdown(0)
+
+def fail_together(err: Exception | None) -> None:
+    """Collective (every rank calls it at the same point): if any rank has an error,
+    each rank with one prints its line, all wait until every rank has printed (so
+    torchrun, which stops the others when one exits, cuts no line off) and exit 1."""
+    if err is not None:
+        _print_error(f'error: {err}')
+    failed = err is not None
+    if get_world_size() > 1:
+        t = torch.tensor([float(failed)], dtype=torch.float64, device=get_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        failed = bool(t.item())
+    if failed:
+        shutdown(1)
+
+def _print_error(message: str) -> None:
+    rank, world_size = (get_rank(), get_world_size()) if torch.distributed.is_initialized() else \
+        (int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))) # Failed before init: torchrun's numbers.
+    prefix = f'[rank {rank}] ' if world_size > 1 else ''
+    line = f'{prefix}{message}\n'
+    try: # One write per line: ranks sharing a pipe do not interleave within lines.
+        os.write(sys.stderr.fileno(), line.encode('utf-8', 'replace'))
+    except (OSError, ValueError, AttributeError): # No real file descriptor (a test's capture, a closed stream).
+        print(line, end='', file=sys.stderr, flush=True)
+
+def _fail(message: str) -> None:
+    _print_error(message)
+    shutdown(1)
 
 #----------------------------------------------------------------------------
 # Clean shutdown. DDP on gloo sometimes aborts at interpreter exit after all

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from torch_utils import distributed as dist
+from torch_utils import persistence
 
 #----------------------------------------------------------------------------
 # Sampler for torch.utils.data.DataLoader that loops over the dataset
@@ -168,35 +169,79 @@ def print_module_summary(module: torch.nn.Module, inputs: list, kwargs: dict | N
 # Parse '0-63', '0,3,10-19', 5 or [0, 2, 5] into a list of ints (EDM's
 # parse_int_list, with errors that say what is wrong).
 
-def parse_int_list(value: Any, name: str = 'value') -> list[int]:
+MAX_INT_LIST = 10_000_000 # Longest list parse_int_list builds (a typo like 0-4294967295 would exhaust memory).
+
+def parse_int_list(value: Any, name: str = 'value', max_count: int = MAX_INT_LIST) -> list[int]:
+    """Integers of '0-63', '0,3,10-19', 5 or [0, 2, 5]; ValueError naming `name` if
+    malformed or longer than `max_count` (checked before the list is built)."""
+    out = []
+    _parse_int_list(value, name, out, max_count)
+    return out
+
+def _parse_int_list(value: Any, name: str, out: list, max_count: int) -> None:
+    def extend(items, what):
+        if len(out) + len(items) > max_count:
+            raise ValueError(f'{name}: {what} would make more than {max_count} integers in all; give a smaller range')
+        out.extend(items)
     if isinstance(value, bool):
         raise ValueError(f'{name}: expected integers or ranges like 0-63, got {value!r}')
     if isinstance(value, int):
-        return [value]
+        extend([value], repr(value))
+        return
     if isinstance(value, (list, tuple)) or (hasattr(value, '__iter__') and not isinstance(value, str)):
-        out = []
         for v in value:
-            out += parse_int_list(v, name)
-        return out
+            _parse_int_list(v, name, out, max_count)
+        return
     if not isinstance(value, str) or value.strip() == '':
         raise ValueError(f'{name}: expected integers or ranges like 0-63, got {value!r}')
-    out = []
     for part in value.replace(' ', '').split(','):
         m = re.fullmatch(r'(\d+)-(\d+)', part)
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if lo > hi:
                 raise ValueError(f'{name}: bad range {part!r}: start {lo} is greater than end {hi}')
-            out += list(range(lo, hi + 1))
+            if len(out) + (hi - lo + 1) > max_count: # Before range() is expanded.
+                raise ValueError(f'{name}: the range {part!r} has {hi - lo + 1} integers, more than the limit of {max_count}; give a smaller range')
+            extend(range(lo, hi + 1), repr(part))
         elif re.fullmatch(r'\d+', part):
-            out.append(int(part))
+            extend([int(part)], repr(part))
         else:
             raise ValueError(f'{name}: bad range {part!r}: expected an integer like 5 or a range like 0-63')
-    return out
 
 #----------------------------------------------------------------------------
 # Build an object from a config dict with a `_target_` (the role of EDM's
 # dnnlib.util.construct_class_by_name). Errors name the config key.
+#
+# A `_target_` slot admits only classes of its kind (a Dataset for a dataset,
+# ...): the class is looked up (module import + getattr) and checked with
+# issubclass before anything is called, so a config cannot run `os.system`,
+# `subprocess.run` or `subprocess.Popen`.
+
+def _is_persistent_class(cls: type) -> bool:
+    return getattr(cls, '_is_persistent', False) is True
+
+def _is_project_or_torch_class(cls: type) -> bool:
+    return str(getattr(cls, '__module__', '')).split('.')[0] in persistence.PROJECT_PACKAGES + ('torch',)
+
+TARGET_KINDS = { # kind -> (description, test of the class)
+    'dataset':   ('a dataset class (a torch.utils.data.Dataset, e.g. training.dataset.NpzDataset)', lambda c: issubclass(c, torch.utils.data.Dataset)),
+    'network':   ('a network class (a torch.nn.Module, e.g. training.networks.EDMPrecond)', lambda c: issubclass(c, torch.nn.Module)),
+    'loss':      ('a loss class of this project (a @persistent_class, e.g. training.loss.EDMLoss)',
+                  lambda c: _is_persistent_class(c) and not issubclass(c, torch.utils.data.Dataset)),
+    'optimizer': ('an optimizer class (a torch.optim.Optimizer, e.g. torch.optim.Adam)', lambda c: issubclass(c, torch.optim.Optimizer)),
+    'augment':   ('an augment pipe class of this project (a @persistent_class, e.g. training.augment.AugmentPipe)',
+                  lambda c: _is_persistent_class(c) and not issubclass(c, (torch.utils.data.Dataset, torch.optim.Optimizer))),
+    'class':     ('a class of this project or of torch', _is_project_or_torch_class),
+}
+
+SLOT_KINDS = { # config key -> kind; other keys: their last part if a kind, else 'class'.
+    'training.dataset': 'dataset', 'sampling.cond_dataset': 'dataset', 'training.network': 'network',
+    'training.loss': 'loss', 'training.optimizer': 'optimizer', 'training.augment': 'augment',
+}
+
+def slot_kind(key: str) -> str:
+    kind = SLOT_KINDS.get(key, key.rsplit('.', 1)[-1])
+    return kind if kind in TARGET_KINDS else 'class'
 
 def get_obj_by_name(target: str, key: str = '_target_') -> Any:
     if not isinstance(target, str) or target == '':
@@ -217,13 +262,27 @@ def get_obj_by_name(target: str, key: str = '_target_') -> Any:
             break
     raise ValueError(f'{key}: cannot find {target!r}')
 
-def construct_class(config: dict, key: str, **extra_kwargs) -> Any:
-    """Instantiate `config['_target_']` with the other entries of `config` plus `extra_kwargs`."""
+def check_target(config: Any, key: str, kind: str | None = None) -> type:
+    """The class that `config['_target_']` names, if it is of the kind of slot `key`
+    (see TARGET_KINDS); ValueError naming the key otherwise. Calls nothing."""
+    kind = kind or slot_kind(key)
     if not isinstance(config, dict) or '_target_' not in config:
         raise ValueError(f'{key}: expected a mapping with a _target_ key, got {config!r}')
+    target = config['_target_']
+    cls = get_obj_by_name(target, f'{key}._target_')
+    what, test = TARGET_KINDS[kind]
+    if not isinstance(cls, type):
+        raise ValueError(f'{key}._target_: refusing {target!r}: not a class; {key} takes {what} (nothing was run)')
+    if not test(cls):
+        raise ValueError(f'{key}._target_: refusing {target!r}: {key} takes {what} (nothing was run)')
+    return cls
+
+def construct_class(config: dict, key: str, kind: str | None = None, **extra_kwargs) -> Any:
+    """Instantiate `config['_target_']` with the other entries of `config` plus
+    `extra_kwargs`, once `check_target` has admitted the class for the slot."""
+    cls = check_target(config, key, kind)
     kwargs = {k: v for k, v in config.items() if k != '_target_'}
     kwargs.update(extra_kwargs)
-    cls = get_obj_by_name(config['_target_'], f'{key}._target_')
     try:
         sig = inspect.signature(cls)
     except (TypeError, ValueError):

@@ -14,6 +14,7 @@ it is called.
 """
 
 import copy
+import errno
 import importlib
 import inspect
 import io
@@ -44,6 +45,11 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT): # Disk full: the old file is untouched, the partial one is removed below.
+            raise OSError(err.errno, f'{os.strerror(err.errno)} while writing {path}; nothing was damaged (the previous '
+                f'version of the file, if any, is intact and the partial file was removed): free some space and run again') from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -139,18 +145,57 @@ def _resolve_project_class(module: str, qualname: str) -> type:
     return obj
 
 def _reconstruct_persistent_obj(module: str, qualname: str, init_kwargs: dict, state: dict | None) -> Any:
+    """Rebuild a persistent object. A module is first built on the meta device (no
+    memory) and its parameter and buffer shapes compared with the tensors the snapshot
+    carries, so a small file cannot make the loader allocate a huge network; then it
+    is built for real and loaded strictly: missing, extra or mis-shaped weights are refused."""
     cls = _resolve_project_class(module, qualname)
+    name = f'{module}.{qualname}'
+    if not isinstance(init_kwargs, dict) or not all(isinstance(k, str) for k in init_kwargs):
+        raise ValueError(f'{name}: constructor arguments must be a dict of keyword arguments')
+    _check_plain(init_kwargs, name)
+    is_module = issubclass(cls, torch.nn.Module)
+    if not is_module:
+        if state is not None:
+            raise ValueError(f'{name}: carries weights, but it is not a module')
+        with torch.random.fork_rng(devices=[]):
+            return cls(**init_kwargs)
+    if not isinstance(state, dict) or not isinstance(state.get('state_dict'), bytes):
+        raise ValueError(f'{name}: the snapshot carries no weights for this network (refusing to use random weights)')
+    sd = torch.load(io.BytesIO(state['state_dict']), map_location='cpu', weights_only=True)
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f'{name}: the weights are not a state_dict of tensors')
+    with torch.random.fork_rng(devices=[]), torch.device('meta'):
+        meta = cls(**init_kwargs)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    num_modules = len(list(meta.modules()))
+    del meta
+    _compare_weights(name, expected, {k: tuple(v.shape) for k, v in sd.items()})
+    training, no_grad = state.get('training'), state.get('no_grad')
+    if not (isinstance(training, list) and len(training) == num_modules and all(isinstance(t, bool) for t in training)):
+        raise ValueError(f'{name}: the train/eval flags do not match the network ({num_modules} modules)')
+    if not (isinstance(no_grad, list) and all(isinstance(n, str) for n in no_grad)):
+        raise ValueError(f'{name}: damaged requires_grad flags')
     with torch.random.fork_rng(devices=[]): # Weight init must not disturb the caller's random stream.
         obj = cls(**init_kwargs)
-    if state is not None:
-        sd = torch.load(io.BytesIO(state['state_dict']), map_location='cpu', weights_only=True)
-        obj.load_state_dict(sd)
-        for m, training in zip(obj.modules(), state['training']):
-            m.training = training
-        no_grad = set(state['no_grad'])
-        for name, p in obj.named_parameters():
-            p.requires_grad_(name not in no_grad)
+    obj.load_state_dict(sd, strict=True)
+    for m, flag in zip(obj.modules(), training):
+        m.training = flag
+    no_grad = set(no_grad)
+    for pname, p in obj.named_parameters():
+        p.requires_grad_(pname not in no_grad)
     return obj
+
+def _compare_weights(name: str, expected: dict, found: dict) -> None:
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    if missing or extra:
+        parts = ([f'{len(missing)} missing (e.g. {missing[0]})'] if missing else []) + ([f'{len(extra)} unexpected (e.g. {extra[0]})'] if extra else [])
+        raise ValueError(f'{name}: the weights do not match the network its arguments describe: {", ".join(parts)}')
+    for k, shape in expected.items():
+        if found[k] != shape:
+            raise ValueError(f'{name}: weight {k} has shape {list(found[k])} in the snapshot, but the network its arguments '
+                f'describe needs {list(shape)} (refused before allocating it)')
 
 #----------------------------------------------------------------------------
 # A `_target_` config that came from a snapshot (e.g. its dataset_kwargs) is

@@ -24,6 +24,8 @@ Intensity normalisation (`intensity` argument, config key `training.dataset.inte
 import collections.abc
 import json
 import os
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -209,8 +211,10 @@ class NpzDataset(Dataset):
         self._mask = None
         try:
             npz = np.load(self._path, allow_pickle=False)
-        except (OSError, EOFError, ValueError) as err:
-            raise ValueError(f'cannot read dataset file {self._path}: {err}') from None
+        except ValueError: # Neither zip nor .npy: np.load took it for a pickle.
+            raise ValueError(f'training.dataset.path: {self._path} is not an .npz archive (not a zip file of .npy arrays)') from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err: # Truncated or corrupt archive.
+            raise ValueError(f'cannot read dataset file {self._path}: damaged .npz archive ({type(err).__name__}: {err})') from None
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError(f'training.dataset.path: {self._path} is not an .npz archive')
         with npz:
@@ -222,12 +226,14 @@ class NpzDataset(Dataset):
                 labels = None if label_key is None else npz[label_key]
                 cond = None if cond_key is None else npz[cond_key]
                 mask = None if mask_key is None else npz[mask_key]
-            except (OSError, EOFError, ValueError) as err:
-                raise ValueError(f'cannot read dataset file {self._path}: {err}') from None
+            except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as err: # A CRC error, a truncated member, ...
+                raise ValueError(f'cannot read dataset file {self._path}: damaged .npz archive ({type(err).__name__}: {err})') from None
         if images.ndim == 3:
             images = images[:, None]
         if images.ndim not in (4, 5):
             raise ValueError(f'training.dataset.key: array {key!r} in {self._path} must be (N, C, H, W), (N, H, W) or (N, C, D, H, W), got shape {images.shape}')
+        if images.shape[0] == 0:
+            raise ValueError(f'training.dataset.path: array {key!r} in {self._path} holds 0 images')
 
         # Decide the default intensity range from the dtype.
         default_range = None

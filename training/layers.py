@@ -182,6 +182,8 @@ class GroupNorm(torch.nn.Module):
     ):
         super().__init__()
         self.num_groups = max(min(num_groups, num_channels // min_channels_per_group), 1)
+        if num_channels % self.num_groups != 0: # group_norm would fail at the first forward pass.
+            raise ValueError(f'GroupNorm: a layer with {num_channels} channels does not split into {self.num_groups} groups')
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))

@@ -14,6 +14,7 @@ N x C x D x H x W) and `VectorDenoiser` (training/networks_vector.py, vectors
 N x K conditioned on image features), chosen by `model_type`.
 """
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,48 @@ def _label_dropout(labels: torch.Tensor, p: float, training: bool) -> torch.Tens
     return labels
 
 #----------------------------------------------------------------------------
+# Constructor arguments: a ValueError naming the argument, at construction
+# (also when a snapshot is loaded), not a failure at the first forward pass.
+
+_POSITIVE_INTS = ('img_resolution', 'img_channels', 'in_channels', 'out_channels', 'model_channels', 'channel_mult_emb', 'channel_mult_noise')
+_NONNEGATIVE_INTS = ('label_dim', 'augment_dim', 'cond_channels', 'embedding_dim', 'num_blocks')
+
+def _check_args(**args) -> None:
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    for name, value in args.items():
+        if name in _POSITIVE_INTS and not (is_int(value) and value >= 1):
+            raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+        if name in _NONNEGATIVE_INTS and not (is_int(value) and value >= 0):
+            raise ValueError(f'{name} must be an integer >= 0, got {value!r}')
+        if name == 'channel_mult' and not (isinstance(value, (list, tuple)) and value and all(is_int(m) and m >= 1 for m in value)):
+            raise ValueError(f'channel_mult must be a non-empty list of integers >= 1, got {value!r}')
+        if name == 'attn_resolutions' and not (isinstance(value, (list, tuple)) and all(is_int(r) and r >= 1 for r in value)):
+            raise ValueError(f'attn_resolutions must be a list of resolutions (integers >= 1), got {value!r}')
+        if name in ('dropout', 'label_dropout') and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+            raise ValueError(f'{name} must be a probability in [0, 1), got {value!r}')
+    if 'img_resolution' in args and 'channel_mult' in args and args['img_resolution'] % (1 << (len(args['channel_mult']) - 1)):
+        raise ValueError(f'img_resolution={args["img_resolution"]} must be divisible by 2^{len(args["channel_mult"]) - 1} = '
+            f'{1 << (len(args["channel_mult"]) - 1)}: channel_mult={list(args["channel_mult"])} halves it {len(args["channel_mult"]) - 1} times')
+
+def _group_norm_advice(model_cls, kwargs: dict, err: ValueError) -> ValueError:
+    """The GroupNorm error of `model_cls(**kwargs)` restated for model_channels, with values that work."""
+    mc = kwargs.get('model_channels', inspect.signature(model_cls).parameters['model_channels'].default)
+    def works(c):
+        try:
+            with torch.device('meta'):
+                model_cls(**dict(kwargs, model_channels=c))
+            return True
+        except ValueError:
+            return False
+    step = 8
+    lower = next((c for c in range(mc - mc % step, 0, -step) if c != mc and works(c)), None)
+    higher = next((c for c in range(mc - mc % step + step, 4 * mc + 64, step) if works(c)), None)
+    ok = ' or '.join(str(c) for c in (lower, higher) if c is not None)
+    return ValueError(f'model_channels={mc}: {err} (with channel_mult={list(kwargs.get("channel_mult", []))}); '
+        f'model_channels={ok} would work (multiples of 32 always do)')
+
+#----------------------------------------------------------------------------
 # DDPM++ and NCSN++ U-Net (Song et al. 2021), EDM config A-F (Table 7).
 
 class SongUNet(torch.nn.Module):
@@ -78,6 +121,9 @@ class SongUNet(torch.nn.Module):
         resample_filter     = [1,1],        # Resampling filter: [1,1] for DDPM++, [1,3,3,1] for NCSN++.
         embedding_dim       = 0,            # medEDM: width of a continuous embedding vector, 0 = none.
     ):
+        _check_args(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, label_dim=label_dim, augment_dim=augment_dim,
+            model_channels=model_channels, channel_mult=channel_mult, channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+            attn_resolutions=attn_resolutions, dropout=dropout, label_dropout=label_dropout, channel_mult_noise=channel_mult_noise, embedding_dim=embedding_dim)
         if embedding_type not in ('positional', 'fourier'):
             raise ValueError(f"embedding_type: expected 'positional' or 'fourier', got {embedding_type!r}")
         if encoder_type not in ('standard', 'skip', 'residual'):
@@ -214,6 +260,9 @@ class DhariwalUNet(torch.nn.Module):
         label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
         embedding_dim       = 0,            # medEDM: width of a continuous embedding vector, 0 = none.
     ):
+        _check_args(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, label_dim=label_dim, augment_dim=augment_dim,
+            model_channels=model_channels, channel_mult=channel_mult, channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+            attn_resolutions=attn_resolutions, dropout=dropout, label_dropout=label_dropout, embedding_dim=embedding_dim)
         super().__init__()
         self.label_dim = label_dim
         self.label_dropout = label_dropout
@@ -342,6 +391,7 @@ class _Precond(torch.nn.Module):
         if cond_channels < 0 or embedding_dim < 0:
             raise ValueError(f'cond_channels and embedding_dim must be >= 0, got cond_channels={cond_channels}, embedding_dim={embedding_dim}')
         model_class = types[model_type]
+        _check_args(img_channels=img_channels, label_dim=label_dim, cond_channels=cond_channels, embedding_dim=embedding_dim) # img_resolution: _spatial_shape.
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
@@ -351,8 +401,13 @@ class _Precond(torch.nn.Module):
         self.concat_cond = getattr(model_class, 'concat_cond', True)
         self.img_shape = [int(img_channels), *_spatial_shape(img_resolution, getattr(model_class, 'spatial_dims', 2))]
         io = dict(in_channels=img_channels + cond_channels) if self.concat_cond else dict(in_channels=img_channels, cond_channels=cond_channels)
-        self.model = model_class(img_resolution=img_resolution, out_channels=img_channels, label_dim=label_dim,
-            embedding_dim=embedding_dim, **io, **model_kwargs)
+        kwargs = dict(img_resolution=img_resolution, out_channels=img_channels, label_dim=label_dim, embedding_dim=embedding_dim, **io, **model_kwargs)
+        try:
+            self.model = model_class(**kwargs)
+        except ValueError as err:
+            if not str(err).startswith('GroupNorm:') or 'model_channels' not in inspect.signature(model_class).parameters:
+                raise
+            raise _group_norm_advice(model_class, kwargs, err) from None
 
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -432,8 +487,9 @@ class VPPrecond(_Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        with torch.device('cpu'): # Numbers, also when the network is built on the meta device (persistence).
+            self.sigma_min = float(self.sigma(epsilon_t))
+            self.sigma_max = float(self.sigma(1))
         self.sigma_data = 0.5
 
     def scalings(self, sigma):

@@ -72,35 +72,19 @@ def training_loop(
     device = dist.get_device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.backends.cudnn.benchmark = cudnn_benchmark
+    batch_gpu, num_accumulation_rounds, batch_note = check_options(batch_size=batch_size, batch_gpu=batch_gpu, precision=precision,
+        lr_decay=lr_decay, lr_decay_kimg=lr_decay_kimg, total_kimg=total_kimg, kimg_per_tick=kimg_per_tick, ema_halflife_kimg=ema_halflife_kimg,
+        ema_rampup_ratio=ema_rampup_ratio, slice_kimg=slice_kimg, grad_clip=grad_clip, loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg,
+        lr_min_ratio=lr_min_ratio, snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, max_nonfinite_steps=max_nonfinite_steps,
+        grid_steps=grid_steps, workers=workers, grid_images=grid_images)
+    if batch_note:
+        dist.print0(batch_note)
+    batch_gpu_total = batch_size // world_size
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    if precision not in ('fp32', 'bf16', 'fp16'):
-        raise ValueError(f"training.precision: expected 'fp32', 'bf16' or 'fp16', got {precision!r}")
-    if precision == 'fp16' and device.type != 'cuda':
-        raise ValueError("training.precision=fp16 needs CUDA; use bf16 on CPU")
-    if lr_decay not in ('constant', 'cosine', 'isqrt'):
-        raise ValueError(f"training.lr_decay: expected 'constant', 'cosine' or 'isqrt', got {lr_decay!r}")
-    if lr_decay == 'isqrt' and not lr_decay_kimg > 0:
-        raise ValueError('training.lr_decay_kimg must be > 0 for isqrt decay')
-    _check_numbers(dict(total_kimg=total_kimg, kimg_per_tick=kimg_per_tick, ema_halflife_kimg=ema_halflife_kimg,
-        ema_rampup_ratio=ema_rampup_ratio, slice_kimg=slice_kimg, grad_clip=grad_clip, loss_scaling=loss_scaling), positive=True)
-    _check_numbers(dict(lr_rampup_kimg=lr_rampup_kimg, lr_min_ratio=lr_min_ratio), positive=False)
-    _check_counts(dict(snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, max_nonfinite_steps=max_nonfinite_steps,
-        grid_steps=grid_steps), least=1)
-    _check_counts(dict(workers=workers, grid_images=grid_images), least=0)
-
-    # Select batch size per process.
-    if batch_size < 1 or batch_size % world_size != 0:
-        raise ValueError(f'training.batch_size={batch_size} must be a positive multiple of the number of processes ({world_size})')
-    batch_gpu_total = batch_size // world_size
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    if batch_gpu < 1 or batch_gpu_total % batch_gpu != 0:
-        raise ValueError(f'training.batch_gpu={batch_gpu} must divide batch_size / processes = {batch_gpu_total}')
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
 
     # Load dataset.
     dist.print0('Loading dataset...')
@@ -166,6 +150,7 @@ def training_loop(
     if resume_state is not None:
         dist.print0(f'Resuming from "{resume_state}"...')
         state = training_state.load_state(resume_state)
+        training_state.check_state_values(state, resume_state) # Counters in range, finite weights.
         if state.get('optimizer_class', optimizer_class) != optimizer_class: # torch would load one optimizer's state into another.
             raise ValueError(f'{resume_state} was trained with the optimizer {state["optimizer_class"]}, not the configured '
                 f'training.optimizer {optimizer_class}; resume with the configuration of that run, or resume=none')
@@ -383,6 +368,43 @@ def training_loop(
 
 #----------------------------------------------------------------------------
 # Option checks: ValueErrors that name the key (None = off where allowed).
+# train.py calls check_options before it makes the run directory.
+
+def check_options(batch_size=512, batch_gpu=None, precision='fp32', lr_decay='constant', lr_decay_kimg=0, total_kimg=200000,
+        kimg_per_tick=50, ema_halflife_kimg=500, ema_rampup_ratio=0.05, slice_kimg=None, grad_clip=None, loss_scaling=1,
+        lr_rampup_kimg=10000, lr_min_ratio=0, snapshot_ticks=50, state_dump_ticks=500, max_nonfinite_steps=10, grid_steps=18,
+        workers=2, grid_images=64, **_other_options) -> tuple[int, int, str | None]:
+    """Check the options that need no data or network, for this world size and device;
+    -> (batch_gpu, num_accumulation_rounds, a note if batch_gpu was clamped, else None)."""
+    world_size, device = dist.get_world_size(), dist.get_device()
+    if precision not in ('fp32', 'bf16', 'fp16'):
+        raise ValueError(f"training.precision: expected 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    if precision == 'fp16' and device.type != 'cuda':
+        raise ValueError("training.precision=fp16 needs CUDA; use bf16 on CPU")
+    if lr_decay not in ('constant', 'cosine', 'isqrt'):
+        raise ValueError(f"training.lr_decay: expected 'constant', 'cosine' or 'isqrt', got {lr_decay!r}")
+    if lr_decay == 'isqrt' and not lr_decay_kimg > 0:
+        raise ValueError('training.lr_decay_kimg must be > 0 for isqrt decay')
+    _check_numbers(dict(total_kimg=total_kimg, kimg_per_tick=kimg_per_tick, ema_halflife_kimg=ema_halflife_kimg,
+        ema_rampup_ratio=ema_rampup_ratio, slice_kimg=slice_kimg, grad_clip=grad_clip, loss_scaling=loss_scaling), positive=True)
+    _check_numbers(dict(lr_rampup_kimg=lr_rampup_kimg, lr_min_ratio=lr_min_ratio), positive=False)
+    _check_counts(dict(snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, max_nonfinite_steps=max_nonfinite_steps,
+        grid_steps=grid_steps), least=1)
+    _check_counts(dict(workers=workers, grid_images=grid_images), least=0)
+
+    # Batch size per process.
+    if batch_size < 1 or batch_size % world_size != 0:
+        raise ValueError(f'training.batch_size={batch_size} must be a positive multiple of the number of processes ({world_size})')
+    batch_gpu_total = batch_size // world_size
+    note = None
+    if batch_gpu is not None and batch_gpu > batch_gpu_total:
+        note = (f'Note: training.batch_gpu={batch_gpu} is larger than the batch per process (batch_size {batch_size} / '
+            f'{world_size} processes = {batch_gpu_total}); using batch_gpu={batch_gpu_total}.')
+    if batch_gpu is None or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    if batch_gpu < 1 or batch_gpu_total % batch_gpu != 0:
+        raise ValueError(f'training.batch_gpu={batch_gpu} must divide batch_size / processes = {batch_gpu_total}')
+    return batch_gpu, batch_gpu_total // batch_gpu, note
 
 def _check_numbers(values: dict, positive: bool) -> None:
     for key, value in values.items():
