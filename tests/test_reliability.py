@@ -155,7 +155,7 @@ def test_snapshot_with_missing_or_extra_weights_is_refused(tmp_path, state, mess
         persistence.load_snapshot(path)
 
 @pytest.mark.parametrize('change, message', [
-    (dict(img_resolution=-16), 'img_resolution must be an integer >= 1, got -16'),
+    (dict(img_resolution=-16), 'img_resolution: expected a positive int or 2 positive ints, got -16'),
     (dict(img_channels=0), 'img_channels must be an integer >= 1, got 0'),
     (dict(model_channels=-8), 'model_channels must be an integer >= 1, got -8'),
     (dict(channel_mult=[]), 'channel_mult must be a non-empty list of integers >= 1, got []'),
