@@ -49,6 +49,7 @@ def main():
 
 for _family in FAMILIES:
     main.add_command(importlib.import_module(f'training.{_family}.evaluation').command, _family)
+main.add_command(importlib.import_module('training.ldm3d.evaluation').command, 'inpaint') # 3-D LDM inpainting (family ldm3d).
 
 #----------------------------------------------------------------------------
 
