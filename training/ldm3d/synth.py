@@ -62,7 +62,7 @@ def _write(path: str, data: np.ndarray, affine: np.ndarray, dtype) -> None:
     img.set_sform(affine, code=1)
     persistence.atomic_write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
 
-def build_cases(dest: str, cases: int, masks_per_case: int = 2, voxel_mm: int = 6, radius_mm=(9.0, 15.0), seed: int = 0,
+def build_cases(dest: str, cases: int, masks_per_case: int = 2, voxel_mm: int = 6, radius_mm=(12.0, 24.0), seed: int = 0,
         first_case: int = 0) -> list[str]:
     """Write `cases` cases under dest/cases, dest/growth, dest/tissue; return the case names."""
     t1, affine = mri_phantoms.load_mni152('t1', voxel_mm)
