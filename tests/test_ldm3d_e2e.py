@@ -161,3 +161,25 @@ def test_a_volume_the_downsampling_cannot_take_without_padding(pipeline, tmp_pat
         '--split', 'all', '--outdir', outdir, '--no-pad'])
     assert result.exit_code == 1 and 'is not a multiple of the downsampling factor 4' in result.output and '-t1n-voided-0000.nii.gz' in result.output
     assert not outdir.exists()
+
+#----------------------------------------------------------------------------
+# The demo-sized run (make demo-ldm's steps, in a temporary folder): minutes.
+
+@pytest.mark.slow
+def test_demo_sized_run_beats_the_mean_fill(tmp_path):
+    import subprocess
+    dest = str(tmp_path / 'data')
+    synth.build_cases(dest, 40, masks_per_case=2, voxel_mm=6, seed=0)
+    args = [f'training.dataset.path={dest}/cases', f'training.dataset.growth_path={dest}/growth', f'training.dataset.tissue_path={dest}/tissue',
+        'training.outdir=runs']
+    for config, extra in (('ldm3d_ae', []), ('ldm3d_latent', [f'training.frozen.autoencoder={tmp_path / "ae.pkl"}'])):
+        cmd = launch.torchrun_cmd('train.py', 2) + ['-cd', CONFIGS, '-cn', config] + args + extra
+        launch.check(subprocess.run(cmd, cwd=tmp_path, env=launch.env(), capture_output=True, text=True, timeout=1800))
+        if config == 'ldm3d_ae':
+            shutil.copy(_snapshot(glob.glob(str(tmp_path / 'runs' / '*-ldm3d-ae'))[0]), tmp_path / 'ae.pkl')
+    outdir = tmp_path / 'eval'
+    result = _evaluate(['--network', _snapshot(glob.glob(str(tmp_path / 'runs' / '*-ldm3d-latent'))[0]), '--data', f'{dest}/cases',
+        '--growth', f'{dest}/growth', '--tissue', f'{dest}/tissue', '--split', 'test', '--outdir', outdir, '--samples', 4])
+    assert result.exit_code == 0, result.output
+    paired = json.load(open(outdir / 'metrics.json'))['paired']['ldm-mean_fill']
+    assert paired['ssim']['mean_diff'] > 2 * paired['ssim']['se'] and paired['psnr']['mean_diff'] > 2 * paired['psnr']['se']
