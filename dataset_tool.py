@@ -160,6 +160,22 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
         f'{"" if phantoms_only else f" with full/low-dose MLEM ({total_counts:g} counts, fraction {dose_fraction:g}, {n_iter} iterations)"} in {time.time() - t0:.1f} s')
 
 #----------------------------------------------------------------------------
+# Command: BraTS-inpainting cases (training/ldm3d/synth.py).
+
+@main.command('brats-inpaint')
+@click.option('--dest',                 help='Output folder (cases/, growth/, tissue/)', metavar='DIR',    type=str, required=True)
+@click.option('--cases',                help='Number of cases (patients)', metavar='INT',                   type=click.IntRange(min=1), default=40, show_default=True)
+@click.option('--masks-per-case',       help='Healthy-region masks per case', metavar='INT',                type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--voxel-mm',             help='Grid of the template (mm)', metavar='INT',                    type=click.IntRange(min=1, max=8), default=6, show_default=True)
+@click.option('--seed',                 help='Random seed', metavar='INT',                                  type=click.IntRange(min=0), default=0, show_default=True)
+def brats_inpaint(dest, cases, masks_per_case, voxel_mm, seed):
+    """BraTS 2023 inpainting cases from the MNI152 T1 and tissue maps."""
+    from training.ldm3d import synth
+    t0 = time.time()
+    names = synth.build_cases(dest, cases, masks_per_case=masks_per_case, voxel_mm=voxel_mm, seed=seed)
+    print(f'Wrote {len(names)} cases x {masks_per_case} masks to {dest} ({voxel_mm} mm) in {time.time() - t0:.1f} s')
+
+#----------------------------------------------------------------------------
 
 if __name__ == '__main__':
     main()

@@ -15,6 +15,12 @@ python evaluate.py pet --network demo-runs/00000-pet64-cond-edm/network-snapshot
 # The same with DPM-Solver++(2M), warped log-SNR steps, UniC and the analytic first step:
 python evaluate.py pet ... --solver dpmpp_2m --discretization logsnr_warped --corrector unic --afs --steps 10
 
+\b
+# 3-D LDM inpainting (BraTS 2023 layout): official challenge metrics, model vs mean fill and diffusion fill:
+python evaluate.py inpaint --network demo-runs/00001-ldm3d-latent/network-snapshot-000003.pkl \\
+    --data datasets/brats-inpaint-6mm/cases --growth datasets/brats-inpaint-6mm/growth \\
+    --tissue datasets/brats-inpaint-6mm/tissue --outdir demo-runs/ldm3d-eval --samples 4
+
 One subcommand per family, defined in training/<family>/evaluation.py (its
 click command `command`) and found by the family's name. Every subcommand
 takes the same sampler options as generate.py (checked by the same function,
@@ -49,6 +55,7 @@ def main():
 
 for _family in FAMILIES:
     main.add_command(importlib.import_module(f'training.{_family}.evaluation').command, _family)
+main.add_command(importlib.import_module('training.ldm3d.evaluation').command, 'inpaint') # 3-D LDM inpainting (family ldm3d).
 
 #----------------------------------------------------------------------------
 

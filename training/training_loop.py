@@ -284,6 +284,8 @@ def training_loop(
             beta = ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, net_params, 1 - beta) # p_ema = beta * p_ema + (1 - beta) * p_net.
+                for b_ema, b_net in zip(ema.buffers(), net.buffers()): # Buffers (running statistics) follow the network.
+                    b_ema.copy_(b_net)
 
         # Perform maintenance tasks once per tick.
         cur_nimg += batch_size

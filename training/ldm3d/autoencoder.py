@@ -1,0 +1,191 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""Stage 1 of the 3-D LDM: a KL-regularised convolutional autoencoder for
+volumes (the AutoencoderKL of Rombach et al. 2022, Sec. 3.1 and App. G, in
+3-D; no discriminator), trained in the one training loop by its own loss
+object: L1 reconstruction + beta * KL(q(z|x) || N(0, I)) [+ w * (1 - SSIM)].
+
+The latent scale factor (Rombach et al., Sec. 4.3.2: rescale the latents to
+unit variance) is measured while training: the loss keeps running moments of
+the posterior means, averaged over ranks, in buffers of the network; the
+training loop's EMA copies buffers, so the snapshot's network carries them,
+and stage 2 works on z' = (mu - shift) * scale_factor."""
+
+import numpy as np
+import torch
+from torch.nn.functional import silu
+
+from torch_utils import persistence
+
+#----------------------------------------------------------------------------
+# Building blocks.
+
+def _norm(channels: int) -> torch.nn.GroupNorm:
+    groups = max(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return torch.nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6)
+
+class ResBlock3D(torch.nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm0, self.conv0 = _norm(cin), torch.nn.Conv3d(cin, cout, 3, padding=1)
+        self.norm1, self.conv1 = _norm(cout), torch.nn.Conv3d(cout, cout, 3, padding=1)
+        self.skip = torch.nn.Conv3d(cin, cout, 1) if cin != cout else None
+        torch.nn.init.zeros_(self.conv1.weight) # Each block starts as the identity.
+
+    def forward(self, x):
+        h = self.conv1(silu(self.norm1(self.conv0(silu(self.norm0(x))))))
+        return h + (x if self.skip is None else self.skip(x))
+
+#----------------------------------------------------------------------------
+# The autoencoder. Downsampling factor f = 2^(len(channels) - 1); the latent
+# of a (C, D, H, W) volume is (latent_channels, D/f, H/f, W/f).
+
+@persistence.persistent_class
+class KLAutoencoder3D(torch.nn.Module):
+    def __init__(self,
+        img_resolution,                 # Volume size [D, H, W] (or int), each a multiple of the factor.
+        img_channels,                   # Channels of the volume.
+        label_dim       = 0,            # Unused (the training loop passes the dataset's interface).
+        channels        = [16, 32, 32], # Channels per level; levels after the first halve the size.
+        latent_channels = 4,            # Channels of the latent.
+        num_blocks      = 1,            # Residual blocks per level.
+        logvar_min      = -30.0,        # Clamp of the posterior log-variance.
+    ):
+        super().__init__()
+        size = [int(img_resolution)] * 3 if np.isscalar(img_resolution) else [int(s) for s in img_resolution]
+        self.factor = 1 << (len(channels) - 1)
+        if len(size) != 3 or any(s % self.factor for s in size):
+            raise ValueError(f'training.network: the volume size {size} must be a multiple of the autoencoder\'s downsampling '
+                f'factor {self.factor} (2^(len(channels) - 1)); pad the data (training.dataset.multiple)')
+        self.img_resolution, self.img_channels, self.label_dim = size, int(img_channels), label_dim
+        self.latent_channels, self.logvar_min = int(latent_channels), float(logvar_min)
+        self.latent_resolution = [s // self.factor for s in size]
+
+        enc = [torch.nn.Conv3d(img_channels, channels[0], 3, padding=1)]
+        for level, ch in enumerate(channels):
+            cin = channels[max(level - 1, 0)]
+            if level > 0:
+                enc.append(torch.nn.Conv3d(cin, cin, 4, stride=2, padding=1))
+            for b in range(num_blocks):
+                enc.append(ResBlock3D(cin if b == 0 else ch, ch))
+        enc += [ResBlock3D(channels[-1], channels[-1]), _norm(channels[-1]), torch.nn.SiLU(),
+            torch.nn.Conv3d(channels[-1], 2 * latent_channels, 3, padding=1)]
+        self.enc = torch.nn.Sequential(*enc)
+
+        dec = [torch.nn.Conv3d(latent_channels, channels[-1], 3, padding=1), ResBlock3D(channels[-1], channels[-1])]
+        for level in reversed(range(len(channels))):
+            cin = channels[min(level + 1, len(channels) - 1)] if level < len(channels) - 1 else channels[-1]
+            for b in range(num_blocks):
+                dec.append(ResBlock3D(cin if b == 0 else channels[level], channels[level]))
+            if level > 0:
+                dec += [torch.nn.Upsample(scale_factor=2, mode='nearest'), torch.nn.Conv3d(channels[level], channels[level], 3, padding=1)]
+        dec += [_norm(channels[0]), torch.nn.SiLU(), torch.nn.Conv3d(channels[0], img_channels, 3, padding=1)]
+        self.dec = torch.nn.Sequential(*dec)
+
+        # Running moments of the posterior means (scale factor), updated by AutoencoderKLLoss.
+        self.register_buffer('latent_m1', torch.zeros([], dtype=torch.float64))
+        self.register_buffer('latent_m2', torch.ones([], dtype=torch.float64))
+        self.register_buffer('latent_n', torch.zeros([], dtype=torch.int64))
+
+    def latent_shape(self, img_resolution=None) -> list[int]:
+        return [self.latent_channels, *self.latent_resolution]
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.enc(x).chunk(2, dim=1)
+        return mean, logvar.clamp(self.logvar_min, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dec(z)
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, posterior mean, posterior log-variance); z ~ q(z|x) when sample."""
+        mean, logvar = self.posterior(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        return self.decode(z), mean, logvar
+
+    # Scaled latents of stage 2. -------------------------------------------
+
+    @property
+    def latent_shift(self) -> float:
+        return float(self.latent_m1)
+
+    @property
+    def scale_factor(self) -> float:
+        var = float(self.latent_m2) - float(self.latent_m1) ** 2
+        return 1.0 / float(np.sqrt(max(var, 1e-12)))
+
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.posterior(x)[0] - self.latent_shift) * self.scale_factor
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode(z / self.scale_factor + self.latent_shift)
+
+#----------------------------------------------------------------------------
+# 3-D SSIM map (Wang et al. 2004) with a separable Gaussian window, for the
+# optional SSIM term of the loss.
+
+def ssim3d_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.exp(-0.5 * ((torch.arange(win, device=x.device, dtype=x.dtype) - (win - 1) / 2) / sigma) ** 2)
+    g = g / g.sum()
+    C = x.shape[1]
+    def filt(t):
+        for axis in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = win
+            pad = [0, 0, 0, 0, 0, 0]
+            pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = win // 2
+            t = torch.nn.functional.conv3d(torch.nn.functional.pad(t, pad, mode='replicate'), g.reshape(shape).expand(C, 1, *shape[2:]), groups=C)
+        return t
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = filt(x), filt(y)
+    sxx, syy, sxy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2, filt(x * y) - mx * my
+    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+
+#----------------------------------------------------------------------------
+# Stage-1 loss object: per-element L1 [+ w (1 - SSIM)] + beta * KL / voxels
+# (the KL of a sample spread evenly over its voxels, so the loop's sum over
+# elements gives L1_sum + beta * KL).
+
+@persistence.persistent_class
+class AutoencoderKLLoss:
+    def __init__(self,
+        beta            = 1e-6,         # Weight of the KL term.
+        ssim_weight     = 0.0,          # Weight of the (1 - SSIM) term, 0 = off.
+        stats_momentum  = 0.9,          # Momentum of the running latent moments (scale factor).
+    ):
+        for name, value in (('beta', beta), ('ssim_weight', ssim_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f'training.loss.{name} must be a number >= 0, got {value!r}')
+        if not 0 <= stats_momentum < 1:
+            raise ValueError(f'training.loss.stats_momentum must be in [0, 1), got {stats_momentum!r}')
+        self.beta, self.ssim_weight, self.stats_momentum = float(beta), float(ssim_weight), float(stats_momentum)
+
+    def __call__(self, net, batch, augment_pipe=None):
+        x = batch['image']
+        recon, mean, logvar = net(x)
+        loss = (recon - x).abs()
+        if self.ssim_weight:
+            loss = loss + self.ssim_weight * (1 - ssim3d_map(recon.float(), x.float()))
+        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1)
+        loss = loss + (self.beta * kl / x[0].numel()).reshape(-1, *[1] * (x.ndim - 1))
+        self.update_stats(getattr(net, 'module', net), mean.detach())
+        return loss
+
+    @torch.no_grad()
+    def update_stats(self, ae: KLAutoencoder3D, mean: torch.Tensor) -> None:
+        m = mean.double()
+        stats = torch.stack([m.mean(), (m * m).mean()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(stats)
+            stats /= torch.distributed.get_world_size()
+        a = 0.0 if int(ae.latent_n) == 0 else self.stats_momentum
+        ae.latent_m1.mul_(a).add_((1 - a) * stats[0])
+        ae.latent_m2.mul_(a).add_((1 - a) * stats[1])
+        ae.latent_n.add_(1)
+
+    def grid(self, net, batch, frozen):
+        x = batch['image']
+        recon = net(x, sample=False)[0]
+        return torch.cat([x, recon.clamp(-1, 1)]) # Originals, then their reconstructions (three mid-slices each).
+
+#----------------------------------------------------------------------------
