@@ -267,6 +267,23 @@ def test_loss_and_device_transform_receive_the_frozen_networks(tmp_path, data):
     snapshot = persistence.load_snapshot(_snapshot(tmp_path / 'run'))
     _assert_same(ae.state_dict(), snapshot['frozen']['autoencoder'].state_dict(), 'embedded autoencoder')
 
+def test_resume_refuses_a_replaced_frozen_snapshot(tmp_path, data):
+    # The state records the frozen weights; the same file resumes, a file replaced by other weights is refused.
+    torch.manual_seed(0)
+    path = _save(tmp_path, stage_toys.TinyAutoencoder(img_resolution=16, img_channels=1), 'ae.pkl')
+    kwargs = dict(frozen=dict(autoencoder=path), loss_kwargs=dict(_target_='stage_toys.LatentEDMLoss'), total_kimg=0.012)
+    state = _train(tmp_path, data, slice_kimg=0.004, **kwargs)
+    assert state['cur_nimg'] == 4 and len(state['frozen_sha256']['autoencoder']) == 64
+    resume = sorted(glob.glob(str(tmp_path / 'run' / 'training-state-*.pt')))[-1]
+    assert _train(tmp_path, data, slice_kimg=0.004, resume_state=resume, **kwargs)['cur_nimg'] == 8 # Unchanged file: resumes.
+    resume = sorted(glob.glob(str(tmp_path / 'run' / 'training-state-*.pt')))[-1]
+    torch.manual_seed(1)
+    _save(tmp_path, stage_toys.TinyAutoencoder(img_resolution=16, img_channels=1), 'ae.pkl') # Other weights, same path.
+    with pytest.raises(ValueError) as err:
+        _train(tmp_path, data, resume_state=resume, **kwargs)
+    assert str(err.value) == (f'training.frozen.autoencoder: the snapshot now holds other weights than the ones {resume} was '
+        f'trained with (the file was replaced?); resuming would not continue that run (restore the file, or resume=none)')
+
 def test_init_from_through_train_py_is_one_line(pipeline):
     folder, ae_dir, _ = pipeline
     proc = _run('train.py', 'stage_latent', ['training.desc=bad_init', f'training.init_from={_snapshot(ae_dir)}', 'resume=none'], folder, nproc=0)
