@@ -314,6 +314,23 @@ def test_snapshot_embeds_frozen_networks(tmp_path):
     with pytest.raises(ValueError, match=r'snapshot key "frozen.autoencoder": Conv2d is not a @persistent_class'):
         persistence.save_snapshot(dict(ema=net, frozen=dict(autoencoder=torch.nn.Conv2d(1, 1, 1))), tmp_path / 'bad.pkl')
 
+@pytest.mark.parametrize('frozen, what', [
+    ('list', '"frozen" is not a mapping {name: network} (a damaged snapshot)'),
+    ('int_key', '"frozen" is not a mapping {name: network} (a damaged snapshot)'),
+    ('text', '"frozen" is not a mapping {name: network} (a damaged snapshot)'),
+    ('number', '"frozen.autoencoder" is not a network'),
+])
+def test_damaged_frozen_key_is_a_clear_message(tmp_path, frozen, what):
+    # A "frozen" entry that is not {name: network} was a TypeError traceback in every entry point.
+    net = _net(0)
+    frozen = dict(list=[net], int_key={3: net}, text='abc', number=dict(autoencoder=5))[frozen]
+    path = tmp_path / 'damaged.pkl'
+    path.write_bytes(__import__('pickle').dumps(dict(ema=net, frozen=frozen)))
+    with pytest.raises(ValueError) as err:
+        stages.load_snapshot(path)
+    assert str(err.value) == f'network snapshot {path}: {what}'
+    assert stages.load_snapshot(_save(tmp_path, net, 'fine.pkl'))['frozen'] == {}
+
 def test_loss_with_a_frozen_module_round_trips(tmp_path):
     loss = stage_toys.FrozenFeatureLoss()
     path = tmp_path / 'snap.pkl'

@@ -188,8 +188,11 @@ def load_snapshot(path: str | os.PathLike, device: torch.device | str | None = N
     Raises ValueError naming the file if it is damaged or names anything but
     this project's classes."""
     data = persistence.load_snapshot(path)
-    nets = dict(ema=data['ema'], **(data.get('frozen') or {}))
-    for name, net in nets.items():
+    frozen = data.get('frozen') or {}
+    if not isinstance(frozen, dict) or not all(isinstance(name, str) and _NAME_RE.fullmatch(name) for name in frozen):
+        raise ValueError(f'network snapshot {path}: "frozen" is not a mapping {{name: network}} (a damaged snapshot)')
+    nets = [('ema', data['ema'])] + [(f'frozen.{name}', net) for name, net in frozen.items()]
+    for name, net in nets:
         if not isinstance(net, torch.nn.Module):
             raise ValueError(f'network snapshot {path}: "{name}" is not a network')
     data['ema'] = freeze(data['ema'])
