@@ -148,6 +148,20 @@ def test_stride0_weights_cannot_pass_the_meta_check(tmp_path):
             f'claim {claimed} bytes, but the snapshot stores only {4 * len(sd)} (tensors that repeat or share storage are refused')):
         persistence.load_snapshot(path)
 
+def test_tied_weights_still_load(tmp_path):
+    # The same tensor under two names (a tied weight) is not an inflated snapshot.
+    net = networks.EDMPrecond(**TINY_NET)
+    sd = net.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    state = dict(state_dict=buf.getvalue(), training=[m.training for m in net.modules()], no_grad=[])
+    persistence._check_stored('tied', dict(a=sd['model.enc.8x8_conv.weight'], b=sd['model.enc.8x8_conv.weight']))
+    with pytest.raises(ValueError, match='the weights claim'):
+        w = torch.zeros(4)
+        persistence._check_stored('overlap', dict(a=w[:3], b=w[1:])) # Overlapping views: 24 bytes claimed, 16 stored.
+    assert torch.equal(persistence.load_snapshot(_snapshot(tmp_path / 'ok.pkl', TINY_NET, state))['ema'].state_dict()['model.enc.8x8_conv.weight'],
+        sd['model.enc.8x8_conv.weight'])
+
 def test_network_with_more_modules_than_the_snapshot_is_refused_before_building(tmp_path):
     # num_blocks=100000 would take hours to build even on the meta device; the snapshot carries flags for a tiny net.
     small = networks.EDMPrecond(**TINY_NET)

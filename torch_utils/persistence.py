@@ -193,7 +193,9 @@ def _check_stored(name: str, sd: dict) -> None:
     # The shapes compared on the meta device must be backed by bytes the file carries:
     # a stride-0 view (zeros(1).expand(...)) or many tensors on one storage would let a
     # tiny file pass the shape check and then make the loader allocate the real network.
-    claimed = sum(v.numel() * v.element_size() for v in sd.values())
+    # The same view under two names (tied weights) is one tensor.
+    views = {(v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype): v for v in sd.values()} # Tied weights count once.
+    claimed = sum(v.numel() * v.element_size() for v in views.values())
     storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in sd.values() if v.numel()}
     stored = sum(storages.values())
     if claimed > stored:
