@@ -128,6 +128,19 @@ def test_stage2_snapshot_alone_generates_decoded_samples(pipeline, tmp_path):
     expected = data['frozen']['autoencoder'].decode(latents)
     assert torch.allclose(torch.as_tensor(out['images']), expected, atol=1e-4)
 
+def test_conditional_latent_snapshot_is_refused_by_generate_py(tmp_path):
+    # Conditional generation took no decode step: it wrote latents as if they were images. Refused before any output.
+    torch.manual_seed(0)
+    net = misc.construct_class(dict(_TINY_LATENT), 'net', img_resolution=8, img_channels=2, label_dim=0, cond_channels=1)
+    path = tmp_path / 'cond-latent.pkl'
+    persistence.save_snapshot(dict(ema=net.eval(), loss_fn=stage_toys.LatentEDMLoss(), augment_pipe=None, dataset_kwargs={},
+        frozen=dict(autoencoder=stage_toys.TinyAutoencoder(img_resolution=16, img_channels=1))), path)
+    proc = _run('generate.py', 'stage_latent', [f'sampling.network_pkl={path}', f'sampling.outdir={tmp_path / "gen"}'], tmp_path, nproc=0)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert (f'error: sampling.network_pkl: {path} is a conditional latent model (its loss object decodes samples); generate.py samples '
+        "latent models unconditionally only (use its family's evaluate.py command)") in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / 'gen').exists()
+
 def test_stage2_interrupted_and_resumed_is_bit_identical(pipeline):
     # slice_kimg=0.024 stops inside tick 1 (a tick is 16 images); the second invocation resumes (frozen nets reloaded) and finishes.
     folder, _, latent_dir = pipeline
