@@ -407,6 +407,9 @@ def run(cfg: DictConfig) -> None:
         raise ValueError(f'sampling.class_idx={scfg["class_idx"]}: the network has {net.label_dim} classes')
     sampling.check_guidance(net, scfg['guidance'], key='sampling.guidance')
     conditional = bool(getattr(net, 'cond_channels', 0))
+    if conditional and decode is not None: # Its conditions live in latent space and its samples need decoding: not done here.
+        raise ValueError(f'sampling.network_pkl: {scfg["network_pkl"]} is a conditional latent model (its loss object decodes samples); '
+            f'generate.py samples latent models unconditionally only (use its family\'s evaluate.py command)')
     if not conditional and scfg['cond_dataset'] is not None:
         raise ValueError('sampling.cond_dataset: the network takes no condition images (cond_channels=0)')
     conds = load_conditions(net, scfg, snapshot) if conditional else None

@@ -165,3 +165,13 @@ def test_bad_input_is_one_line_in_a_process(setup, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 #----------------------------------------------------------------------------
+
+def test_load_network_moves_the_frozen_networks_with_the_network(tmp_path):
+    # A latent model decodes with its frozen autoencoder: it must be on the device of the samples.
+    kw = dict(img_resolution=8, img_channels=1, model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    path = tmp_path / 'stage2.pkl'
+    persistence.save_snapshot(dict(ema=networks.EDMPrecond(**kw), frozen=dict(ae=networks.EDMPrecond(**kw))), path)
+    net, snapshot = evaluation.load_network(str(path), False, torch.device('meta'))
+    assert next(net.parameters()).device.type == 'meta'
+    assert sorted(snapshot['frozen']) == ['ae'] and next(snapshot['frozen']['ae'].parameters()).device.type == 'meta'
+    assert not any(p.requires_grad for p in snapshot['frozen']['ae'].parameters())

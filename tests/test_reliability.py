@@ -127,9 +127,50 @@ def test_huge_network_in_a_tiny_snapshot_is_refused_before_allocation(tmp_path):
     start = time.time()
     proc = subprocess.run([sys.executable, '-c', code, str(path)], env=launch.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(rf'cannot load network snapshot {re.escape(str(path))}: training.networks.EDMPrecond: the weights do not match '
-        r'the network its arguments describe: \d+ missing', proc.stdout), proc.stdout
+    assert re.search(rf'cannot load network snapshot {re.escape(str(path))}: training.networks.EDMPrecond: (the weights do not match '
+        r'the network its arguments describe: \d+ missing|the network its arguments describe has more modules than the \d+)', proc.stdout), proc.stdout
     assert time.time() - start < 60
+
+def test_stride0_weights_cannot_pass_the_meta_check(tmp_path):
+    # The shapes of a huge network backed by one float each (zeros(1).expand(shape)): a few kB that
+    # would pass the shape comparison and then make the loader build the real network. Refused first.
+    kwargs = dict(TINY_NET, model_channels=512)
+    with torch.device('meta'):
+        meta = networks.EDMPrecond(**kwargs)
+    sd = {k: torch.zeros(1, dtype=v.dtype).expand(v.shape) for k, v in meta.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    state = dict(state_dict=buf.getvalue(), training=[m.training for m in meta.modules()], no_grad=[])
+    path = _snapshot(tmp_path / 'expanded.pkl', kwargs, state)
+    assert path.stat().st_size < 100_000
+    claimed = sum(v.numel() * v.element_size() for v in sd.values())
+    with pytest.raises(ValueError, match=re.escape(f'cannot load network snapshot {path}: training.networks.EDMPrecond: the weights '
+            f'claim {claimed} bytes, but the snapshot stores only {4 * len(sd)} (tensors that repeat or share storage are refused')):
+        persistence.load_snapshot(path)
+
+def test_tied_weights_still_load(tmp_path):
+    # The same tensor under two names (a tied weight) is not an inflated snapshot.
+    net = networks.EDMPrecond(**TINY_NET)
+    sd = net.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    state = dict(state_dict=buf.getvalue(), training=[m.training for m in net.modules()], no_grad=[])
+    persistence._check_stored('tied', dict(a=sd['model.enc.8x8_conv.weight'], b=sd['model.enc.8x8_conv.weight']))
+    with pytest.raises(ValueError, match='the weights claim'):
+        w = torch.zeros(4)
+        persistence._check_stored('overlap', dict(a=w[:3], b=w[1:])) # Overlapping views: 24 bytes claimed, 16 stored.
+    assert torch.equal(persistence.load_snapshot(_snapshot(tmp_path / 'ok.pkl', TINY_NET, state))['ema'].state_dict()['model.enc.8x8_conv.weight'],
+        sd['model.enc.8x8_conv.weight'])
+
+def test_network_with_more_modules_than_the_snapshot_is_refused_before_building(tmp_path):
+    # num_blocks=100000 would take hours to build even on the meta device; the snapshot carries flags for a tiny net.
+    small = networks.EDMPrecond(**TINY_NET)
+    path = _snapshot(tmp_path / 'deep.pkl', dict(TINY_NET, num_blocks=100000), _state(small))
+    start = time.time()
+    with pytest.raises(ValueError, match=re.escape(f'cannot load network snapshot {path}: training.networks.EDMPrecond: the network its '
+            f'arguments describe has more modules than the {len(list(small.modules()))} the snapshot carries flags for')):
+        persistence.load_snapshot(path)
+    assert time.time() - start < 10
 
 def test_snapshot_with_wrong_shapes_is_refused(tmp_path):
     small = networks.EDMPrecond(**TINY_NET)

@@ -128,6 +128,19 @@ def test_stage2_snapshot_alone_generates_decoded_samples(pipeline, tmp_path):
     expected = data['frozen']['autoencoder'].decode(latents)
     assert torch.allclose(torch.as_tensor(out['images']), expected, atol=1e-4)
 
+def test_conditional_latent_snapshot_is_refused_by_generate_py(tmp_path):
+    # Conditional generation took no decode step: it wrote latents as if they were images. Refused before any output.
+    torch.manual_seed(0)
+    net = misc.construct_class(dict(_TINY_LATENT), 'net', img_resolution=8, img_channels=2, label_dim=0, cond_channels=1)
+    path = tmp_path / 'cond-latent.pkl'
+    persistence.save_snapshot(dict(ema=net.eval(), loss_fn=stage_toys.LatentEDMLoss(), augment_pipe=None, dataset_kwargs={},
+        frozen=dict(autoencoder=stage_toys.TinyAutoencoder(img_resolution=16, img_channels=1))), path)
+    proc = _run('generate.py', 'stage_latent', [f'sampling.network_pkl={path}', f'sampling.outdir={tmp_path / "gen"}'], tmp_path, nproc=0)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert (f'error: sampling.network_pkl: {path} is a conditional latent model (its loss object decodes samples); generate.py samples '
+        "latent models unconditionally only (use its family's evaluate.py command)") in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / 'gen').exists()
+
 def test_stage2_interrupted_and_resumed_is_bit_identical(pipeline):
     # slice_kimg=0.024 stops inside tick 1 (a tick is 16 images); the second invocation resumes (frozen nets reloaded) and finishes.
     folder, _, latent_dir = pipeline
@@ -267,6 +280,23 @@ def test_loss_and_device_transform_receive_the_frozen_networks(tmp_path, data):
     snapshot = persistence.load_snapshot(_snapshot(tmp_path / 'run'))
     _assert_same(ae.state_dict(), snapshot['frozen']['autoencoder'].state_dict(), 'embedded autoencoder')
 
+def test_resume_refuses_a_replaced_frozen_snapshot(tmp_path, data):
+    # The state records the frozen weights; the same file resumes, a file replaced by other weights is refused.
+    torch.manual_seed(0)
+    path = _save(tmp_path, stage_toys.TinyAutoencoder(img_resolution=16, img_channels=1), 'ae.pkl')
+    kwargs = dict(frozen=dict(autoencoder=path), loss_kwargs=dict(_target_='stage_toys.LatentEDMLoss'), total_kimg=0.012)
+    state = _train(tmp_path, data, slice_kimg=0.004, **kwargs)
+    assert state['cur_nimg'] == 4 and len(state['frozen_sha256']['autoencoder']) == 64
+    resume = sorted(glob.glob(str(tmp_path / 'run' / 'training-state-*.pt')))[-1]
+    assert _train(tmp_path, data, slice_kimg=0.004, resume_state=resume, **kwargs)['cur_nimg'] == 8 # Unchanged file: resumes.
+    resume = sorted(glob.glob(str(tmp_path / 'run' / 'training-state-*.pt')))[-1]
+    torch.manual_seed(1)
+    _save(tmp_path, stage_toys.TinyAutoencoder(img_resolution=16, img_channels=1), 'ae.pkl') # Other weights, same path.
+    with pytest.raises(ValueError) as err:
+        _train(tmp_path, data, resume_state=resume, **kwargs)
+    assert str(err.value) == (f'training.frozen.autoencoder: the snapshot now holds other weights than the ones {resume} was '
+        f'trained with (the file was replaced?); resuming would not continue that run (restore the file, or resume=none)')
+
 def test_init_from_through_train_py_is_one_line(pipeline):
     folder, ae_dir, _ = pipeline
     proc = _run('train.py', 'stage_latent', ['training.desc=bad_init', f'training.init_from={_snapshot(ae_dir)}', 'resume=none'], folder, nproc=0)
@@ -296,6 +326,23 @@ def test_snapshot_embeds_frozen_networks(tmp_path):
     assert stages.load_snapshot(_save(tmp_path, _net(0), 'plain.pkl'))['frozen'] == {}
     with pytest.raises(ValueError, match=r'snapshot key "frozen.autoencoder": Conv2d is not a @persistent_class'):
         persistence.save_snapshot(dict(ema=net, frozen=dict(autoencoder=torch.nn.Conv2d(1, 1, 1))), tmp_path / 'bad.pkl')
+
+@pytest.mark.parametrize('frozen, what', [
+    ('list', '"frozen" is not a mapping {name: network} (a damaged snapshot)'),
+    ('int_key', '"frozen" is not a mapping {name: network} (a damaged snapshot)'),
+    ('text', '"frozen" is not a mapping {name: network} (a damaged snapshot)'),
+    ('number', '"frozen.autoencoder" is not a network'),
+])
+def test_damaged_frozen_key_is_a_clear_message(tmp_path, frozen, what):
+    # A "frozen" entry that is not {name: network} was a TypeError traceback in every entry point.
+    net = _net(0)
+    frozen = dict(list=[net], int_key={3: net}, text='abc', number=dict(autoencoder=5))[frozen]
+    path = tmp_path / 'damaged.pkl'
+    path.write_bytes(__import__('pickle').dumps(dict(ema=net, frozen=frozen)))
+    with pytest.raises(ValueError) as err:
+        stages.load_snapshot(path)
+    assert str(err.value) == f'network snapshot {path}: {what}'
+    assert stages.load_snapshot(_save(tmp_path, net, 'fine.pkl'))['frozen'] == {}
 
 def test_loss_with_a_frozen_module_round_trips(tmp_path):
     loss = stage_toys.FrozenFeatureLoss()

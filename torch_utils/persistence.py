@@ -165,14 +165,17 @@ def _reconstruct_persistent_obj(module: str, qualname: str, init_kwargs: dict, s
     sd = torch.load(io.BytesIO(state['state_dict']), map_location='cpu', weights_only=True)
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise ValueError(f'{name}: the weights are not a state_dict of tensors')
-    with torch.random.fork_rng(devices=[]), torch.device('meta'):
+    _check_stored(name, sd)
+    training, no_grad = state.get('training'), state.get('no_grad')
+    if not isinstance(training, list):
+        raise ValueError(f'{name}: damaged train/eval flags')
+    with torch.random.fork_rng(devices=[]), torch.device('meta'), _module_limit(name, len(training)):
         meta = cls(**init_kwargs)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     num_modules = len(list(meta.modules()))
     del meta
     _compare_weights(name, expected, {k: tuple(v.shape) for k, v in sd.items()})
-    training, no_grad = state.get('training'), state.get('no_grad')
-    if not (isinstance(training, list) and len(training) == num_modules and all(isinstance(t, bool) for t in training)):
+    if not (len(training) == num_modules and all(isinstance(t, bool) for t in training)):
         raise ValueError(f'{name}: the train/eval flags do not match the network ({num_modules} modules)')
     if not (isinstance(no_grad, list) and all(isinstance(n, str) for n in no_grad)):
         raise ValueError(f'{name}: damaged requires_grad flags')
@@ -185,6 +188,36 @@ def _reconstruct_persistent_obj(module: str, qualname: str, init_kwargs: dict, s
     for pname, p in obj.named_parameters():
         p.requires_grad_(pname not in no_grad)
     return obj
+
+def _check_stored(name: str, sd: dict) -> None:
+    # The shapes compared on the meta device must be backed by bytes the file carries:
+    # a stride-0 view (zeros(1).expand(...)) or many tensors on one storage would let a
+    # tiny file pass the shape check and then make the loader allocate the real network.
+    # The same view under two names (tied weights) is one tensor.
+    views = {(v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype): v for v in sd.values()} # Tied weights count once.
+    claimed = sum(v.numel() * v.element_size() for v in views.values())
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in sd.values() if v.numel()}
+    stored = sum(storages.values())
+    if claimed > stored:
+        raise ValueError(f'{name}: the weights claim {claimed} bytes, but the snapshot stores only {stored} '
+            f'(tensors that repeat or share storage are refused before allocating the network)')
+
+class _module_limit:
+    """Abort building a network (on the meta device) once it registers more submodules than
+    the snapshot's train/eval flags describe: the file's size bounds the construction's cost."""
+    def __init__(self, name: str, num_modules: int):
+        self.name, self.limit, self.count = name, num_modules, 1 # The root module has a flag too.
+    def _hook(self, _module, _name, submodule):
+        if submodule is not None:
+            self.count += 1
+            if self.count > 2 * self.limit + 16: # Re-assigned attributes register twice.
+                raise ValueError(f'{self.name}: the network its arguments describe has more modules than the '
+                    f'{self.limit} the snapshot carries flags for (refused before building it)')
+    def __enter__(self):
+        self.handle = torch.nn.modules.module.register_module_module_registration_hook(self._hook)
+        return self
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 def _compare_weights(name: str, expected: dict, found: dict) -> None:
     missing = [k for k in expected if k not in found]

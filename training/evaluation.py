@@ -99,8 +99,10 @@ def common_options(fn):
 # The snapshot loader of every subcommand: generate.py's (training/network_snapshot.py).
 
 def load_network(path: str, trust_edm_pickle: bool, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """(network on `device`, in eval mode without gradients, snapshot dict); ValueError naming the file."""
+    """(network on `device`, in eval mode without gradients, snapshot dict with its frozen networks
+    of earlier stages on `device` too, as generate.py has them); ValueError naming the file."""
     net, snapshot = network_snapshot.load_network(path, trust_edm_pickle, trust_flag='--trust-edm-pickle')
+    snapshot['frozen'] = {name: frozen.to(device) for name, frozen in snapshot['frozen'].items()}
     return net.to(device), snapshot
 
 def default_device() -> torch.device:

@@ -53,6 +53,22 @@ def _label_dropout(labels: torch.Tensor, p: float, training: bool) -> torch.Tens
         labels = labels * keep.to(labels.dtype)
     return labels
 
+def _adm_mapping(model, noise_labels, class_labels, augment_labels, embedding, n: int, device: torch.device) -> torch.Tensor:
+    # The mapping network of the ADM-style models (DhariwalUNet, DhariwalUNet3D, VectorDenoiser), before its
+    # last SiLU: noise (+ augment) embedding, the continuous embedding concatenated, two layers, + class labels.
+    emb = model.map_noise(noise_labels)
+    if model.map_augment is not None and augment_labels is not None:
+        emb = emb + model.map_augment(augment_labels)
+    emb = emb.expand(n, -1)
+    if embedding is not None:
+        emb = torch.cat([emb, embedding.to(emb.dtype)], dim=1)
+    emb = silu(model.map_layer0(emb))
+    emb = model.map_layer1(emb)
+    if model.map_label is not None:
+        labels = _label_dropout(_class_label_input(class_labels, model.label_dim, n, device), model.label_dropout, model.training)
+        emb = emb + model.map_label(labels)
+    return emb
+
 #----------------------------------------------------------------------------
 # Constructor arguments: a ValueError naming the argument, at construction
 # (also when a snapshot is loaded), not a failure at the first forward pass.
@@ -315,17 +331,7 @@ class DhariwalUNet(torch.nn.Module):
         _check_embedding(embedding, self.embedding_dim, n)
 
         # Mapping.
-        emb = self.map_noise(noise_labels)
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = emb.expand(n, -1)
-        if embedding is not None:
-            emb = torch.cat([emb, embedding.to(emb.dtype)], dim=1)
-        emb = silu(self.map_layer0(emb))
-        emb = self.map_layer1(emb)
-        if self.map_label is not None:
-            labels = _label_dropout(_class_label_input(class_labels, self.label_dim, n, x.device), self.label_dropout, self.training)
-            emb = emb + self.map_label(labels)
+        emb = _adm_mapping(self, noise_labels, class_labels, augment_labels, embedding, n, x.device)
         emb = silu(emb)
 
         # Encoder.

@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch.nn.functional import silu
 
 from training.layers import Conv3d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
-from training.networks import _check_embedding, _class_label_input, _label_dropout, _spatial_shape
+from training.networks import _adm_mapping, _check_embedding, _spatial_shape
 
 #----------------------------------------------------------------------------
 # ADM U-Net for volumes.
@@ -115,17 +115,7 @@ class DhariwalUNet3D(torch.nn.Module):
         _check_embedding(embedding, self.embedding_dim, n)
 
         # Mapping.
-        emb = self.map_noise(noise_labels)
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = emb.expand(n, -1)
-        if embedding is not None:
-            emb = torch.cat([emb, embedding.to(emb.dtype)], dim=1)
-        emb = silu(self.map_layer0(emb))
-        emb = self.map_layer1(emb)
-        if self.map_label is not None:
-            labels = _label_dropout(_class_label_input(class_labels, self.label_dim, n, x.device), self.label_dropout, self.training)
-            emb = emb + self.map_label(labels)
+        emb = _adm_mapping(self, noise_labels, class_labels, augment_labels, embedding, n, x.device)
         emb = silu(emb).to(x.dtype)
 
         # Encoder.

@@ -20,7 +20,7 @@ import torch
 from torch.nn.functional import silu
 
 from training.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding
-from training.networks import _check_embedding, _class_label_input, _label_dropout
+from training.networks import _adm_mapping, _check_embedding
 
 #----------------------------------------------------------------------------
 # Small CNN: image (N, C, H, W) -> feature vector (N, out_features).
@@ -135,17 +135,7 @@ class VectorDenoiser(torch.nn.Module):
                     f"cond_type='{self.cond_type}', got {None if cond is None else tuple(cond.shape)}")
 
         # Mapping.
-        emb = self.map_noise(noise_labels)
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = emb.expand(n, -1)
-        if embedding is not None:
-            emb = torch.cat([emb, embedding.to(emb.dtype)], dim=1)
-        emb = silu(self.map_layer0(emb))
-        emb = self.map_layer1(emb)
-        if self.map_label is not None:
-            labels = _label_dropout(_class_label_input(class_labels, self.label_dim, n, x.device), self.label_dropout, self.training)
-            emb = emb + self.map_label(labels)
+        emb = _adm_mapping(self, noise_labels, class_labels, augment_labels, embedding, n, x.device)
         if self.map_cond is not None:
             emb = emb + self.map_cond(cond.to(x.dtype)).to(emb.dtype)
         emb = silu(emb)

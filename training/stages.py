@@ -31,6 +31,7 @@ Optional methods of a loss object that the engine calls:
     decode(x, frozen) -> images                           generated samples -> images (latent models)
 """
 
+import hashlib
 import inspect
 import os
 import re
@@ -75,6 +76,34 @@ def takes_frozen(fn) -> bool:
         return 'frozen' in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+def fingerprint(frozen: dict[str, torch.nn.Module]) -> dict[str, str]:
+    """{name: SHA-256 of the network's state_dict (names, dtypes, shapes, bytes)}: kept in
+    the training state, so a resume notices that a frozen snapshot file was replaced."""
+    digests = {}
+    for name, net in frozen.items():
+        h = hashlib.sha256()
+        for key, tensor in net.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            h.update(f'{key}:{t.dtype}:{list(t.shape)};'.encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+        digests[name] = h.hexdigest()
+    return digests
+
+def check_fingerprint(state: dict, frozen: dict[str, torch.nn.Module], path: str, key: str = 'training.frozen') -> None:
+    """ValueError unless the frozen networks are those the training state was trained with
+    (states without a record, from older versions, pass)."""
+    saved = state.get('frozen_sha256')
+    if saved is None:
+        return
+    now = fingerprint(frozen)
+    if sorted(saved) != sorted(now):
+        raise ValueError(f'{key}: {path} was trained with the frozen networks {sorted(saved)}, not {sorted(now)}; '
+            f'resume with the configuration of that run, or resume=none')
+    for name in sorted(now):
+        if saved[name] != now[name]:
+            raise ValueError(f'{key}.{name}: the snapshot now holds other weights than the ones {path} was trained with '
+                f'(the file was replaced?); resuming would not continue that run (restore the file, or resume=none)')
 
 def frozen_param_ids(frozen: dict[str, torch.nn.Module]) -> set[int]:
     return {id(p) for net in frozen.values() for p in net.parameters()}
@@ -159,8 +188,11 @@ def load_snapshot(path: str | os.PathLike, device: torch.device | str | None = N
     Raises ValueError naming the file if it is damaged or names anything but
     this project's classes."""
     data = persistence.load_snapshot(path)
-    nets = dict(ema=data['ema'], **(data.get('frozen') or {}))
-    for name, net in nets.items():
+    frozen = data.get('frozen') or {}
+    if not isinstance(frozen, dict) or not all(isinstance(name, str) and _NAME_RE.fullmatch(name) for name in frozen):
+        raise ValueError(f'network snapshot {path}: "frozen" is not a mapping {{name: network}} (a damaged snapshot)')
+    nets = [('ema', data['ema'])] + [(f'frozen.{name}', net) for name, net in frozen.items()]
+    for name, net in nets:
         if not isinstance(net, torch.nn.Module):
             raise ValueError(f'network snapshot {path}: "{name}" is not a network')
     data['ema'] = freeze(data['ema'])

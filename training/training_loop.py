@@ -132,6 +132,7 @@ def training_loop(
         device_transform = functools.partial(device_transform, frozen=frozen_nets)
     if rank == 0 and print_summary:
         _print_summary(net, loss_fn, augment_pipe, dataset_obj, batch_gpu, device, device_transform, loss_extra)
+    frozen_sha256 = stages.fingerprint(frozen_nets) # Kept in the training state, checked on resume.
     frozen_ids = stages.frozen_param_ids(frozen_nets) # Not optimized, not all-reduced: frozen nets, requires_grad=False parameters.
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad and id(p) not in frozen_ids] if isinstance(loss_fn, torch.nn.Module) else []
     params = list(net.parameters()) + loss_params
@@ -151,6 +152,7 @@ def training_loop(
         dist.print0(f'Resuming from "{resume_state}"...')
         state = training_state.load_state(resume_state)
         training_state.check_state_values(state, resume_state) # Counters in range, finite weights.
+        stages.check_fingerprint(state, frozen_nets, resume_state) # The same frozen networks as before.
         if state.get('optimizer_class', optimizer_class) != optimizer_class: # torch would load one optimizer's state into another.
             raise ValueError(f'{resume_state} was trained with the optimizer {state["optimizer_class"]}, not the configured '
                 f'training.optimizer {optimizer_class}; resume with the configuration of that run, or resume=none')
@@ -340,7 +342,7 @@ def training_loop(
                     total_elapsed_time=time.time() - start_time,
                     nonfinite_total=nonfinite_total, nonfinite_run=nonfinite_run,
                     net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                    optimizer_class=optimizer_class,
+                    optimizer_class=optimizer_class, frozen_sha256=frozen_sha256,
                     loss_fn=(loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None),
                     grad_scaler=(grad_scaler.state_dict() if grad_scaler is not None else None),
                 ))
