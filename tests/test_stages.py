@@ -353,3 +353,8 @@ def test_loss_with_a_frozen_module_round_trips(tmp_path):
     assert stages.takes_frozen(stage_toys.LatentEDMLoss()) and not stages.takes_frozen(loss)
 
 #----------------------------------------------------------------------------
+
+def test_init_from_strict_must_be_a_boolean():
+    with pytest.raises(ValueError, match=r"^training\.init_from\.strict: expected true or false, got 'false'$"):
+        stages.parse_init_from(dict(path='x.pkl', strict='false'))
+    assert stages.parse_init_from(dict(path='x.pkl', strict=False))['strict'] is False

@@ -127,7 +127,10 @@ def parse_init_from(spec, key: str = 'training.init_from') -> dict | None:
         raise ValueError(f'{key}.path: expected a network-snapshot-*.pkl path')
     module = spec.get('module') or ''
     source = spec.get('source')
-    return dict(path=spec['path'], module=module, source=module if source is None else source, strict=bool(spec.get('strict', True)))
+    strict = spec.get('strict', True)
+    if not isinstance(strict, bool): # bool('false') would be True.
+        raise ValueError(f'{key}.strict: expected true or false, got {strict!r}')
+    return dict(path=spec['path'], module=module, source=module if source is None else source, strict=strict)
 
 def _submodule(net: torch.nn.Module, name: str, what: str, key: str, path: str) -> torch.nn.Module:
     if not name:
