@@ -65,9 +65,9 @@ def build_lesion_slices(
     seed            = 0,            # Random seed (subjects and findings).
     z_mm            = (0.0, 40.0),  # MNI z range of the slices (mm).
     slices_per_subject = 8,         # Axial slices per random subject.
-    radius_px       = (1.2, 3.0),   # Lesion semi-axes at 32 px (scaled with the resolution).
-    contrast        = (0.10, 0.40), # Lesion contrast (intensities in [0, 1]).
-    shift_px        = (0.8, 2.2),   # Mass effect: peak displacement at 32 px.
+    radius_px       = (1.8, 3.6),   # Lesion semi-axes at 32 px (scaled with the resolution).
+    contrast        = (0.20, 0.55), # Lesion contrast (intensities in [0, 1]).
+    shift_px        = (1.5, 3.0),   # Mass effect: peak displacement at 32 px.
     width_px        = (2.5, 4.5),   # Mass effect: radius of the peak displacement at 32 px.
     brain_level     = 0.15,         # Brain mask threshold on [0, 1] intensities.
 ) -> dict:
