@@ -56,7 +56,7 @@ demo-pet: venv demo-pet-data
 # 2 processes; each stage's snapshot chosen on the validation split; test metrics
 # of the DCG prior and DiffMIC side by side, confusion matrices, reliability, panel.
 DIFFMIC_DATA := datasets/diffmic-mni-32
-$(DIFFMIC_DATA)/train: venv
+$(DIFFMIC_DATA)/train: | venv
 	$(PY) dataset_tool.py diffmic-data --dest $(DIFFMIC_DATA) --resolution 32 --train-per-class 300 --test-per-class 100 --seed 0
 
 demo-diffmic-data: $(DIFFMIC_DATA)/train

@@ -9,8 +9,14 @@ engine's solvers (training/sampling.sample), y0_s = y_fusion + r_s.
                     agreement: share of samples whose own argmax is the prediction
 
 Sample j of image i uses seed `seed + i * S + j` (sampling.posterior_seeds),
-so a result does not depend on the batch it was computed in."""
+so a result does not depend on the batch it was computed in.
 
+The denoiser's image features f(x) depend on the image only, not on the
+noisy label or sigma: `cached_encoder` computes them once per image instead
+of once per sample and solver step (bench/diffmic.py: the encoder was 83 % of
+the time with S = 8 and 11 evaluations; same results to float rounding)."""
+
+import contextlib
 import time
 
 import numpy as np
@@ -27,8 +33,32 @@ def to_probabilities(y0: torch.Tensor) -> torch.Tensor:
     s = p.sum(dim=-1, keepdim=True)
     return torch.where(s > 0, p / s.clamp(min=1e-12), torch.full_like(p, 1 / p.shape[-1]))
 
+class _FixedFeatures(torch.nn.Module):
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features = features
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        assert cond.shape[0] == self.features.shape[0]
+        return self.features.to(cond.dtype)
+
+@contextlib.contextmanager
+def cached_encoder(net, images: torch.Tensor, samples: int, enabled: bool = True):
+    """While active, the VectorDenoiser's image encoder returns f(images) computed once, repeated S times."""
+    model = getattr(net, 'model', None)
+    encoder = getattr(model, 'map_cond', None)
+    if not enabled or encoder is None or getattr(model, 'cond_type', None) != 'image':
+        yield
+        return
+    model.map_cond = _FixedFeatures(encoder(images.to(torch.float32)).repeat_interleave(samples, dim=0))
+    try:
+        yield
+    finally:
+        model.map_cond = encoder
+
 @torch.no_grad()
-def predict_batch(net, dcg, images: torch.Tensor, indices, samples: int, seed: int, sampler: dict, timings: dict | None = None) -> dict:
+def predict_batch(net, dcg, images: torch.Tensor, indices, samples: int, seed: int, sampler: dict, timings: dict | None = None,
+        cache_features: bool = True) -> dict:
     """Prior and diffusion outputs of a batch of images (N, C, H, W); `indices` (N,) name the images for the seeds."""
     device = images.device
     n, k = images.shape[0], dcg.label_dim
@@ -42,7 +72,8 @@ def predict_batch(net, dcg, images: torch.Tensor, indices, samples: int, seed: i
         latents = rnd.randn([n * samples, k], device=device)
         cond = images.repeat_interleave(samples, dim=0)
         embedding = p['embedding'].repeat_interleave(samples, dim=0)
-        r = sampling.sample(net, latents, cond=cond, embedding=embedding, randn_like=rnd.randn_like, **sampler).float()
+        with cached_encoder(net, images, samples, cache_features):
+            r = sampling.sample(net, latents, cond=cond, embedding=embedding, randn_like=rnd.randn_like, **sampler).float()
         y0 = (p['prior'].repeat_interleave(samples, dim=0) + r).reshape(n, samples, k).cpu()
         mean = y0.mean(dim=1)
         pred = mean.argmax(dim=1)
