@@ -12,6 +12,8 @@ features and the noise embedding (+ class labels, augment labels, a
 continuous embedding vector) modulate a residual MLP over the K entries:
 each block is h + W2 silu(norm(W1 silu(h)) (1 + scale) + shift), with
 (scale, shift) from the embedding, as the 2-D U-Net blocks are modulated.
+With `cond_product`, the condition's features also multiply the vector
+branch at its input (DiffMIC's f(x) * g(y) product).
 No batch statistics anywhere: a sample never depends on the others.
 """
 
