@@ -75,10 +75,13 @@ def select_snapshot(run_dir: str, data, split_file, samples: int, seed: int, sam
     paths = sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))
     if not paths:
         raise ValueError(f'--network: no network-snapshot-*.pkl in {run_dir}')
-    scores = []
+    scores, datasets = [], {}
     for path in paths:
         net, dcg, snapshot = load_model(path, device)
-        val = make_dataset(snapshot, data, 'val', split_file)
+        key = repr(sorted((snapshot.get('dataset_kwargs') or {}).items()))
+        if key not in datasets: # Snapshots of one run share their data: read the images once.
+            datasets[key] = make_dataset(snapshot, data, 'val', split_file)
+        val = datasets[key]
         check_model(dcg, val, path)
         out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device)
         pred = (out['probs'] if net is not None else out['prior']).argmax(axis=1)
