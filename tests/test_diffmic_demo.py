@@ -24,7 +24,7 @@ def test_demo_diffmic(tmp_path):
     dcg = json.loads((tmp_path / 'dcg-val' / 'selection.json').read_text())['selected']
     run(launch.torchrun_cmd('train.py', 2) + configs + ['-cn', 'diffmic_edm'] + common + [f'training.frozen.dcg={dcg}'])
     run([py, os.path.join(launch.ROOT, 'evaluate.py'), 'diffmic', '--network', str(tmp_path / 'runs' / '00001-diffmic-edm'),
-        '--outdir', str(tmp_path / 'eval'), '--samples', '32', '--steps', '6'])
+        '--outdir', str(tmp_path / 'eval'), '--samples', '64', '--steps', '6'])
     summary = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
     # The README's table (same seeds; gloo on CPU): classes separable, not trivially; DiffMIC ties on
     # accuracy and is better calibrated.
