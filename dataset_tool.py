@@ -176,6 +176,32 @@ def brats_inpaint(dest, cases, masks_per_case, voxel_mm, seed):
     print(f'Wrote {len(names)} cases x {masks_per_case} masks to {dest} ({voxel_mm} mm) in {time.time() - t0:.1f} s')
 
 #----------------------------------------------------------------------------
+# Command: DiffMIC demo classification data (training/diffmic/phantoms.py).
+
+@main.command('diffmic-data')
+@click.option('--dest',                 help='Output class-folder root', metavar='DIR',                      type=str, required=True)
+@click.option('--resolution',           help='Image size in pixels', metavar='INT',                         type=click.IntRange(min=16), default=32, show_default=True)
+@click.option('--train-per-class',      help='Training images per class (train/ + validation)', metavar='INT', type=click.IntRange(min=2), default=300, show_default=True)
+@click.option('--test-per-class',       help='Test images per class', metavar='INT',                        type=click.IntRange(min=1), default=100, show_default=True)
+@click.option('--seed',                 help='Random seed (test subjects use seed + 1000)', metavar='INT',  type=click.IntRange(min=0), default=0, show_default=True)
+def diffmic_data(dest, resolution, train_per_class, test_per_class, seed):
+    """MNI152 brain slices with lesion classes (healthy / hyper / hypo / mass) as PNG class folders.
+
+    Writes <dest>/train/<class>/*.png and <dest>/test/<class>/*.png (disjoint random subjects).
+    """
+    from training.diffmic import phantoms as diffmic_phantoms
+    if os.path.isdir(os.path.join(dest, 'train')) or os.path.isdir(os.path.join(dest, 'test')):
+        raise click.ClickException(f'--dest: {dest} already holds train/ or test/; remove it or choose another folder')
+    t0 = time.time()
+    try:
+        counts = diffmic_phantoms.build_demo_dataset(dest, resolution=resolution, train_per_class=train_per_class,
+            test_per_class=test_per_class, seed=seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    print(f'Wrote {dest}: {counts["train"]} train and {counts["test"]} test images {resolution}x{resolution} in '
+        f'{len(diffmic_phantoms.CLASSES)} classes ({", ".join(diffmic_phantoms.CLASSES)}) in {time.time() - t0:.1f} s')
+
+#----------------------------------------------------------------------------
 
 if __name__ == '__main__':
     main()

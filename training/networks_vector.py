@@ -12,6 +12,8 @@ features and the noise embedding (+ class labels, augment labels, a
 continuous embedding vector) modulate a residual MLP over the K entries:
 each block is h + W2 silu(norm(W1 silu(h)) (1 + scale) + shift), with
 (scale, shift) from the embedding, as the 2-D U-Net blocks are modulated.
+With `cond_product`, the condition's features also multiply the vector
+branch at its input (DiffMIC's f(x) * g(y) product).
 No batch statistics anywhere: a sample never depends on the others.
 """
 
@@ -91,6 +93,7 @@ class VectorDenoiser(torch.nn.Module):
         dropout         = 0,            # Dropout probability inside the blocks.
         label_dropout   = 0,            # Dropout probability of class labels for classifier-free guidance.
         embedding_dim   = 0,            # Width of a continuous embedding vector, 0 = none.
+        cond_product    = False,        # DiffMIC: also multiply the condition's features into the vector branch (h = W x * G f(cond)).
     ):
         if cond_type not in ('vector', 'image'):
             raise ValueError(f"cond_type: expected 'vector' or 'image', got {cond_type!r}")
@@ -117,6 +120,9 @@ class VectorDenoiser(torch.nn.Module):
             self.map_cond = Linear(in_features=cond_channels, out_features=emb_channels, **init)
         elif cond_channels:
             self.map_cond = ImageEncoder(in_channels=cond_channels, out_features=emb_channels, channels=encoder_channels, num_levels=encoder_levels)
+        if cond_product and not cond_channels:
+            raise ValueError('cond_product: needs a condition (cond_channels > 0)')
+        self.map_product = Linear(in_features=emb_channels, out_features=model_channels, **init) if cond_product else None
 
         # Residual MLP over the vector.
         self.inp = Linear(in_features=in_channels, out_features=model_channels, **init)
@@ -136,12 +142,16 @@ class VectorDenoiser(torch.nn.Module):
 
         # Mapping.
         emb = _adm_mapping(self, noise_labels, class_labels, augment_labels, embedding, n, x.device)
+        features = None
         if self.map_cond is not None:
-            emb = emb + self.map_cond(cond.to(x.dtype)).to(emb.dtype)
+            features = self.map_cond(cond.to(x.dtype))
+            emb = emb + features.to(emb.dtype)
         emb = silu(emb)
 
-        # Residual MLP.
+        # Residual MLP (DiffMIC: the vector branch times the condition's features).
         h = self.inp(x)
+        if self.map_product is not None:
+            h = h * self.map_product(silu(features)).to(h.dtype)
         for block in self.blocks:
             h = block(h, emb)
         return self.out(silu(self.out_norm(h[:, :, None])[:, :, 0]))

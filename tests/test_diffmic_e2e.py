@@ -1,0 +1,86 @@
+# medEDM: DiffMIC end to end, tiny: dataset_tool diffmic-data -> DCG stage and
+# label-diffusion stage with torchrun (2 gloo processes) -> evaluate.py diffmic
+# (validation-split selection, test metrics, plots); and its bad-input exits.
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import launch
+
+#----------------------------------------------------------------------------
+
+def _train(config: str, args, cwd) -> str:
+    cmd = launch.torchrun_cmd('train.py', 2) + ['-cd', os.path.join(launch.ROOT, 'configs'), '-cn', config, 'resume=none',
+        f'training.outdir={cwd}/runs', 'training.batch_size=8', 'training.total_kimg=0.048', 'training.kimg_per_tick=0.016',
+        'training.snapshot_ticks=1', 'training.state_dump_ticks=null', 'training.dataset.resolution=16', 'training.print_summary=false',
+        'training.network.model_channels=16' if config == 'diffmic_edm' else 'training.network.channels=8', *args]
+    launch.check(subprocess.run(cmd, cwd=cwd, env=launch.env(), capture_output=True, text=True, timeout=240))
+    runs = sorted(glob.glob(os.path.join(cwd, 'runs', f'*-{config.replace("_", "-")}')))
+    return runs[-1]
+
+def _evaluate(args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(launch.ROOT, 'evaluate.py'), 'diffmic', *args], cwd=cwd, env=launch.env(),
+        capture_output=True, text=True, timeout=240)
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp('diffmic')
+    data = str(cwd / 'data')
+    launch.check(subprocess.run([sys.executable, os.path.join(launch.ROOT, 'dataset_tool.py'), 'diffmic-data', '--dest', data,
+        '--resolution', '16', '--train-per-class', '10', '--test-per-class', '3'], cwd=cwd, env=launch.env(), capture_output=True, text=True, timeout=120))
+    dcg_run = _train('diffmic_dcg', [f'training.dataset.path={data}'], cwd)
+    dcg_pkl = sorted(glob.glob(os.path.join(dcg_run, 'network-snapshot-*.pkl')))[-1]
+    edm_run = _train('diffmic_edm', [f'training.dataset.path={data}', f'training.frozen.dcg={dcg_pkl}'], cwd)
+    return dict(cwd=cwd, data=data, dcg_run=dcg_run, dcg_pkl=dcg_pkl, edm_run=edm_run)
+
+def test_two_stages_and_evaluation(demo):
+    cwd = demo['cwd']
+    assert os.path.isfile(os.path.join(demo['data'], 'split-seed0-val0.2.json')) # Written by the first stage, read by the second.
+    out = cwd / 'eval'
+    proc = launch.check(_evaluate(['--network', demo['edm_run'], '--outdir', str(out), '--samples', '3', '--steps', '3'], cwd))
+    assert 'paired accuracy difference DiffMIC - DCG' in proc.stdout
+    summary = json.loads((out / 'metrics.json').read_text())
+    assert summary['split'] == 'test' and summary['images'] == 12 and summary['classes'] == ['healthy', 'hyper', 'hypo', 'mass']
+    for model in ('dcg', 'diffmic'):
+        for key in ('accuracy', 'balanced_accuracy', 'f1_macro', 'auc_macro_ovr', 'auc_macro_ovo', 'kappa', 'kappa_quadratic', 'ece'):
+            assert key in summary[model]
+        assert sum(map(sum, summary[model]['confusion_matrix'])) == 12
+    selection = json.loads((out / 'selection.json').read_text())
+    assert selection['on'] == 'val' and selection['selected'] == summary['network'] and len(selection['scores']) >= 1
+    for name in ('metrics.csv', 'confusion-dcg.csv', 'confusion-diffmic.png', 'reliability.png', 'panel.png'):
+        assert (out / name).is_file()
+    # Seeds per image: a second run gives the same numbers.
+    again = cwd / 'eval2'
+    launch.check(_evaluate(['--network', summary['network'], '--outdir', str(again), '--samples', '3', '--steps', '3'], cwd))
+    assert json.loads((again / 'metrics.json').read_text())['diffmic'] == summary['diffmic']
+
+def test_bad_inputs_exit_with_one_line(demo, tmp_path):
+    cwd = demo['cwd']
+    # A test class unknown at training time.
+    os.makedirs(os.path.join(demo['data'], 'test', 'zebra'))
+    os.link(sorted(glob.glob(os.path.join(demo['data'], 'test', 'mass', '*.png')))[0], os.path.join(demo['data'], 'test', 'zebra', 'z.png'))
+    try:
+        proc = _evaluate(['--network', demo['dcg_pkl'], '--outdir', str(tmp_path / 'e')], cwd)
+    finally:
+        os.remove(os.path.join(demo['data'], 'test', 'zebra', 'z.png'))
+        os.rmdir(os.path.join(demo['data'], 'test', 'zebra'))
+    assert proc.returncode == 1 and "test class 'zebra'" in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'e').exists()
+    # A DCG snapshot with another number of classes: the diffusion stage refuses it by name.
+    other = tmp_path / 'three'
+    for c in ('a', 'b', 'c'):
+        os.makedirs(other / 'train' / c)
+        for f in sorted(glob.glob(os.path.join(demo['data'], 'train', 'hyper', '*.png')))[:5]:
+            os.link(f, other / 'train' / c / os.path.basename(f))
+    cmd = launch.torchrun_cmd('train.py', 0) + ['-cd', os.path.join(launch.ROOT, 'configs'), '-cn', 'diffmic_edm', 'resume=none',
+        f'training.outdir={tmp_path}/runs', f'training.dataset.path={other}', 'training.dataset.resolution=16', f'training.frozen.dcg={demo["dcg_pkl"]}']
+    proc = subprocess.run(cmd, cwd=cwd, env=launch.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and 'training.frozen.dcg: the DCG snapshot classifies 4 classes, but the data have 3' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+#----------------------------------------------------------------------------

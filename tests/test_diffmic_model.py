@@ -1,0 +1,73 @@
+# medEDM: DiffMIC networks and losses: DCG outputs, the focal weight, the
+# label-space target, the cached image features of inference, seeds per image.
+
+import numpy as np
+import pytest
+import torch
+
+from training import sampling
+from training.diffmic import inference
+from training.diffmic.dcg import DCGLoss, DCGNet
+from training.diffmic.loss import LabelEDMLoss
+from training.networks import EDMPrecond
+
+#----------------------------------------------------------------------------
+
+def _nets(k=3, res=16):
+    torch.manual_seed(0)
+    dcg = DCGNet(res, 1, k, channels=8, local_channels=8, num_patches=3, patch_size=4).eval().requires_grad_(False)
+    net = EDMPrecond(res, k, model_type='VectorDenoiser', cond_channels=1, embedding_dim=3 * k, cond_type='image', cond_product=True,
+        model_channels=16, num_blocks=2, encoder_channels=8, encoder_levels=2, sigma_data=0.25).eval().requires_grad_(False)
+    return net, dcg
+
+def test_dcg_outputs_are_distributions_and_the_fusion_is_their_mean():
+    _, dcg = _nets()
+    out = dcg(torch.randn(5, 1, 16, 16))
+    for key in ('prob_global', 'prob_local', 'prob_fusion'):
+        assert torch.allclose(out[key].sum(1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(out['prob_fusion'], (out['prob_global'] + out['prob_local']) / 2)
+    assert torch.allclose(out['attention'].sum(1), torch.ones(5), atol=1e-6) and out['corners'].shape == (5, 3, 2)
+    loss = DCGLoss()(dcg, dict(image=torch.randn(5, 1, 16, 16), label=torch.eye(3)[[0, 1, 2, 0, 1]]))
+    assert loss.shape == (5,) and (loss > 0).all()
+
+def test_focal_weight_and_residual_target():
+    net, dcg = _nets()
+    loss = LabelEDMLoss(focal_alpha=10, focal_gamma=1)
+    images, label = torch.randn(4, 1, 16, 16), torch.eye(3)[[0, 1, 2, 2]]
+    batch = loss.prepare(dict(image=images, label=label), dict(dcg=dcg))
+    prior = dcg(images)['prob_fusion']
+    assert torch.allclose(batch['residual'], label - prior) and batch['embedding'].shape == (4, 9)
+    w = loss.sample_weight(batch, None, batch['residual'])
+    assert torch.allclose(w, 1 + 10 * (1 - (prior * label).sum(1)))
+    assert LabelEDMLoss(focal_alpha=0).sample_weight(batch, None, None) is None
+    per_element = loss(net, dict(image=images, label=label), frozen=dict(dcg=dcg))
+    assert per_element.shape == (4, 3) and torch.isfinite(per_element).all()
+
+def test_cached_features_give_the_same_predictions_and_seeds_are_per_image():
+    net, dcg = _nets()
+    images = torch.randn(4, 1, 16, 16)
+    sampler = sampling.check_sampler_options(dict(num_steps=3))
+    a = inference.predict_batch(net, dcg, images, [0, 1, 2, 3], 3, 0, sampler, cache_features=True)
+    b = inference.predict_batch(net, dcg, images, [0, 1, 2, 3], 3, 0, sampler, cache_features=False)
+    assert torch.allclose(a['y0'], b['y0'], atol=1e-5) and torch.equal(a['pred'], b['pred'])
+    assert net.model.map_cond.__class__.__name__ == 'ImageEncoder' # Restored.
+    c = inference.predict_batch(net, dcg, images[2:], [2, 3], 3, 0, sampler) # Images 2, 3 alone: same samples.
+    assert torch.allclose(c['y0'], a['y0'][2:], atol=1e-5)
+    assert torch.allclose(a['probs'].sum(1), torch.ones(4)) and a['spread'].shape == (4,)
+    assert ((a['agreement'] > 0) & (a['agreement'] <= 1)).all()
+
+def test_cond_product_multiplies_the_features_in():
+    net, _ = _nets()
+    x, cond, emb = torch.randn(2, 3), torch.randn(2, 1, 16, 16), torch.rand(2, 9)
+    with torch.no_grad():
+        net.model.map_product.weight.zero_()
+        net.model.map_product.bias.zero_()
+        net.model.out.weight.normal_()
+        # A zero product gain zeroes the vector branch: the output no longer depends on x.
+        d1 = net.model(x, torch.zeros(2), cond=cond, embedding=emb)
+        d2 = net.model(torch.randn(2, 3), torch.zeros(2), cond=cond, embedding=emb)
+    assert torch.allclose(d1, d2)
+    with pytest.raises(ValueError, match='cond_product: needs a condition'):
+        EDMPrecond(16, 3, model_type='VectorDenoiser', cond_product=True)
+
+#----------------------------------------------------------------------------

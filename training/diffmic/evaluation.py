@@ -1,0 +1,236 @@
+# medEDM: diffusion-model training toolkit for medical imaging.
+
+"""`evaluate.py diffmic`: the DCG prior alone and DiffMIC (prior + label
+diffusion) side by side on a split of class-folder data, with calibration and
+uncertainty.
+
+    --network   a snapshot, or a run directory: then every snapshot in it is
+                evaluated on the validation split (never the test split) and the
+                one of highest accuracy (latest on ties) is used; the choice and
+                all validation accuracies go to selection.json
+    --split     the split reported (test by default)
+
+A DCG-stage snapshot gives the DCG's metrics only. Outputs (atomic): metrics.json
+/ metrics.csv (summary: both models' metrics, the paired accuracy difference
+with its standard error, accuracy of the most and least certain halves;
+rows: per image), confusion-<model>.csv / .png, reliability.png,
+panel.png (test images with their predicted class distributions)."""
+
+import glob
+import io
+import json
+import os
+
+import click
+import numpy as np
+import torch
+
+from torch_utils import persistence
+from training import evaluation
+from training import metrics as engine_metrics
+from training import stages
+from training.diffmic import inference
+from training.diffmic import metrics
+from training.diffmic.dataset import ClassFolderDataset
+from training.diffmic.dcg import DCGNet
+from training.diffmic.loss import LabelEDMLoss, check_classes
+
+#----------------------------------------------------------------------------
+# A DiffMIC snapshot: (diffusion net or None, DCG).
+
+def load_model(path: str, device: torch.device) -> tuple:
+    if not os.path.isfile(path):
+        raise ValueError(f'--network: snapshot not found: {path}')
+    snapshot = stages.load_snapshot(path, device)
+    ema, loss_fn = snapshot['ema'], snapshot.get('loss_fn')
+    if isinstance(loss_fn, LabelEDMLoss):
+        dcg = snapshot['frozen'].get(loss_fn.dcg)
+        if not isinstance(dcg, DCGNet):
+            raise ValueError(f'--network: {path} has no frozen DCG {loss_fn.dcg!r}')
+        return ema, dcg, snapshot
+    if isinstance(ema, DCGNet):
+        return None, ema, snapshot
+    raise ValueError(f'--network: {path} is neither a DiffMIC label-diffusion nor a DCG snapshot')
+
+def make_dataset(snapshot: dict, data: str | None, split: str, split_file: str | None) -> ClassFolderDataset:
+    kwargs = {k: v for k, v in dict(snapshot.get('dataset_kwargs') or {}).items() if k not in ('_target_', 'augment', 'max_size', 'split')}
+    if data is not None:
+        kwargs['path'] = data
+    if split_file is not None:
+        kwargs['split_file'] = split_file
+    if 'path' not in kwargs:
+        raise ValueError('--data: the snapshot names no dataset; give the class-folder root')
+    return ClassFolderDataset(split=split, augment=False, **kwargs)
+
+def check_model(dcg, dataset: ClassFolderDataset, path: str) -> None:
+    check_classes(dcg, dataset.label_dim, f'--network {path}')
+    if (dcg.img_channels, dcg.img_resolution) != (dataset.num_channels, dataset.resolution):
+        raise ValueError(f'--network {path}: the DCG takes {dcg.img_channels}x{dcg.img_resolution}px images, '
+            f'the data are {dataset.num_channels}x{dataset.resolution}px')
+
+#----------------------------------------------------------------------------
+# Checkpoint selection on the validation split.
+
+def select_snapshot(run_dir: str, data, split_file, samples: int, seed: int, sampler: dict, batch: int, device) -> tuple[str, list]:
+    paths = sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))
+    if not paths:
+        raise ValueError(f'--network: no network-snapshot-*.pkl in {run_dir}')
+    scores, datasets = [], {}
+    for path in paths:
+        net, dcg, snapshot = load_model(path, device)
+        key = repr(sorted((snapshot.get('dataset_kwargs') or {}).items()))
+        if key not in datasets: # Snapshots of one run share their data: read the images once.
+            datasets[key] = make_dataset(snapshot, data, 'val', split_file)
+        val = datasets[key]
+        check_model(dcg, val, path)
+        out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device)
+        pred = (out['probs'] if net is not None else out['prior']).argmax(axis=1)
+        scores.append(dict(path=path, val_accuracy=float((pred == val.class_idx).mean())))
+    best = max(range(len(scores)), key=lambda i: (scores[i]['val_accuracy'], i))
+    return paths[best], scores
+
+#----------------------------------------------------------------------------
+# Plots (matplotlib, Agg), written atomically.
+
+def _save_figure(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
+    persistence.atomic_write_bytes(path, buf.getvalue())
+
+def plot_confusion(cm: np.ndarray, classes: list, title: str, path: str) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 1.5, 1.2 * len(classes) + 1))
+    ax.imshow(cm, cmap='Blues')
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j]), ha='center', va='center', color='black' if cm[i, j] < cm.max() / 2 else 'white')
+    ax.set_xticks(range(len(classes)), classes, rotation=45)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    ax.set_title(title)
+    _save_figure(fig, path)
+    plt.close(fig)
+
+def plot_reliability(y_true, models: dict, path: str, num_bins: int = 15) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], 'k--', lw=1, label='perfect calibration')
+    for name, probs in models.items():
+        b = metrics.calibration_bins(y_true, probs, num_bins)
+        keep = b['count'] > 0
+        ax.plot(b['confidence'][keep], b['accuracy'][keep], 'o-', label=f'{name} (ECE {metrics.expected_calibration_error(y_true, probs, num_bins):.3f})')
+    ax.set_xlabel('confidence (max probability)')
+    ax.set_ylabel('accuracy')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc='upper left', fontsize=8)
+    _save_figure(fig, path)
+    plt.close(fig)
+
+def plot_panel(dataset, out: dict, path: str, count: int = 8) -> None:
+    import matplotlib.pyplot as plt
+    idx = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)
+    k = dataset.label_dim
+    fig, axes = plt.subplots(2, len(idx), figsize=(1.9 * len(idx), 4.2), squeeze=False)
+    for col, i in enumerate(idx):
+        image = (dataset[i]['image'] + 1) / 2
+        axes[0, col].imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0), cmap='gray', vmin=0, vmax=1)
+        axes[0, col].set_title(f'true: {dataset.classes[dataset.class_idx[i]]}', fontsize=8)
+        axes[0, col].axis('off')
+        ax = axes[1, col]
+        ax.bar(np.arange(k) - 0.2, out['prior'][i], width=0.4, label='DCG prior')
+        if 'probs' in out:
+            ax.bar(np.arange(k) + 0.2, out['probs'][i], width=0.4, label='DiffMIC')
+            ax.set_title(f'spread {out["spread"][i]:.2f}', fontsize=8)
+        ax.set_xticks(range(k), dataset.classes, rotation=90, fontsize=7)
+        ax.set_ylim(0, 1)
+    axes[1, 0].legend(fontsize=6)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+#----------------------------------------------------------------------------
+# Summary and rows.
+
+def confidence_halves(y_true, pred, certainty) -> dict:
+    """Accuracy of the more and the less certain half (by `certainty`, higher = more certain)."""
+    order = np.argsort(-np.asarray(certainty), kind='stable')
+    half = len(order) // 2
+    hi, lo = order[:max(half, 1)], order[max(half, 1):]
+    acc = lambda s: float((pred[s] == y_true[s]).mean()) if len(s) else float('nan')
+    return dict(accuracy_certain_half=acc(hi), accuracy_uncertain_half=acc(lo), n_certain=len(hi), n_uncertain=len(lo))
+
+def summarize(dataset, out: dict, num_bins: int) -> tuple[dict, list]:
+    y, k = dataset.class_idx, dataset.label_dim
+    summary = dict(split=dataset.split_name, images=len(y), classes=dataset.classes, class_counts=dataset.class_counts().tolist(),
+        dcg=metrics.classification_metrics(y, out['prior'], k, num_bins))
+    summary['dcg'].update(confidence_halves(y, out['prior'].argmax(1), out['prior'].max(1)))
+    if 'probs' in out:
+        summary['diffmic'] = metrics.classification_metrics(y, out['probs'], k, num_bins)
+        summary['diffmic'].update(confidence_halves(y, out['pred'], -out['spread']))
+        summary['diffmic']['mean_spread'] = float(out['spread'].mean())
+        summary['diffmic']['mean_agreement'] = float(out['agreement'].mean())
+        summary['paired_accuracy_diffmic_minus_dcg'] = metrics.paired_accuracy(y, out['pred'], out['prior'].argmax(1))
+    rows = []
+    for i in range(len(y)):
+        row = dict(file=dataset.files[i], true=dataset.classes[y[i]], pred_dcg=dataset.classes[out['prior'][i].argmax()])
+        row.update({f'p_dcg_{c}': float(out['prior'][i, j]) for j, c in enumerate(dataset.classes)})
+        if 'probs' in out:
+            row.update(pred_diffmic=dataset.classes[out['pred'][i]], spread=float(out['spread'][i]), agreement=float(out['agreement'][i]))
+            row.update({f'p_diffmic_{c}': float(out['probs'][i, j]) for j, c in enumerate(dataset.classes)})
+        rows.append(row)
+    return summary, rows
+
+def write_outputs(outdir: str, dataset, out: dict, summary: dict, rows: list) -> None:
+    engine_metrics.write_metrics(outdir, summary, rows)
+    models = dict(dcg=out['prior'], **({'diffmic': out['probs']} if 'probs' in out else {}))
+    for name in models:
+        cm = np.asarray(summary[name]['confusion_matrix'])
+        text = 'true\\pred,' + ','.join(dataset.classes) + '\n' + ''.join(f'{c},' + ','.join(str(v) for v in cm[i]) + '\n' for i, c in enumerate(dataset.classes))
+        persistence.atomic_write_bytes(os.path.join(outdir, f'confusion-{name}.csv'), text.encode('utf-8'))
+        plot_confusion(cm, dataset.classes, f'{name}: {dataset.split_name} accuracy {summary[name]["accuracy"]:.3f}', os.path.join(outdir, f'confusion-{name}.png'))
+    plot_reliability(dataset.class_idx, models, os.path.join(outdir, 'reliability.png'))
+    plot_panel(dataset, out, os.path.join(outdir, 'panel.png'))
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@evaluation.common_options
+@click.option('--data', help='Class-folder root (default: the snapshot\'s training data)', metavar='DIR', type=str, default=None)
+@click.option('--split', help='Split to report', type=click.Choice(['test', 'val']), default='test', show_default=True)
+@click.option('--split-file', help='Split JSON (default: the snapshot\'s)', metavar='PATH', type=str, default=None)
+@click.option('--samples', help='Label samples per image (S)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--bins', help='Calibration bins of the ECE', metavar='INT', type=click.IntRange(min=1), default=15, show_default=True)
+@evaluation.sampler_options
+def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, split_file, samples, bins, sampler):
+    """DiffMIC: DCG prior vs label diffusion (accuracy, balanced accuracy, macro P/R/F1, AUC OvR/OvO, kappa, ECE)."""
+    evaluation.check_outdir(outdir)
+    device = evaluation.default_device()
+    torch.set_grad_enabled(False)
+    selection = None
+    if os.path.isdir(network_pkl):
+        chosen, scores = select_snapshot(network_pkl, data, split_file, samples, seed, sampler, batch, device)
+        selection = dict(selected=chosen, on='val', scores=scores)
+        network_pkl = chosen
+    net, dcg, snapshot = load_model(network_pkl, device)
+    dataset = make_dataset(snapshot, data, split, split_file)
+    check_model(dcg, dataset, network_pkl)
+    evaluation.make_outdir(outdir)
+    if selection is not None:
+        persistence.atomic_write_bytes(os.path.join(outdir, 'selection.json'), json.dumps(selection, indent=1).encode('utf-8'))
+    out = inference.predict(net, dcg, dataset, samples, seed, sampler, batch, device)
+    summary, rows = summarize(dataset, out, bins)
+    summary.update(network=network_pkl, samples=samples, sampler=sampler, seed=seed)
+    write_outputs(outdir, dataset, out, summary, rows)
+    for name in ('dcg', 'diffmic'):
+        if name in summary:
+            s = summary[name]
+            print(f'{name:8s} {split}: accuracy {s["accuracy"]:.4f}  balanced {s["balanced_accuracy"]:.4f}  F1 {s["f1_macro"]:.4f}  '
+                f'AUC-OvR {s["auc_macro_ovr"]:.4f}  kappa-q {s["kappa_quadratic"]:.4f}  ECE {s["ece"]:.4f}')
+    if 'paired_accuracy_diffmic_minus_dcg' in summary:
+        p = summary['paired_accuracy_diffmic_minus_dcg']
+        print(f'paired accuracy difference DiffMIC - DCG: {p["diff"]:+.4f} +- {p["se"]:.4f} (SE; {p["a_only"]} vs {p["b_only"]} discordant)')
+    print(f'Wrote {outdir}')
+
+#----------------------------------------------------------------------------
