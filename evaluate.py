@@ -30,7 +30,7 @@ import click
 #----------------------------------------------------------------------------
 # Families with an evaluate.py subcommand (training/<family>/evaluation.py).
 
-FAMILIES = ('pet',)
+FAMILIES = ('pet', 'anomaly')
 
 #----------------------------------------------------------------------------
 # The one error wrapper: a ValueError / FileNotFoundError from any subcommand
