@@ -147,6 +147,7 @@ def write_curves(outdir: str, set_name: str, curves: dict) -> None:
 
 def write_nifti_like(path: str, data: np.ndarray, img_path: str) -> None:
     from generate import write_nifti # The one NIfTI writer: float32 with the source file's affine and header.
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     write_nifti(path, np.asarray(data, dtype=np.float32)[None], dict(nifti_path=img_path))
 
 #----------------------------------------------------------------------------
