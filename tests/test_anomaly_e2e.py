@@ -101,11 +101,12 @@ def test_bad_mask_shape_and_affine(data_root, tmp_path):
     root = _copy(data_root, tmp_path)
     mask = root / 'Test' / 'MSLUB' / 'mask' / 'MSLUB_test_000.nii.gz'
     img = nib.load(str(mask))
-    nib.save(nib.Nifti1Image(np.ones((16, 16, 7), np.float32), img.affine), str(mask))
+    data, affine = np.asarray(img.dataobj).copy(), img.affine.copy() # Read before the file is replaced.
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 7), np.float32), affine), str(mask))
     _bad(['--data-root', str(root)], tmp_path, f'{mask} has shape [16, 16, 7], its volume')
-    moved = img.affine.copy()
+    moved = affine.copy()
     moved[0, 3] += 5
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), moved), str(mask))
+    nib.save(nib.Nifti1Image(data, moved), str(mask))
     _bad(['--data-root', str(root)], tmp_path, f'{mask} has a different affine from its volume')
 
 def test_bad_empty_mask_nan_and_missing_file(data_root, tmp_path):

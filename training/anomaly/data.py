@@ -185,7 +185,7 @@ def build_anomaly_data(
     log             = print,        # Progress output.
 ) -> dict:
     """Build every split; return {split: number of volumes}."""
-    counts = dict(IXI_train_fold0=40, IXI_val_fold0=4, IXI_test=4, Brats21_val=6, Brats21_test=12, MSLUB_val=4, MSLUB_test=10, **(counts or {}))
+    counts = {**dict(IXI_train_fold0=40, IXI_val_fold0=4, IXI_test=4, Brats21_val=6, Brats21_test=12, MSLUB_val=4, MSLUB_test=10), **(counts or {})}
     geometry = Geometry(resolution, slices, z_mm)
     set_of = lambda split: 'ixi' if split.startswith('IXI') else 'brats' if split.startswith('Brats') else 'mslub'
     written = {}
