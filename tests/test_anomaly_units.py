@@ -166,3 +166,42 @@ def test_connected_components_and_erosion():
     er = M.erode_mask(brain) # 50 // 25 = 2 iterations of a cross, per slice.
     assert er[12:38, 12:38].all() and er.sum() == 2 * (26 * 26)
     assert M.erode_mask(brain[:24]).sum() == brain[:24].sum() # 24 // 25 = 0: no erosion (scipy would erode to nothing).
+
+#----------------------------------------------------------------------------
+# cDDPM: embedding concatenated after its own MLP; encoder pretraining -> init_from.
+
+def test_cddpm_embedding_path_and_encoder_gradients():
+    net = tiny_cddpm().train()
+    unet = net.precond.model
+    assert unet.embedding_mlp and unet.map_layer0.in_features == 8 and unet.map_embedding0.in_features == net.embedding_dim == 32
+    with torch.no_grad(): # ADM's zero-initialised layers (output, residual branches) pass no gradient at step 0: as after a few steps.
+        for p in unet.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.1)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    loss = anomaly_loss.CondLoss(sigma_data=0.66)(net, dict(image=x))
+    loss.sum().backward()
+    assert net.encoder.stem.weight.grad is not None and net.encoder.stem.weight.grad.abs().sum() > 0 # Trained jointly.
+    with torch.no_grad(): # The embedding of another slice changes the output: the condition is used.
+        a = net(x, torch.ones(3), cond=x)
+        b = net(x, torch.ones(3), cond=x.flip(-1))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match='needs the clean input slice as cond'):
+        net(x, torch.ones(3))
+
+def test_masked_pretraining_loss_and_init_from(tmp_path):
+    from torch_utils import persistence
+    from training import stages
+    torch.manual_seed(0)
+    pre = anomaly_networks.MaskedPretrainNet(img_resolution=16, img_channels=1, encoder_channels=4, encoder_blocks=[1, 1])
+    loss_fn = anomaly_loss.MaskedPretrainLoss(patch_size=4)
+    x = torch.rand(2, 1, 16, 16)
+    torch.manual_seed(1)
+    out = loss_fn(pre, dict(image=x))
+    torch.manual_seed(1)
+    m = loss_fn.patch_mask(x)
+    assert torch.all(out[m == 0] == 0) and m[0].sum() == 16 * 10 # round(16 patches x 0.35) = 6 kept, 10 masked.
+    persistence.save_snapshot(dict(ema=pre, loss_fn=loss_fn, augment_pipe=None, dataset_kwargs={}), tmp_path / 'pre.pkl')
+    net = tiny_cddpm()
+    copied = stages.init_from(net, dict(path=str(tmp_path / 'pre.pkl'), module='encoder', source='encoder'))
+    assert copied and all(torch.equal(net.encoder.state_dict()[k], pre.encoder.state_dict()[k]) for k in copied)
