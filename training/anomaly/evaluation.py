@@ -25,6 +25,7 @@ import click
 import numpy as np
 import torch
 
+from torch_utils import persistence
 from training import evaluation
 from training import image_io
 from training import metrics as metrics_mod
@@ -140,10 +141,8 @@ def write_curves(outdir: str, set_name: str, curves: dict) -> None:
         ax.set_title(f'{set_name} test voxels ({kind.upper()})')
         ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = os.path.join(outdir, f'.{kind}-{set_name}.png.tmp')
-        fig.savefig(tmp, dpi=100, format='png')
+        persistence.atomic_write(os.path.join(outdir, f'{kind}-{set_name}.png'), lambda f: fig.savefig(f, dpi=100, format='png'))
         plt.close(fig)
-        os.replace(tmp, os.path.join(outdir, f'{kind}-{set_name}.png'))
 
 def write_nifti_like(path: str, data: np.ndarray, img_path: str) -> None:
     from generate import write_nifti # The one NIfTI writer: float32 with the source file's affine and header.
