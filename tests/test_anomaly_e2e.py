@@ -46,7 +46,9 @@ def test_builder_layout_masks_and_affines(data_root):
 def _train(data_root, config, workdir, extra=()):
     args = ['-cd', os.path.join(launch.ROOT, 'configs'), '-cn', config, f'training.dataset.path={data_root / "splits" / "IXI_train_fold0.csv"}',
         'training.outdir=runs', 'training.total_kimg=0.064', 'training.kimg_per_tick=0.032', 'training.snapshot_ticks=2', 'training.state_dump_ticks=2',
-        'training.batch_size=8', 'training.network.model_channels=8', 'training.grid_images=2', 'training.print_summary=false', *extra]
+        'training.batch_size=8', 'training.grid_images=2', 'training.print_summary=false', *extra]
+    if config != 'anomaly_pretrain': # The pretraining network is the encoder and a decoder only.
+        args.append('training.network.model_channels=8')
     launch.check(subprocess.run(launch.torchrun_cmd('train.py', 2) + args, cwd=workdir, env=launch.env(), capture_output=True, text=True, timeout=240))
     return sorted(glob.glob(str(workdir / 'runs' / '*' / 'network-snapshot-*.pkl')))[-1]
 
@@ -82,6 +84,20 @@ def test_anomaly_end_to_end(data_root, snapshots, tmp_path):
     assert (out / 'reconstructions' / 'pddpm' / 'Brats21_test_000.nii.gz').is_file()
     for name in ('roc-Brats21.png', 'pr-MSLUB.png', 'panels/Brats21_test_000.png'):
         assert (out / name).is_file()
+
+def test_encoder_pretraining_stage_then_cddpm_init_from(data_root, tmp_path):
+    enc = ['training.network.encoder_channels=4', 'training.network.encoder_blocks=[1,1]']
+    (tmp_path / 'pre').mkdir(), (tmp_path / 'c').mkdir()
+    pre = _train(data_root, 'anomaly_pretrain', tmp_path / 'pre', enc)
+    assert (tmp_path / 'pre' / 'runs').is_dir() and glob.glob(str(tmp_path / 'pre' / 'runs' / '*' / 'samples-*.png'))
+    spec = f'training.init_from={{path: {pre}, module: encoder, source: encoder}}'
+    args = ['-cd', os.path.join(launch.ROOT, 'configs'), '-cn', 'anomaly_cddpm', f'training.dataset.path={data_root / "splits" / "IXI_train_fold0.csv"}',
+        'training.outdir=runs', 'training.total_kimg=0.016', 'training.kimg_per_tick=0.016', 'training.batch_size=8', 'training.network.model_channels=8',
+        'training.grid_images=2', 'training.print_summary=false', spec, *enc]
+    proc = launch.check(subprocess.run(launch.torchrun_cmd('train.py', 2) + args, cwd=tmp_path / 'c', env=launch.env(), capture_output=True, text=True, timeout=240))
+    from training.anomaly.networks import ResNetEncoder
+    expected = len(ResNetEncoder(in_channels=1, channels=4, blocks=[1, 1]).state_dict()) # Every encoder tensor, nothing else.
+    assert f'Initialized {expected} tensors from "{pre}"' in proc.stdout, proc.stdout[-2000:]
 
 #----------------------------------------------------------------------------
 # Bad input: one line naming the file, exit 1, nothing written.
