@@ -203,6 +203,34 @@ def diffmic_data(dest, resolution, train_per_class, test_per_class, seed):
 
 #----------------------------------------------------------------------------
 
+#----------------------------------------------------------------------------
+# Command: brain MRI anomaly-detection volumes (training/anomaly/data.py).
+
+@main.command('anomaly-data')
+@click.option('--dest',                 help='Output data root (Train/, Test/, splits/)', metavar='DIR',     type=str, required=True)
+@click.option('--resolution',           help='In-plane size H = W (reference: 96)', metavar='INT',          type=click.IntRange(min=8), default=32, show_default=True)
+@click.option('--slices',               help='Axial slices per volume (reference: 50)', metavar='INT',      type=click.IntRange(min=2), default=20, show_default=True)
+@click.option('--z-mm',                 help='MNI z range of the slices (mm)', metavar='LOW,HIGH',          type=parse_float_range, default='-40,64', show_default=True)
+@click.option('--counts',               help='Volumes per split, e.g. IXI_train_fold0=40,Brats21_test=12', metavar='LIST', type=str, default='', show_default=False)
+@click.option('--seed',                 help='Random seed', metavar='INT',                                  type=click.IntRange(min=0), default=0, show_default=True)
+def anomaly_data(dest, resolution, slices, z_mm, counts, seed):
+    """Healthy IXI-like and lesioned BraTS-/MSLUB-like NIfTI volumes with brain
+    and lesion masks and the reference's split CSVs, from the MNI152 template
+    (lesion kinds: tumour_hyper, tumour_hypo, ms_hyper; see training/anomaly/data.py)."""
+    from training.anomaly import data as anomaly_data_mod
+    parsed = {}
+    for item in filter(None, (s.strip() for s in counts.split(','))):
+        name, _, value = item.partition('=')
+        if name not in ('IXI_train_fold0', 'IXI_val_fold0', 'IXI_test', 'Brats21_val', 'Brats21_test', 'MSLUB_val', 'MSLUB_test') or not value.isdigit():
+            raise click.BadParameter(f'expected SPLIT=COUNT with a split of the reference, got {item!r}', param_hint='--counts')
+        parsed[name] = int(value)
+    t0 = time.time()
+    try:
+        written = anomaly_data_mod.build_anomaly_data(dest, resolution=resolution, slices=slices, z_mm=z_mm, counts=parsed, seed=seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    print(f'Wrote {dest}: {sum(written.values())} volumes {resolution}x{resolution}x{slices} in {time.time() - t0:.1f} s')
+
 if __name__ == '__main__':
     main()
 

@@ -36,7 +36,7 @@ import click
 #----------------------------------------------------------------------------
 # Families with an evaluate.py subcommand (training/<family>/evaluation.py).
 
-FAMILIES = ('pet', 'diffmic')
+FAMILIES = ('pet', 'diffmic', 'anomaly')
 
 #----------------------------------------------------------------------------
 # The one error wrapper: a ValueError / FileNotFoundError from any subcommand

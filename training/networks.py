@@ -60,13 +60,16 @@ def _adm_mapping(model, noise_labels, class_labels, augment_labels, embedding, n
     if model.map_augment is not None and augment_labels is not None:
         emb = emb + model.map_augment(augment_labels)
     emb = emb.expand(n, -1)
-    if embedding is not None:
+    embedding_mlp = getattr(model, 'embedding_mlp', False) # cDDPM: the embedding has its own MLP, concatenated after the noise MLP.
+    if embedding is not None and not embedding_mlp:
         emb = torch.cat([emb, embedding.to(emb.dtype)], dim=1)
     emb = silu(model.map_layer0(emb))
     emb = model.map_layer1(emb)
     if model.map_label is not None:
         labels = _label_dropout(_class_label_input(class_labels, model.label_dim, n, device), model.label_dropout, model.training)
         emb = emb + model.map_label(labels)
+    if embedding_mlp:
+        emb = torch.cat([emb, model.map_embedding1(silu(model.map_embedding0(embedding.to(emb.dtype))))], dim=1)
     return emb
 
 #----------------------------------------------------------------------------
@@ -275,6 +278,7 @@ class DhariwalUNet(torch.nn.Module):
         dropout             = 0.10,         # Dropout probability of intermediate activations.
         label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
         embedding_dim       = 0,            # medEDM: width of a continuous embedding vector, 0 = none.
+        embedding_mlp       = False,        # medEDM: the embedding gets its own MLP and is concatenated after the noise MLP (cDDPM), each half of emb_channels.
     ):
         _check_args(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, label_dim=label_dim, augment_dim=augment_dim,
             model_channels=model_channels, channel_mult=channel_mult, channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
@@ -283,7 +287,9 @@ class DhariwalUNet(torch.nn.Module):
         self.label_dim = label_dim
         self.label_dropout = label_dropout
         self.embedding_dim = embedding_dim
+        self.embedding_mlp = bool(embedding_mlp and embedding_dim)
         emb_channels = model_channels * channel_mult_emb
+        noise_emb = emb_channels // 2 if self.embedding_mlp else emb_channels # Width of the noise MLP's output.
         init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1/3), init_bias=np.sqrt(1/3))
         init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
         block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
@@ -291,9 +297,12 @@ class DhariwalUNet(torch.nn.Module):
         # Mapping network: noise (+ augment) embedding [+ embedding vector] -> MLP, then + label embedding.
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
         self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero) if augment_dim else None
-        self.map_layer0 = Linear(in_features=model_channels + embedding_dim, out_features=emb_channels, **init)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
-        self.map_label = Linear(in_features=label_dim, out_features=emb_channels, bias=False, init_mode='kaiming_normal', init_weight=np.sqrt(label_dim)) if label_dim else None
+        self.map_layer0 = Linear(in_features=model_channels + (0 if self.embedding_mlp else embedding_dim), out_features=noise_emb, **init)
+        self.map_layer1 = Linear(in_features=noise_emb, out_features=noise_emb, **init)
+        self.map_label = Linear(in_features=label_dim, out_features=noise_emb, bias=False, init_mode='kaiming_normal', init_weight=np.sqrt(label_dim)) if label_dim else None
+        if self.embedding_mlp: # cDDPM: Linear-SiLU-Linear of the embedding, concatenated with the noise embedding before the SiLU.
+            self.map_embedding0 = Linear(in_features=embedding_dim, out_features=emb_channels - noise_emb, **init)
+            self.map_embedding1 = Linear(in_features=emb_channels - noise_emb, out_features=emb_channels - noise_emb, **init)
 
         # Encoder.
         self.enc = torch.nn.ModuleDict()
