@@ -340,7 +340,7 @@ def test_huge_seed_range_refused_before_building():
 def test_train_without_experiment_config(data_dir):
     proc = subprocess.run(launch.torchrun_cmd('train.py', 0), cwd=data_dir, env=launch.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert re.fullmatch(r'error: give an experiment config with -cn=<name>, e\.g\. -cn=edm_mri \(configs in \S+/configs: edm_mri, edm_pet.*\)',
+    assert re.fullmatch(r'error: give an experiment config with -cn=<name>, e\.g\. -cn=edm_mri \(configs in \S+/configs: (\w+, )*edm_mri, edm_pet(, \w+)*\)',
         proc.stderr.strip()), proc.stderr[-3000:]
 
 @pytest.mark.parametrize('args, message', [
