@@ -45,6 +45,23 @@ from torch_utils import persistence
 AUGMENT_LABEL_NAMES = ('xflip', 'yflip', 'scale', 'rotate_cos', 'rotate_sin', 'aniso_cos', 'aniso_sin', 'translate_x', 'translate_y')
 
 #----------------------------------------------------------------------------
+# The tensors transformed together with `image`: `cond` and `mask`, each of the
+# image's batch size and spatial size (checked with a message naming the key).
+
+def _joint_tensors(batch: dict, images: torch.Tensor, what: str) -> dict[str, torch.Tensor]:
+    N = images.shape[0]
+    joint = {}
+    for key in ('cond', 'mask'):
+        x = batch.get(key)
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or x.ndim != images.ndim or x.shape[0] != N or x.shape[2:] != images.shape[2:]:
+            raise ValueError(f'{what}: batch["{key}"] must be a tensor of shape ({N}, C, {", ".join(map(str, images.shape[2:]))}), '
+                f'got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}')
+        joint[key] = x
+    return joint
+
+#----------------------------------------------------------------------------
 # Geometric augmentation pipe, non-leaking through augment labels.
 
 @persistence.persistent_class
@@ -154,15 +171,7 @@ class AugmentPipe:
         images = batch['image']
         N, C, H, W = images.shape
         device = images.device
-        spatial = {}
-        for key in ('cond', 'mask'):
-            x = batch.get(key)
-            if x is None:
-                continue
-            if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] != N or x.shape[2:] != images.shape[2:]:
-                raise ValueError(f'AugmentPipe: batch["{key}"] must be a tensor of shape ({N}, C, {H}, {W}), '
-                    f'got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}')
-            spatial[key] = x
+        spatial = _joint_tensors(batch, images, 'AugmentPipe')
         out = dict(batch)
         d = self._draw(N, H, W, device) if self.p > 0 else None
         if d is None:
@@ -318,15 +327,7 @@ class AugmentPipe3D:
             raise ValueError('AugmentPipe3D: batch must be a dict with an "image" tensor of shape (N, C, D, H, W)')
         images = batch['image']
         N, size, device = images.shape[0], list(images.shape[2:]), images.device
-        keys = ['image']
-        for key in ('cond', 'mask'):
-            x = batch.get(key)
-            if x is None:
-                continue
-            if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[0] != N or x.shape[2:] != images.shape[2:]:
-                raise ValueError(f'AugmentPipe3D: batch["{key}"] must be a tensor of shape ({N}, C, {", ".join(map(str, size))}), '
-                    f'got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}')
-            keys.append(key)
+        keys = ['image', *_joint_tensors(batch, images, 'AugmentPipe3D')]
         out = dict(batch)
         if self.p == 0:
             return out, torch.zeros([N, self.augment_dim], dtype=torch.float32, device=device)
