@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -q --no-deps nilearn==0.14.1
 	touch $@
 
-datasets/mni-slices-32.npz: venv
+datasets/mni-slices-32.npz: | venv
 	$(PY) dataset_tool.py mri-slices --dest $@ --resolution 32 --subjects 48 --slices-per-subject 16 --seed 0
 
 demo-data: datasets/mni-slices-32.npz
@@ -37,11 +37,11 @@ demo: venv demo-data
 # PET dose enhancement: phantoms from MNI152 GM/WM, full/low-dose simulation with
 # MLEM, conditional EDM trained with 2 processes, posterior mean/std, metrics.
 PET_DATA := datasets/pet-64-train.npz datasets/pet-64-val.npz datasets/pet-64-test.npz
-datasets/pet-64-train.npz: venv
+datasets/pet-64-train.npz: | venv
 	$(PY) dataset_tool.py pet-data --dest $@ --resolution 64 --subjects 40 --slices-per-subject 16 --seed 0
-datasets/pet-64-val.npz: venv
+datasets/pet-64-val.npz: | venv
 	$(PY) dataset_tool.py pet-data --dest $@ --resolution 64 --subjects 2 --slices-per-subject 8 --seed 1000
-datasets/pet-64-test.npz: venv
+datasets/pet-64-test.npz: | venv
 	$(PY) dataset_tool.py pet-data --dest $@ --resolution 64 --subjects 4 --slices-per-subject 4 --seed 2000
 
 demo-pet-data: $(PET_DATA)

@@ -46,10 +46,15 @@ python bench/mlem.py
 \b
 # One thread, 64x64 only:
 python bench/mlem.py --threads 1 --resolutions 64
+
+\b
+# Also beside 2 busy processes (fixed threads against the adaptive default):
+python bench/mlem.py --resolutions 64 --load 2
 """
 
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -170,6 +175,40 @@ def bench_resolution(n: int, batch: int, iters: int, single_images: int, repeats
     print(f'  compute           {4 * nnz * best["batched"] / 1e9:7.1f} GFLOP/s in the two sparse products')
 
 #----------------------------------------------------------------------------
+# Busy cores: the fused kernels with a fixed thread count against mlem()'s
+# default (1 thread while that runs faster), with `load` competing
+# processes that spin (started after the warm-up, killed at the end).
+
+def bench_load(n: int, batch: int, iters: int, repeats: int, load: int, cache_dir: str) -> None:
+    sm = projector.get_system_matrix(n, cache_dir=cache_dir)
+    y = make_sinograms(sm, batch)
+    reference = mlem(y, sm, n_iter=iters, adapt_threads=False)
+    busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(load)]
+    try:
+        rates = {'fixed': [], 'one': [], 'adaptive': []}                 # Image-iterations per second, per round.
+        for _ in range(repeats):
+            rates['fixed'].append(batch * iters / timed(lambda: mlem(y, sm, n_iter=iters, adapt_threads=False)))
+            rates['adaptive'].append(batch * iters / timed(lambda: mlem(y, sm, n_iter=iters)))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                rates['one'].append(batch * iters / timed(lambda: mlem(y, sm, n_iter=iters, adapt_threads=False)))
+            finally:
+                torch.set_num_threads(threads)
+        assert torch.equal(mlem(y, sm, n_iter=iters), reference)           # The thread count changes the time only.
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    print(f'\n{n}x{n}, batch {batch}, {iters} iterations, {load} competing busy processes on {os.cpu_count()} cores '
+        f'(median of {repeats} rounds):')
+    print(f'  fixed {torch.get_num_threads()} threads   {median["fixed"]:10.0f} image-iter/s')
+    print(f'  fixed 1 thread    {median["one"]:10.0f} image-iter/s')
+    print(f'  adaptive          {median["adaptive"]:10.0f} image-iter/s  (mlem() default)')
+    print(f'  adaptive / fixed  {median["adaptive"] / median["fixed"]:7.2f}x   (goal under load: > 1; results identical, asserted)')
+
+#----------------------------------------------------------------------------
 
 @click.command()
 @click.option('--resolutions',   help='Image sizes, comma-separated', default='64,128', show_default=True)
@@ -179,7 +218,8 @@ def bench_resolution(n: int, batch: int, iters: int, single_images: int, repeats
 @click.option('--repeats',       help='Rounds (variants alternate; best round reported)', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--threads',       help='torch threads (default: all CPU cores)', type=click.IntRange(min=1), default=None)
 @click.option('--dense-max-gib', help='Skip the dense baseline above this matrix size', type=float, default=2.5, show_default=True)
-def main(resolutions: str, batch: int, iters: int, single_images: int, repeats: int, threads: int | None, dense_max_gib: float) -> None:
+@click.option('--load',          help='Also time the kernels beside this many busy processes (0: skip)', type=click.IntRange(min=0), default=0, show_default=True)
+def main(resolutions: str, batch: int, iters: int, single_images: int, repeats: int, threads: int | None, dense_max_gib: float, load: int) -> None:
     """Batched sparse MLEM against one-at-a-time and dense MLEM, and against the copy-bandwidth roofline."""
     try:
         sizes = [int(r) for r in resolutions.split(',')]
@@ -193,6 +233,8 @@ def main(resolutions: str, batch: int, iters: int, single_images: int, repeats: 
     with tempfile.TemporaryDirectory(prefix='medEDM-bench-mlem-') as cache_dir:
         for n in sizes:
             bench_resolution(n, batch, iters, min(single_images, batch), repeats, dense_max_gib, cache_dir, copy_bw)
+            if load:
+                bench_load(n, batch, iters, repeats, load, cache_dir)
 
 #----------------------------------------------------------------------------
 

@@ -188,3 +188,56 @@ def test_disabled_by_environment(monkeypatch, recwarn):
     monkeypatch.setenv('MEDEDM_NATIVE', '0')
     monkeypatch.setattr(native, '_loaded', {})
     assert native.mlem_kernels() is None and len(recwarn) == 0
+
+#----------------------------------------------------------------------------
+# The adaptive thread count of run_iterations(): with a fake clock, it runs on
+# whichever thread count is faster, re-measures the other every PROBE_EVERY
+# chunks, runs every iteration exactly once and calls back after each in order.
+
+def simulated_runs(monkeypatch, cost: dict[int, float], n_iter: int, after=None, adaptive: bool = True) -> list[tuple[int, int]]:
+    clock, runs = [0.0], []
+    def run(plan, threads, repeats=1):
+        runs.append((threads, repeats))
+        clock[0] += cost[threads] * repeats
+    fake = object.__new__(native.MlemKernels)
+    monkeypatch.setattr(fake, 'run', run, raising=False)
+    monkeypatch.setattr(native.time, 'perf_counter', lambda: clock[0])
+    fake.run_iterations(None, 2, n_iter, after, adaptive=adaptive)
+    return runs
+
+@pytest.mark.parametrize('fast', [1, 2])
+def test_run_iterations_runs_on_the_faster_thread_count(monkeypatch, fast):
+    slow = 3 - fast
+    runs = simulated_runs(monkeypatch, {fast: 1.0, slow: 3.5}, n_iter=100)
+    assert sum(k for _, k in runs) == 100
+    assert runs[:2] == [(2, 1), (1, 1)]                                     # Both measured first, one iteration each.
+    on_slow = [k for t, k in runs[2:] if t == slow]
+    assert on_slow and set(on_slow) == {1}                                  # The slower one: single probe iterations only ...
+    gaps = ''.join('s' if t == slow else 'f' for t, _ in runs).split('s')
+    assert len(gaps) > 3 and all(len(g) == native.PROBE_EVERY for g in gaps[1:-1])  # ... after every PROBE_EVERY chunks on the faster.
+    assert max(k for t, k in runs if t == fast) == native.CHUNK
+
+def test_run_iterations_follows_a_change_of_load(monkeypatch):
+    cost, calls = {2: 1.0, 1: 2.0}, []
+    def run(plan, threads, repeats=1):
+        calls.append(threads)
+        clock[0] += cost[threads] * repeats
+        if len(calls) == 12:                                                # Other processes start: 2 threads get slow.
+            cost[2] = 6.0
+    clock = [0.0]
+    fake = object.__new__(native.MlemKernels)
+    monkeypatch.setattr(fake, 'run', run, raising=False)
+    monkeypatch.setattr(native.time, 'perf_counter', lambda: clock[0])
+    fake.run_iterations(None, 2, 400, None)
+    assert calls[:11] == [2, 1] + [2] * 8 + [1]                             # 2 threads while faster (1 re-measured) ...
+    tail = calls[14:]
+    assert tail.count(1) == len(tail) - len(tail) // (native.PROBE_EVERY + 1)  # ... then 1, 2 re-measured now and then.
+
+def test_run_iterations_callback_and_fixed(monkeypatch):
+    seen = []
+    runs = simulated_runs(monkeypatch, {1: 1.0, 2: 3.0}, n_iter=7, after=seen.append)
+    assert seen == list(range(1, 8)) and all(k == 1 for _, k in runs)
+    assert simulated_runs(monkeypatch, {1: 1.0, 2: 3.0}, n_iter=7, adaptive=False) == [(2, 7)]
+    seen.clear()
+    assert simulated_runs(monkeypatch, {1: 1.0, 2: 3.0}, n_iter=3, after=seen.append, adaptive=False) == [(2, 1)] * 3
+    assert seen == [1, 2, 3]

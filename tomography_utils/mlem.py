@@ -275,6 +275,7 @@ def mlem(
     mask:           torch.Tensor | None = None, # [N, N] or [B, N, N]; pixels where it is 0 stay 0.
     eps:            float = 1e-12,              # Added to A x before dividing, eq. (2).
     callback:       Callable[[int, torch.Tensor], None] | None = None, # callback(it, x) after iteration it = 1..n_iter.
+    adapt_threads:  bool = True,                # Fused CPU kernels: drop to 1 thread while that runs faster (busy cores).
 ) -> torch.Tensor:
     """Reconstruct a batch of sinograms with MLEM (or OSEM) and return the
     images [B, N, N] ([B, 1, N, N] for 4-D input), in the units of the counts
@@ -331,14 +332,12 @@ def mlem(
             jobs += [kernels.back_job(part, f[lo:hi], keep, x, upd, accumulate=h > 0, finish=h == len(back) - 1, cols16=cols16)
                 for h, (part, lo, hi, cols16) in enumerate(back)]
         plan = kernels.plan(jobs)
-    if kernels is not None and callback is None:
-        kernels.run(plan, threads, repeats=n_iter)                          # Every iteration in one call.
+    if kernels is not None:                                                 # Chunks of iterations, one call each, on
+        after = None if callback is None else lambda it: callback(it, images()) # `threads` or 1 thread, whichever runs faster.
+        kernels.run_iterations(plan, threads, n_iter, after, adaptive=adapt_threads)
     else:
         for it in range(1, n_iter + 1):
-            if kernels is not None:
-                kernels.run(plan, threads)
-            else:
-                _torch_iteration(ops, ys, fwd, x, upd, eps)
+            _torch_iteration(ops, ys, fwd, x, upd, eps)
             if callback is not None:
                 callback(it, images())
     out = images()

@@ -23,7 +23,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
+from typing import Callable
 
 import torch
 
@@ -45,6 +47,8 @@ FLAGS = ['-O3', '-march=native', '-std=gnu11', '-ffp-contract=fast', '-fno-tree-
 OPENMP = ['-fopenmp']
 
 _loaded = {} # Cache of mlem_kernels(): {'lib': MlemKernels or None}.
+CHUNK       = 4     # Iterations per call of run_iterations() on the faster thread count (one parallel region each).
+PROBE_EVERY = 8     # Chunks between two measurements of the slower thread count.
 
 #----------------------------------------------------------------------------
 # What makes a build reusable: source, compiler, flags and CPU.
@@ -162,6 +166,41 @@ class MlemKernels:
     def run(self, plan: ctypes.Array, threads: int, repeats: int = 1) -> None:
         """Run the passes of `plan` in order, `repeats` times, on `threads` threads (a barrier after each)."""
         self.lib.medEDM_run(plan, len(plan), repeats, threads)
+
+    def run_iterations(self, plan: ctypes.Array, threads: int, n_iter: int, after: Callable[[int], None] | None = None,
+            adaptive: bool = True) -> None:
+        """Run `plan` n_iter times, calling after(it) after iteration it = 1..n_iter if given.
+
+        With `adaptive` and threads > 1, iterations are timed with `threads` and with
+        one thread, and run in chunks on whichever was faster, the other re-measured
+        now and then (one iteration every PROBE_EVERY chunks). Every pass ends in a
+        barrier, so when other processes keep the cores busy a pass waits for the
+        thread the scheduler has set aside: with two busy loops on 2 cores, 2 threads
+        ran 3.5x slower than 1 (bench/mlem.py --load). Results do not depend on the
+        thread count (tests/test_mlem_native.py), so the choice changes only the time."""
+        if not adaptive or threads <= 1:
+            if after is None:
+                self.run(plan, threads, repeats=n_iter)
+            else:
+                for it in range(1, n_iter + 1):
+                    self.run(plan, threads)
+                    after(it)
+            return
+        per_iter = {threads: None, 1: None}                 # Seconds per iteration, as last measured.
+        age = {threads: 0, 1: 0}                            # Chunks run since each was measured.
+        done = 0
+        while done < n_iter:
+            stale = [t for t in per_iter if per_iter[t] is None or age[t] >= PROBE_EVERY]
+            t = stale[0] if stale else min(per_iter, key=per_iter.get)
+            k = min(1 if stale or after is not None else CHUNK, n_iter - done)
+            start = time.perf_counter()
+            self.run(plan, t, repeats=k)
+            per_iter[t] = (time.perf_counter() - start) / k
+            for other in age:
+                age[other] = 0 if other == t else age[other] + 1
+            done += k
+            if after is not None:
+                after(done)
 
     def _permute_transpose(self, src: torch.Tensor, dst: torch.Tensor, out: torch.Tensor, rows_to_columns: bool, threads: int) -> None:
         # out[dst[i], j] = src[j, i] (columns to rows) or out[j, dst[i]] = src[i, j] (rows to columns).
