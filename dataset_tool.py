@@ -124,8 +124,10 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
 
     Saves `phantoms` [N,1,R,R] and, unless --phantoms-only, `full` and `low`
     (MLEM of Poisson counts and of their binomial thinning, both in full-dose
-    counts per pixel), `phantom_counts` (the phantom in those units: what both
-    reconstructions estimate), the simulation settings, `subject` and `slice`.
+    counts per pixel), `low_counts` (the low-dose sinograms [N, 2R, R], for the
+    reconstruction baselines of evaluate.py pet), `phantom_counts` (the phantom in
+    those units: what both reconstructions estimate), the simulation settings,
+    `subject` and `slice`.
     """
     import torch
     from tomography_utils.dose import phantom_counts, simulate_dose
@@ -143,17 +145,18 @@ def pet_data(dest, resolution, subjects, slices_per_subject, seed, total_counts,
     if not phantoms_only:
         A = get_system_matrix(resolution, cache_dir=cache_dir)
         gen = torch.Generator().manual_seed(seed)
-        full, low = [], []
+        full, low, low_counts = [], [], []
         try:
             data['phantom_counts'] = phantom_counts(torch.from_numpy(data['phantoms']), A, total_counts)[:, None].numpy()
             for k, batch in enumerate(torch.from_numpy(data['phantoms']).split(256)):
-                f, l, _, _ = simulate_dose(batch[:, 0], A, total_counts=total_counts, dose_fraction=dose_fraction, n_iter=n_iter,
+                f, l, _, lc = simulate_dose(batch[:, 0], A, total_counts=total_counts, dose_fraction=dose_fraction, n_iter=n_iter,
                     generator=gen, index_offset=256 * k)
                 full.append(f[:, None].numpy())
                 low.append(l[:, None].numpy())
+                low_counts.append(lc.numpy().astype(np.float32))
         except ValueError as err:                                       # An all-zero phantom, an empty acquisition.
             raise click.ClickException(str(err)) from None
-        data.update(full=np.concatenate(full), low=np.concatenate(low),
+        data.update(full=np.concatenate(full), low=np.concatenate(low), low_counts=np.concatenate(low_counts),
             total_counts=np.float64(total_counts), dose_fraction=np.float64(dose_fraction), n_iter=np.int64(n_iter))
     _write_dest(dest, data)
     print(f'Wrote {dest}: {len(data["phantoms"])} phantoms {resolution}x{resolution}'

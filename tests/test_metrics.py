@@ -1,7 +1,10 @@
 # medEDM: PSNR, SSIM, NRMSE against direct formulas and their defining properties.
 
+import math
+
 import numpy as np
 import pytest
+import torch
 
 from training import metrics
 
@@ -70,3 +73,40 @@ def test_write_metrics_round_trip(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['metrics.csv', 'metrics.json'] # No temporary files left.
     with pytest.raises(ValueError, match=r"write_metrics: row 1 has columns \['image', 'psnr'\], the first row \['image', 'method', 'psnr'\]"):
         metrics.write_metrics(str(tmp_path / 'x'), {}, [rows[0], dict(image=1, psnr=1.0)])
+
+#----------------------------------------------------------------------------
+# Region metrics (mask) and the calibration of a posterior.
+
+def test_masked_metrics_equal_the_metrics_of_the_region():
+    gen = torch.Generator().manual_seed(0)
+    x, ref = torch.rand(2, 1, 16, 16, generator=gen, dtype=torch.float64), torch.rand(2, 1, 16, 16, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[2:9, 3:14] = True
+    region = lambda t: t[..., 2:9, 3:14]
+    np.testing.assert_allclose(metrics.psnr(x, ref, 1.0, mask=mask), metrics.psnr(region(x), region(ref), 1.0), rtol=1e-13)
+    np.testing.assert_allclose(metrics.nrmse(x, ref, mask=mask), metrics.nrmse(region(x), region(ref)), rtol=1e-13)
+    ones = torch.ones(16, 16, dtype=torch.bool)
+    np.testing.assert_array_equal(metrics.ssim(x, ref, 1.0, mask=ones), metrics.ssim(x, ref, 1.0))
+    centre = torch.zeros(16, 16, dtype=torch.bool)
+    centre[5, 5] = centre[6, 7] = True                                      # SSIM: the mean over those two window centres.
+    full_map_x = metrics.ssim(x[..., 0:11, 0:11], ref[..., 0:11, 0:11], 1.0), metrics.ssim(x[..., 1:12, 2:13], ref[..., 1:12, 2:13], 1.0)
+    np.testing.assert_allclose(metrics.ssim(x, ref, 1.0, mask=centre), (full_map_x[0] + full_map_x[1]) / 2, rtol=1e-13)
+    with pytest.raises(ValueError, match='metrics: the mask is empty for at least one image'):
+        metrics.psnr(x, ref, 1.0, mask=torch.zeros(16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match='metrics: the mask has no pixel at least 5 pixels inside the image border'):
+        metrics.ssim(x, ref, 1.0, mask=torch.eye(16, dtype=torch.bool).flip(0) & (torch.arange(16) < 2)[:, None])
+
+def test_calibration_known_answers():
+    ref = torch.zeros(1, 1, 2, 4, dtype=torch.float64)
+    std = torch.ones_like(ref)
+    mean = torch.tensor([0.5, -1.5, 2.5, -0.5, 0.2, 1.0, -3.0, 1.9], dtype=torch.float64).reshape(ref.shape)
+    cal = metrics.calibration(mean, std, ref)
+    assert cal['coverage_1sigma'] == 4 / 8 and cal['coverage_2sigma'] == 6 / 8   # |err| <= 1: 0.5, 0.5, 0.2, 1.0; <= 2: + 1.5, 1.9.
+    assert math.isnan(cal['std_error_correlation'])                         # A constant std predicts nothing.
+    gen = torch.Generator().manual_seed(1)
+    sd = 0.1 + torch.rand(1, 1, 200, 200, generator=gen, dtype=torch.float64)
+    mean = sd * torch.randn(sd.shape, generator=gen, dtype=torch.float64)   # Errors drawn with exactly that std.
+    cal = metrics.calibration(mean, sd, torch.zeros_like(sd))
+    assert abs(cal['coverage_1sigma'] - 0.6827) < 0.005 and abs(cal['coverage_2sigma'] - 0.9545) < 0.003
+    assert 0.3 < cal['std_error_correlation'] < 0.6                         # |N(0, s^2)| grows with s.
+    assert metrics.calibration(mean, sd * 1e-3, torch.zeros_like(sd))['coverage_2sigma'] < 0.01

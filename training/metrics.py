@@ -50,19 +50,39 @@ def _check_range(data_range: float) -> float:
 #----------------------------------------------------------------------------
 # PSNR = 10 log10(L^2 / MSE), per image.
 
-def psnr(x, ref, data_range: float) -> np.ndarray:
-    """Peak signal-to-noise ratio in dB of each image of `x` against `ref`."""
+def _check_mask(mask, x: torch.Tensor) -> torch.Tensor | None:
+    # A region of the images (same shape, or one [H, W] for all); None = the whole image.
+    if mask is None:
+        return None
+    m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).to(torch.bool)
+    m = m.expand_as(x) if m.ndim == 2 else _as_batch(m).to(torch.bool)
+    if m.shape != x.shape:
+        raise ValueError(f'metrics: mask shape {tuple(m.shape)} does not match image shape {tuple(x.shape)}')
+    if not bool(m.flatten(1).any(1).all()):
+        raise ValueError('metrics: the mask is empty for at least one image')
+    return m
+
+def _region_mean(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return t.flatten(1).mean(1)
+    return (t * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
+
+def psnr(x, ref, data_range: float, mask=None) -> np.ndarray:
+    """Peak signal-to-noise ratio in dB of each image of `x` against `ref` (MSE over `mask` if given)."""
     x, ref = _check_pair(x, ref)
     L = _check_range(data_range)
-    mse = (x - ref).square().flatten(1).mean(1)
+    mse = _region_mean((x - ref).square(), _check_mask(mask, x))
     return (10 * torch.log10(L ** 2 / mse)).numpy()
 
 #----------------------------------------------------------------------------
 # NRMSE = ||x - ref||_2 / ||ref||_2, per image.
 
-def nrmse(x, ref) -> np.ndarray:
-    """Normalised root-mean-square error of each image (relative to the reference's norm)."""
+def nrmse(x, ref, mask=None) -> np.ndarray:
+    """Normalised root-mean-square error of each image (relative to the reference's norm; over `mask` if given)."""
     x, ref = _check_pair(x, ref)
+    m = _check_mask(mask, x)
+    if m is not None:
+        x, ref = x * m, ref * m
     return ((x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).numpy()
 
 #----------------------------------------------------------------------------
@@ -74,9 +94,11 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     g = g / g.sum()
     return torch.outer(g, g)
 
-def ssim(x, ref, data_range: float, win_size: int = 11, sigma: float = 1.5, K1: float = 0.01, K2: float = 0.03) -> np.ndarray:
-    """Structural similarity of each image of `x` against `ref` (Gaussian window, valid positions)."""
+def ssim(x, ref, data_range: float, win_size: int = 11, sigma: float = 1.5, K1: float = 0.01, K2: float = 0.03, mask=None) -> np.ndarray:
+    """Structural similarity of each image of `x` against `ref` (Gaussian window, valid positions;
+    with `mask`, the mean over the valid positions whose window centre is in the mask)."""
     x, ref = _check_pair(x, ref)
+    m = _check_mask(mask, x)
     L = _check_range(data_range)
     if min(x.shape[-2:]) < win_size:
         raise ValueError(f'metrics: images of size {tuple(x.shape[-2:])} are smaller than the SSIM window ({win_size})')
@@ -90,7 +112,36 @@ def ssim(x, ref, data_range: float, win_size: int = 11, sigma: float = 1.5, K1: 
     sxy = filt(x * ref) - mu_x * mu_y
     C1, C2 = (K1 * L) ** 2, (K2 * L) ** 2
     s = ((2 * mu_x * mu_y + C1) * (2 * sxy + C2)) / ((mu_x ** 2 + mu_y ** 2 + C1) * (sxx + syy + C2))
+    if m is not None:
+        r = win_size // 2
+        centre = m[..., r:m.shape[-2] - r, r:m.shape[-1] - r].reshape(n * c, 1, *s.shape[-2:])
+        if not bool(centre.reshape(n, -1).any(1).all()):
+            raise ValueError(f'metrics: the mask has no pixel at least {r} pixels inside the image border (SSIM window {win_size})')
+        return (_region_mean(s.reshape(n, -1), centre.reshape(n, -1))).numpy()
     return s.reshape(n, c, -1).mean(dim=(1, 2)).numpy()
+
+#----------------------------------------------------------------------------
+# Calibration of a posterior: does its standard deviation predict the error of
+# its mean? Pixels pooled over the batch (inside `mask` if given).
+
+def calibration(mean, std, ref, mask=None) -> dict:
+    """Pearson correlation of std and |mean - ref| over the pixels, and the coverage of the
+    intervals mean +- std and mean +- 2 std (fractions of pixels whose ref lies inside;
+    a Gaussian posterior that is calibrated gives 0.683 and 0.954)."""
+    mean, ref = _check_pair(mean, ref)
+    std, _ = _check_pair(std, ref)
+    if bool((std < 0).any()) or not bool(torch.isfinite(std).all()):
+        raise ValueError('metrics: std must be finite and non-negative')
+    m = _check_mask(mask, ref)
+    err, sd = (mean - ref).abs(), std
+    if m is not None:
+        err, sd = err[m], sd[m]
+    err, sd = err.flatten(), sd.flatten()
+    e, d = err - err.mean(), sd - sd.mean()
+    denom = float(e.norm() * d.norm())
+    return dict(std_error_correlation=float((e * d).sum()) / denom if denom > 0 else float('nan'),
+        coverage_1sigma=float((err <= sd).double().mean()), coverage_2sigma=float((err <= 2 * sd).double().mean()),
+        mean_std=float(sd.mean()), rmse=float(err.square().mean().sqrt()))
 
 #----------------------------------------------------------------------------
 # Results of an evaluation: `summary` (settings and aggregate metrics, any
