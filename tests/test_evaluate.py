@@ -102,7 +102,7 @@ def test_pet_accepts_every_sampler_option(setup, tmp_path, monkeypatch):
     assert len(seen) == 2 and all({k: kw[k] for k in sampling.SAMPLER_KEYS} == expected for kw in seen) # 3 images x 2 samples, batch 4.
     out = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
     assert out['sampler'] == dict(expected, S_max='inf') and out['images'] == 3 and out['samples'] == 2 and out['seed'] == 10
-    assert len((tmp_path / 'eval' / 'metrics.csv').read_text().splitlines()) == 1 + 3 * 3 * 2
+    assert len((tmp_path / 'eval' / 'metrics.csv').read_text().splitlines()) == 1 + 3 * 3 * 2 * 2   # Images x methods x references x regions (no low_counts: no MLEM baselines).
     assert (tmp_path / 'eval' / 'panel.png').is_file()
     assert sorted(os.listdir(tmp_path / 'eval')) == ['metrics.csv', 'metrics.json', 'panel.png'] # No temporary files left.
 

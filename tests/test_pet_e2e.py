@@ -70,12 +70,17 @@ def test_pet_end_to_end(pet_dir):
         cwd=pet_dir, env=launch.env(), capture_output=True, text=True, timeout=240)
     launch.check(proc)
     result = json.loads((pet_dir / 'eval' / 'metrics.json').read_text())
-    for method in ('low_dose_mlem', 'low_dose_mlem_gauss', 'edm_posterior_mean'):
+    methods = ('low_dose_mlem', 'low_dose_mlem_gauss', 'low_dose_mlem_early', 'low_dose_map_em', 'edm_posterior_mean')
+    for method in methods:
         for ref in ('full_dose_mlem', 'phantom'):
-            assert set(result['metrics'][f'{method}_vs_{ref}']) == {'psnr', 'ssim', 'nrmse'}
+            assert set(result['metrics'][f'{method}_vs_{ref}']) == set(result['metrics_brain'][f'{method}_vs_{ref}']) == {'psnr', 'ssim', 'nrmse'}
     assert result['images'] == 4 and result['samples'] == 2
+    assert set(result['baselines']['low_dose_mlem_early']['chosen'].values()) <= set(range(1, 11))   # --n-iter 10.
+    best = result['paired']['brain']['edm_minus_best_baseline_vs_phantom']['psnr']
+    assert best['n'] == 4 and best['baseline'] in methods[1:4] and best['se'] > 0
+    assert 0 <= result['calibration']['vs_full_dose_mlem/image']['coverage_1sigma'] <= result['calibration']['vs_full_dose_mlem/image']['coverage_2sigma'] <= 1
     assert (pet_dir / 'eval' / 'panel.png').is_file()
-    assert len((pet_dir / 'eval' / 'metrics.csv').read_text().splitlines()) == 1 + 4 * 3 * 2
+    assert len((pet_dir / 'eval' / 'metrics.csv').read_text().splitlines()) == 1 + 4 * len(methods) * 2 * 2
 
 def test_evaluate_refuses_unconditional_network(pet_dir, tmp_path):
     from torch_utils import persistence

@@ -1,12 +1,16 @@
 # medEDM: diffusion-model training toolkit for medical imaging.
 
-"""`evaluate.py pet`: PSNR, SSIM and NRMSE of the low-dose MLEM, a
-Gaussian-filtered low-dose MLEM (filter width chosen on the validation split)
-and the EDM posterior mean, against the full-dose MLEM and against the
-phantom, on a test split of `dataset_tool.py pet-data`.
+"""`evaluate.py pet`: PSNR, SSIM and NRMSE of the EDM posterior mean against
+the low-dose MLEM and three classical baselines, each tuned on the validation
+split on a fine grid separately per metric, reference and region
+(training/pet/baselines.py: Gaussian post-filter, early-stopped MLEM, MAP-EM
+with a quadratic prior; the last two need the npz's `low_counts`), against the
+full-dose MLEM and against the phantom, over the whole image and inside the
+brain support (phantom > 0), with paired differences over test images (mean
+and standard error) and the calibration of the posterior std.
 
 Data range (PSNR and SSIM): per image, max - min of the reference image
-(full-dose MLEM or phantom, in counts per pixel); whole image. Posterior
+(full-dose MLEM or phantom, in counts per pixel), for both regions. Posterior
 sample j of test image i uses seed `--seed + i * --samples + j`
 (sampling.posterior_seeds, as generate.py's conditional mode)."""
 
@@ -16,16 +20,17 @@ import zipfile
 import click
 import numpy as np
 import torch
-from scipy import ndimage
-
 from training import evaluation
 from training import image_io
 from training import metrics
 from training import sampling
+from training.pet import baselines
 from training.pet.dataset import pet_denormalize, pet_normalize, pet_scale
 
 SPLIT_ARRAYS = ('full', 'low', 'phantom_counts')
-SIGMA_CANDIDATES = (0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0) # Gaussian filter widths (pixels) tried on the validation split.
+METRICS      = dict(psnr=True, ssim=True, nrmse=False)               # Metric: higher is better.
+REFERENCES   = ('full_dose_mlem', 'phantom')
+REGIONS      = ('image', 'brain')
 
 #----------------------------------------------------------------------------
 # Read a pet-data npz split: `full`, `low`, `phantom_counts`, all [N, 1, R, R],
@@ -52,6 +57,13 @@ def load_split(path: str, max_images: int | None, option: str = '--data') -> dic
             raise ValueError(f'{option}: {k} {data[k].shape} does not match full {full.shape} in {path} (image count and size must agree)')
     n = len(full) if max_images is None else min(max_images, len(full))
     out = {}
+    if 'low_counts' in npz_keys(path):                                  # The reconstruction baselines' input.
+        with np.load(path, allow_pickle=False) as npz:
+            counts = npz['low_counts']
+            if counts.ndim != 3 or len(counts) != len(full) or 'dose_fraction' not in npz.files or 'n_iter' not in npz.files:
+                raise ValueError(f'{option}: low_counts {counts.shape} in {path} must be [N, angles, bins] with N = {len(full)}, '
+                    f'beside dose_fraction and n_iter; rebuild it with dataset_tool.py pet-data')
+            out.update(low_counts=counts[:n].astype(np.float64), dose_fraction=float(npz['dose_fraction']), n_iter=int(npz['n_iter']))
     for k in SPLIT_ARRAYS:
         if not np.issubdtype(data[k].dtype, np.number):
             raise ValueError(f'{option}: {k} in {path} must be numeric, got {data[k].dtype}')
@@ -61,23 +73,69 @@ def load_split(path: str, max_images: int | None, option: str = '--data') -> dic
             raise ValueError(f'{option}: {k} in {path} holds NaN or Inf values (image {int(bad[0])}); rebuild it with dataset_tool.py pet-data')
     return out
 
-#----------------------------------------------------------------------------
-# Gaussian post-filter of the low-dose MLEM; the width is chosen on validation data.
+def npz_keys(path: str) -> list[str]:
+    with np.load(path, allow_pickle=False) as npz:
+        return list(npz.files)
 
-def gaussian(images: np.ndarray, sigma: float) -> np.ndarray:
-    return images if sigma == 0 else ndimage.gaussian_filter(images, sigma=(0, 0, sigma, sigma))
+#----------------------------------------------------------------------------
+# Per-image scores: every metric, against one reference, over one region.
 
 def data_range(ref: np.ndarray) -> np.ndarray:
     flat = ref.reshape(len(ref), -1)
     return flat.max(1) - flat.min(1)
 
-def per_image(metric, images: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    return np.array([metric(images[i], ref[i], data_range=float(r))[0] for i, r in enumerate(data_range(ref))])
+def references(split: dict) -> dict:
+    return {'full_dose_mlem': split['full'], 'phantom': split['phantom_counts']}
 
-def choose_sigma(val: dict, candidates=SIGMA_CANDIDATES) -> tuple[float, dict]:
-    """The filter width with the best mean PSNR against the full-dose MLEM, and every width's score."""
-    scores = {float(s): float(per_image(metrics.psnr, gaussian(val['low'], s), val['full']).mean()) for s in candidates}
-    return max(scores, key=scores.get), scores
+def region_mask(split: dict, region: str) -> np.ndarray | None:
+    return None if region == 'image' else split['phantom_counts'] > 0   # The brain support, from the phantom.
+
+def scores(images: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> dict:
+    """{metric: per-image values [N]}."""
+    out = {k: [] for k in METRICS}
+    for i, r in enumerate(data_range(ref)):
+        m = None if mask is None else mask[i]
+        out['psnr'].append(metrics.psnr(images[i], ref[i], float(r), mask=m)[0])
+        out['ssim'].append(metrics.ssim(images[i], ref[i], float(r), mask=m)[0])
+        out['nrmse'].append(metrics.nrmse(images[i], ref[i], mask=m)[0])
+    return {k: np.array(v) for k, v in out.items()}
+
+#----------------------------------------------------------------------------
+# The baselines: candidates on both splits, the parameter tuned on validation
+# per (reference, region, metric), the test scores at that parameter.
+
+def baseline_candidates(val: dict, test: dict, cache_dir: str) -> dict:
+    """{name: (parameter name, val candidates, test candidates)}."""
+    out = {'low_dose_mlem_gauss': ('sigma_px', baselines.gauss_candidates(val), baselines.gauss_candidates(test))}
+    if 'low_counts' in val and 'low_counts' in test:
+        from tomography_utils.projector import get_system_matrix
+        sm = get_system_matrix(test['low'].shape[-1], cache_dir=cache_dir)
+        out['low_dose_mlem_early'] = ('iterations', baselines.mlem_early_candidates(val, sm, val['n_iter']),
+            baselines.mlem_early_candidates(test, sm, test['n_iter']))
+        out['low_dose_map_em'] = ('beta', baselines.map_em_candidates(val, sm, val['n_iter']), baselines.map_em_candidates(test, sm, test['n_iter']))
+    return out
+
+def tuned_scores(val: dict, test: dict, val_cands: dict, test_cands: dict) -> tuple[dict, dict]:
+    """Test scores {(ref, region): {metric: [N]}} at the parameters chosen on validation, and those choices."""
+    out, chosen = {}, {}
+    val_scores = {p: {(ref, region): scores(img, references(val)[ref], region_mask(val, region)) for ref in REFERENCES for region in REGIONS}
+        for p, img in val_cands.items()}
+    for ref in REFERENCES:
+        for region in REGIONS:
+            out[(ref, region)] = {}
+            for metric, higher in METRICS.items():
+                p, _ = baselines.tune({q: float(v[(ref, region)][metric].mean()) for q, v in val_scores.items()}, higher)
+                chosen[f'{ref}/{region}/{metric}'] = p
+                out[(ref, region)][metric] = scores(test_cands[p], references(test)[ref], region_mask(test, region))[metric]
+    return out, chosen
+
+#----------------------------------------------------------------------------
+# Paired differences over test images: mean and standard error of the mean.
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float('nan')
+    return dict(mean=float(d.mean()), se=se, n=len(d), wins=int((d > 0).sum()))
 
 #----------------------------------------------------------------------------
 # Posterior samples of the conditional EDM: S seeds per condition, batched.
@@ -100,18 +158,27 @@ def pet_posterior(net, low: np.ndarray, samples: int, batch: int, device, seed: 
     return sampling.posterior_stats(np.concatenate(out).reshape(len(low), samples, *low.shape[1:]), axis=1)
 
 #----------------------------------------------------------------------------
-# Metrics of every method against both references: rows (image, method,
-# reference) for metrics.csv and means / stds for metrics.json.
+# Every method against both references over both regions: summary (mean, std),
+# rows for metrics.csv, paired differences of the EDM mean against each baseline
+# and against the best one (best by its test mean: the baseline's most favourable case).
 
-def score(methods: dict, references: dict) -> tuple[list[dict], dict]:
-    rows, summary = [], {}
-    for ref_name, ref in references.items():
-        for method, images in methods.items():
-            psnr, ssim, nrmse = per_image(metrics.psnr, images, ref), per_image(metrics.ssim, images, ref), metrics.nrmse(images, ref)
-            summary[f'{method}_vs_{ref_name}'] = {name: dict(mean=float(v.mean()), std=float(v.std())) for name, v in
-                (('psnr', psnr), ('ssim', ssim), ('nrmse', nrmse))}
-            rows += [dict(image=i, method=method, reference=ref_name, psnr=psnr[i], ssim=ssim[i], nrmse=nrmse[i]) for i in range(len(ref))]
-    return rows, summary
+def compare(per_method: dict, images: int) -> tuple[dict, list[dict], dict]:
+    summary, rows, diffs = {region: {} for region in REGIONS}, [], {region: {} for region in REGIONS}
+    for (method, ref, region), sc in per_method.items():
+        summary[region][f'{method}_vs_{ref}'] = {k: dict(mean=float(v.mean()), std=float(v.std())) for k, v in sc.items()}
+        rows += [dict(image=i, method=method, reference=ref, region=region, **{k: float(v[i]) for k, v in sc.items()}) for i in range(images)]
+    methods = sorted({m for m, _, _ in per_method} - {'edm_posterior_mean'})
+    for ref in REFERENCES:
+        for region in REGIONS:
+            edm = per_method[('edm_posterior_mean', ref, region)]
+            for metric, higher in METRICS.items():
+                sign = 1 if higher else -1                                  # Positive = the EDM mean is better.
+                for m in methods:
+                    diffs[region].setdefault(f'edm_minus_{m}_vs_{ref}', {})[metric] = paired(sign * edm[metric], sign * per_method[(m, ref, region)][metric])
+                best = max((m for m in methods if m != 'low_dose_mlem'), key=lambda m: sign * per_method[(m, ref, region)][metric].mean())
+                diffs[region].setdefault(f'edm_minus_best_baseline_vs_{ref}', {})[metric] = dict(
+                    paired(sign * edm[metric], sign * per_method[(best, ref, region)][metric]), baseline=best)
+    return summary, rows, diffs
 
 # Panel: columns = cases; rows = phantom / low-dose MLEM / EDM mean / EDM std x4 / full-dose MLEM, each case scaled to its full-dose peak.
 def write_panel(path: str, test: dict, mean: np.ndarray, std: np.ndarray, cases: int) -> None:
@@ -130,11 +197,13 @@ def write_panel(path: str, test: dict, mean: np.ndarray, std: np.ndarray, cases:
 @click.option('--samples',               help='Posterior samples per condition', metavar='INT',             type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--max-images',            help='Evaluate at most this many test images', metavar='INT',      type=click.IntRange(min=1), default=None)
 @click.option('--panel-images',          help='Cases shown in panel.png', metavar='INT',                    type=click.IntRange(min=1), default=6, show_default=True)
+@click.option('--cache-dir',             help='Projector cache folder (MLEM and MAP-EM baselines)', metavar='PATH', type=str, default='projector_matrices', show_default=True)
 @evaluation.sampler_options
-def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, samples, max_images, panel_images, sampler):
-    """PET dose enhancement: PSNR, SSIM and NRMSE of low-dose MLEM,
-    Gaussian-filtered low-dose MLEM and the EDM posterior mean, against the
-    full-dose MLEM and against the phantom.
+def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, samples, max_images, panel_images, cache_dir, sampler):
+    """PET dose enhancement: PSNR, SSIM and NRMSE of the EDM posterior mean,
+    the low-dose MLEM and three baselines tuned on --val-data (Gaussian filter,
+    early-stopped MLEM, MAP-EM), against the full-dose MLEM and the phantom,
+    whole image and brain, with paired differences and posterior calibration.
 
     Data range (PSNR and SSIM): per image, max - min of the reference image
     (full-dose MLEM or phantom, in counts per pixel); whole image. Writes
@@ -160,24 +229,42 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     evaluation.make_outdir(outdir)
 
     # Methods.
-    sigma, sigma_scores = choose_sigma(val)
-    print(f'Gaussian filter chosen on {val_data}: sigma = {sigma} px')
     print(f'Sampling {samples} posterior samples for each of {len(test["low"])} conditions '
         f'({sampler["solver"]}, {sampler["discretization"]}, {sampler["num_steps"]} steps)...')
     mean, std = pet_posterior(net, test['low'], samples, batch, device, seed=seed, **sampler)
-    methods = {'low_dose_mlem': test['low'], 'low_dose_mlem_gauss': gaussian(test['low'], sigma), 'edm_posterior_mean': mean}
-    rows, summary = score(methods, {'full_dose_mlem': test['full'], 'phantom': test['phantom_counts']})
+    print('Tuning the baselines on the validation split (per metric, reference and region)...')
+    cands = baseline_candidates(val, test, cache_dir)
+    if 'low_dose_mlem_early' not in cands:
+        print('No low_counts in the splits (built before they were stored): early-stopped MLEM and MAP-EM are skipped')
+    per_method, chosen = {}, {}
+    for name, (param, val_c, test_c) in cands.items():
+        tuned, picks = tuned_scores(val, test, val_c, test_c)
+        chosen[name] = dict(parameter=param, chosen=picks)
+        per_method.update({(name, ref, region): sc for (ref, region), sc in tuned.items()})
+    for method, images in (('low_dose_mlem', test['low']), ('edm_posterior_mean', mean)):
+        per_method.update({(method, ref, region): scores(images, references(test)[ref], region_mask(test, region))
+            for ref in REFERENCES for region in REGIONS})
+    summary, rows, diffs = compare(per_method, len(test['low']))
+    cal = {f'vs_{ref}/{region}': metrics.calibration(mean, std, references(test)[ref], mask=region_mask(test, region))
+        for ref in REFERENCES for region in REGIONS}
 
     # Results.
     result = dict(network=network_pkl, data=data, val_data=val_data, images=len(test['low']), samples=samples, seed=seed, sampler=sampler,
-        gaussian_sigma_px=sigma, gaussian_sigma_val_psnr=sigma_scores,
-        data_range='per image: max - min of the reference image (counts per pixel), whole image',
-        ssim='Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03', metrics=summary)
+        baselines=chosen, data_range='per image: max - min of the reference image (counts per pixel), both regions',
+        regions=dict(image='whole image', brain='phantom > 0'), ssim='Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03',
+        metrics=summary['image'], metrics_brain=summary['brain'], paired=diffs, calibration=cal,
+        paired_note='edm minus baseline; for nrmse the sign is flipped so that positive = the EDM mean is better; se = standard error of the mean')
     metrics.write_metrics(outdir, result, rows)
     write_panel(os.path.join(outdir, 'panel.png'), test, mean, std, panel_images)
-    for key in methods:
-        m = summary[f'{key}_vs_full_dose_mlem']
+    for key in ['low_dose_mlem', *cands, 'edm_posterior_mean']:
+        m = summary['image'][f'{key}_vs_full_dose_mlem']
         print(f'{key:<22s} vs full-dose MLEM: PSNR {m["psnr"]["mean"]:6.2f} dB  SSIM {m["ssim"]["mean"]:.4f}  NRMSE {m["nrmse"]["mean"]:.4f}')
+    for ref in REFERENCES:
+        d = diffs['image'][f'edm_minus_best_baseline_vs_{ref}']
+        print(f'EDM mean - best baseline vs {ref}: ' + ', '.join(f'{k} {v["mean"]:+.4f} +- {v["se"]:.4f} ({v["baseline"]})' for k, v in d.items()))
+    c = cal['vs_full_dose_mlem/brain']
+    print(f'Posterior std vs error (brain, vs full-dose MLEM): correlation {c["std_error_correlation"]:.3f}, '
+        f'coverage +-1 std {c["coverage_1sigma"]:.3f}, +-2 std {c["coverage_2sigma"]:.3f}')
     print(f'Wrote {outdir}/metrics.json, metrics.csv, panel.png (rows: phantom, low-dose MLEM, EDM mean, EDM std x4, full-dose MLEM)')
 
 #----------------------------------------------------------------------------
