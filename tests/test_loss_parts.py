@@ -284,3 +284,26 @@ def test_module_summary_does_not_change_the_run(tmp_path, embedding_data):
     assert a['net'].keys() == b['net'].keys() and all(torch.equal(a['net'][k], b['net'][k]) for k in a['net'])
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# RegressionLoss: the network is called on x = 0 at its fixed sigma, so its
+# output depends on the condition only; the loss is the plain squared error.
+
+def test_regression_loss_sees_the_condition_only():
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=1, cond_channels=1, model_type='SongUNet', model_channels=8,
+        channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    calls = []
+    real = net.forward
+    net.forward = lambda x, sigma, **kw: calls.append((x.clone(), sigma.clone())) or real(x, sigma, **kw)
+    loss_fn = loss_lib.RegressionLoss(sigma=80)
+    cond = torch.randn(3, 1, 8, 8)
+    y1, y2 = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    l1 = loss_fn(net, dict(image=y1, cond=cond))
+    l2 = loss_fn(net, dict(image=y2, cond=cond))
+    pred = loss_fn.predict(net, y1, cond=cond)
+    assert all(torch.equal(x, torch.zeros(3, 1, 8, 8)) and bool((s == 80).all()) for x, s in calls)
+    assert torch.allclose(l1, (pred - y1) ** 2) and torch.allclose(l2, (pred - y2) ** 2)
+    assert not torch.allclose(loss_fn.predict(net, y1, cond=cond + 1), pred)    # The condition matters.
+    with pytest.raises(ValueError, match=re.escape("training.loss.sigma: expected a positive number, got 0")):
+        loss_lib.RegressionLoss(sigma=0)

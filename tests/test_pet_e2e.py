@@ -65,12 +65,15 @@ def test_pet_end_to_end(pet_dir):
         'training.dataset.simulate=true', 'training.dataset.n_iter=5', f'training.dataset.cache_dir={pet_dir / "proj"}']
     launch.check(subprocess.run(launch.torchrun_cmd('train.py', 2) + args, cwd=pet_dir, env=launch.env(), capture_output=True, text=True, timeout=240))
     snapshot = sorted(glob.glob(str(pet_dir / 'runs' / '*-pet64-cond-edm' / 'network-snapshot-*.pkl')))[-1]
+    args[args.index('edm_pet')] = 'pet_supervised'                        # The supervised U-Net: same loop, network, data.
+    launch.check(subprocess.run(launch.torchrun_cmd('train.py', 2) + args, cwd=pet_dir, env=launch.env(), capture_output=True, text=True, timeout=240))
+    supervised = sorted(glob.glob(str(pet_dir / 'runs' / '*-pet64-supervised-unet' / 'network-snapshot-*.pkl')))[-1]
     proc = subprocess.run([sys.executable, os.path.join(launch.ROOT, 'evaluate.py'), 'pet', '--network', snapshot, '--data', str(pet_dir / 'test.npz'),
-        '--val-data', str(pet_dir / 'val.npz'), '--outdir', str(pet_dir / 'eval'), '--samples', '2', '--steps', '2'],
-        cwd=pet_dir, env=launch.env(), capture_output=True, text=True, timeout=240)
+        '--val-data', str(pet_dir / 'val.npz'), '--outdir', str(pet_dir / 'eval'), '--samples', '2', '--steps', '2', '--supervised', supervised,
+        '--cache-dir', str(pet_dir / 'proj')], cwd=pet_dir, env=launch.env(), capture_output=True, text=True, timeout=240)
     launch.check(proc)
     result = json.loads((pet_dir / 'eval' / 'metrics.json').read_text())
-    methods = ('low_dose_mlem', 'low_dose_mlem_gauss', 'low_dose_mlem_early', 'low_dose_map_em', 'edm_posterior_mean')
+    methods = ('low_dose_mlem', 'low_dose_mlem_gauss', 'low_dose_mlem_early', 'low_dose_map_em', 'edm_posterior_mean', 'supervised_unet')
     for method in methods:
         for ref in ('full_dose_mlem', 'phantom'):
             assert set(result['metrics'][f'{method}_vs_{ref}']) == set(result['metrics_brain'][f'{method}_vs_{ref}']) == {'psnr', 'ssim', 'nrmse'}
@@ -78,6 +81,7 @@ def test_pet_end_to_end(pet_dir):
     assert set(result['baselines']['low_dose_mlem_early']['chosen'].values()) <= set(range(1, 11))   # --n-iter 10.
     best = result['paired']['brain']['edm_minus_best_baseline_vs_phantom']['psnr']
     assert best['n'] == 4 and best['baseline'] in methods[1:4] and best['se'] > 0
+    assert set(result['paired']['image']['edm_minus_supervised_unet_vs_full_dose_mlem']) == {'psnr', 'ssim', 'nrmse'}
     assert 0 <= result['calibration']['vs_full_dose_mlem/image']['coverage_1sigma'] <= result['calibration']['vs_full_dose_mlem/image']['coverage_2sigma'] <= 1
     assert (pet_dir / 'eval' / 'panel.png').is_file()
     assert len((pet_dir / 'eval' / 'metrics.csv').read_text().splitlines()) == 1 + 4 * len(methods) * 2 * 2

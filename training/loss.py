@@ -230,3 +230,52 @@ class EDMLoss(DiffusionLoss):
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
 #----------------------------------------------------------------------------
+# Supervised regression through the same network, loop and snapshots: the
+# network is called on x = 0 at one fixed sigma, so that c_skip x = 0 and
+# D(0; sigma, cond) = c_out F(0, c_noise(sigma), cond) sees only its
+# conditioning; trained with L2 against the target it is the MMSE regressor
+# E[y | cond], the estimate a posterior mean approaches (the supervised
+# U-Net baseline of PET dose enhancement: same network, data and budget).
+# `predict` is the one way to call it, in training and in evaluation.
+
+@persistence.persistent_class
+class RegressionLoss(DiffusionLoss):
+    def __init__(self,
+        sigma       = 80.0,     # The fixed noise level the network is called at (EDM's sigma_max).
+        **parts,                # Parts of DiffusionLoss: distance, mask_key, target_key (noise is unused).
+    ):
+        super().__init__(**parts)
+        if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0):
+            raise ValueError(f'training.loss.sigma: expected a positive number, got {sigma!r}')
+        self.sigma = float(sigma)
+
+    def sample_sigma(self, shape, device):
+        return torch.full(shape, self.sigma, device=device)
+
+    def weight(self, sigma):
+        return torch.ones_like(sigma)
+
+    def predict(self, net, like: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The regressor's output for targets shaped like `like`, given the network's conditioning kwargs."""
+        sigma = torch.full([like.shape[0]] + [1] * (like.ndim - 1), self.sigma, device=like.device, dtype=like.dtype)
+        return net(torch.zeros_like(like), sigma, **kwargs)
+
+    def __call__(self, net, batch: dict, augment_pipe=None) -> torch.Tensor:
+        self._batch_tensor(batch, self.target_key, 'target_key')
+        augment_labels = None
+        if augment_pipe is not None:
+            batch, augment_labels = augment_pipe(batch)
+        y = batch[self.target_key]
+        kwargs = self.condition(net, batch)
+        if augment_labels is not None:
+            kwargs['augment_labels'] = augment_labels
+        sigma = self.sample_sigma([y.shape[0]] + [1] * (y.ndim - 1), y.device)
+        return self.compare(self.predict(net, y, **kwargs), y, sigma, batch)
+
+    @torch.no_grad()
+    def grid(self, net, batch: dict, frozen=None) -> torch.Tensor:
+        """Snapshot picture: the conditions' predictions (there is nothing to sample)."""
+        y = batch[self.target_key]
+        return self.predict(net, y, **self.condition(net, batch))
+
+#----------------------------------------------------------------------------

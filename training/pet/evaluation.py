@@ -158,6 +158,33 @@ def pet_posterior(net, low: np.ndarray, samples: int, batch: int, device, seed: 
     return sampling.posterior_stats(np.concatenate(out).reshape(len(low), samples, *low.shape[1:]), axis=1)
 
 #----------------------------------------------------------------------------
+# The supervised U-Net (a snapshot trained with training.loss.RegressionLoss,
+# configs/pet_supervised.yaml): one network call per condition.
+
+@torch.no_grad()
+def pet_supervised(net, loss_fn, low: np.ndarray, batch: int, device) -> np.ndarray:
+    low_t = torch.as_tensor(low, dtype=torch.float32)
+    scale = pet_scale(low_t)
+    cond = pet_normalize(low_t, scale)
+    out = []
+    for start in range(0, len(low), batch):
+        c = cond[start:start + batch].to(device)
+        x = loss_fn.predict(net, torch.zeros([len(c), *sampling.sample_shape(net)], device=device), cond=c)
+        out.append(pet_denormalize(x.cpu().double(), scale[start:start + batch].double()).numpy())
+    return np.concatenate(out)
+
+def load_supervised(path: str, trust_edm_pickle: bool, device, shape: tuple) -> tuple:
+    net, snapshot = evaluation.load_network(path, trust_edm_pickle, device)
+    loss_fn = snapshot.get('loss_fn')
+    if not callable(getattr(loss_fn, 'predict', None)):
+        raise ValueError(f'--supervised: {path} was not trained with training.loss.RegressionLoss '
+            f'(its loss is {type(loss_fn).__name__}); train one with -cn=pet_supervised')
+    if getattr(net, 'cond_channels', 0) != 1 or tuple(sampling.sample_shape(net)) != shape:
+        raise ValueError(f'--supervised: {path} takes images of {tuple(sampling.sample_shape(net))} with '
+            f'{getattr(net, "cond_channels", 0)} condition channels; the EDM network takes {shape} with 1')
+    return net, loss_fn
+
+#----------------------------------------------------------------------------
 # Every method against both references over both regions: summary (mean, std),
 # rows for metrics.csv, paired differences of the EDM mean against each baseline
 # and against the best one (best by its test mean: the baseline's most favourable case).
@@ -175,7 +202,7 @@ def compare(per_method: dict, images: int) -> tuple[dict, list[dict], dict]:
                 sign = 1 if higher else -1                                  # Positive = the EDM mean is better.
                 for m in methods:
                     diffs[region].setdefault(f'edm_minus_{m}_vs_{ref}', {})[metric] = paired(sign * edm[metric], sign * per_method[(m, ref, region)][metric])
-                best = max((m for m in methods if m != 'low_dose_mlem'), key=lambda m: sign * per_method[(m, ref, region)][metric].mean())
+                best = max((m for m in methods if m not in ('low_dose_mlem', 'supervised_unet')), key=lambda m: sign * per_method[(m, ref, region)][metric].mean())
                 diffs[region].setdefault(f'edm_minus_best_baseline_vs_{ref}', {})[metric] = dict(
                     paired(sign * edm[metric], sign * per_method[(best, ref, region)][metric]), baseline=best)
     return summary, rows, diffs
@@ -197,9 +224,10 @@ def write_panel(path: str, test: dict, mean: np.ndarray, std: np.ndarray, cases:
 @click.option('--samples',               help='Posterior samples per condition', metavar='INT',             type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--max-images',            help='Evaluate at most this many test images', metavar='INT',      type=click.IntRange(min=1), default=None)
 @click.option('--panel-images',          help='Cases shown in panel.png', metavar='INT',                    type=click.IntRange(min=1), default=6, show_default=True)
+@click.option('--supervised',            help='Snapshot of the supervised U-Net baseline (-cn=pet_supervised)', metavar='PKL', type=str, default=None)
 @click.option('--cache-dir',             help='Projector cache folder (MLEM and MAP-EM baselines)', metavar='PATH', type=str, default='projector_matrices', show_default=True)
 @evaluation.sampler_options
-def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, samples, max_images, panel_images, cache_dir, sampler):
+def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, samples, max_images, panel_images, supervised, cache_dir, sampler):
     """PET dose enhancement: PSNR, SSIM and NRMSE of the EDM posterior mean,
     the low-dose MLEM and three baselines tuned on --val-data (Gaussian filter,
     early-stopped MLEM, MAP-EM), against the full-dose MLEM and the phantom,
@@ -226,6 +254,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     if min(shape[1:]) < 11: # SSIM's 11 x 11 window would refuse them after sampling.
         raise ValueError(f'{data}: images of {shape[-2]}x{shape[-1]} are smaller than the SSIM window (11)')
     sampling.check_guidance(net, sampler['guidance'], key='--guidance')
+    sup = load_supervised(supervised, trust_edm_pickle, device, shape) if supervised is not None else None
     evaluation.make_outdir(outdir)
 
     # Methods.
@@ -241,7 +270,10 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         tuned, picks = tuned_scores(val, test, val_c, test_c)
         chosen[name] = dict(parameter=param, chosen=picks)
         per_method.update({(name, ref, region): sc for (ref, region), sc in tuned.items()})
-    for method, images in (('low_dose_mlem', test['low']), ('edm_posterior_mean', mean)):
+    fixed = [('low_dose_mlem', test['low']), ('edm_posterior_mean', mean)]
+    if sup is not None:
+        fixed.append(('supervised_unet', pet_supervised(*sup, test['low'], batch, device)))
+    for method, images in fixed:
         per_method.update({(method, ref, region): scores(images, references(test)[ref], region_mask(test, region))
             for ref in REFERENCES for region in REGIONS})
     summary, rows, diffs = compare(per_method, len(test['low']))
@@ -249,14 +281,14 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         for ref in REFERENCES for region in REGIONS}
 
     # Results.
-    result = dict(network=network_pkl, data=data, val_data=val_data, images=len(test['low']), samples=samples, seed=seed, sampler=sampler,
+    result = dict(network=network_pkl, supervised=supervised, data=data, val_data=val_data, images=len(test['low']), samples=samples, seed=seed, sampler=sampler,
         baselines=chosen, data_range='per image: max - min of the reference image (counts per pixel), both regions',
         regions=dict(image='whole image', brain='phantom > 0'), ssim='Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03',
         metrics=summary['image'], metrics_brain=summary['brain'], paired=diffs, calibration=cal,
         paired_note='edm minus baseline; for nrmse the sign is flipped so that positive = the EDM mean is better; se = standard error of the mean')
     metrics.write_metrics(outdir, result, rows)
     write_panel(os.path.join(outdir, 'panel.png'), test, mean, std, panel_images)
-    for key in ['low_dose_mlem', *cands, 'edm_posterior_mean']:
+    for key in ['low_dose_mlem', *cands, *(['supervised_unet'] if sup is not None else []), 'edm_posterior_mean']:
         m = summary['image'][f'{key}_vs_full_dose_mlem']
         print(f'{key:<22s} vs full-dose MLEM: PSNR {m["psnr"]["mean"]:6.2f} dB  SSIM {m["ssim"]["mean"]:.4f}  NRMSE {m["nrmse"]["mean"]:.4f}')
     for ref in REFERENCES:
