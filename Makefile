@@ -7,7 +7,7 @@ NPROC    ?= 2
 export OMP_NUM_THREADS ?= 1
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE = 1
 
-.PHONY: venv demo demo-data demo-pet demo-pet-data demo-ldm demo-ldm-data bench-ldm3d demo-diffmic demo-diffmic-data bench-diffmic demo-anomaly demo-anomaly-data bench-anomaly test test-all bench bench-train bench-sampler bench-mlem bench-projector clean
+.PHONY: venv demo demo-data demo-pet demo-pet-data demo-ldm demo-ldm-data bench-ldm3d demo-diffmic demo-diffmic-data bench-diffmic demo-anomaly demo-anomaly-data bench-anomaly test test-all bench bench-train bench-sampler bench-mlem bench-projector bench-pet-quality clean
 
 venv: $(VENV)/.installed
 
@@ -129,6 +129,8 @@ bench-mlem: venv
 	$(PY) bench/mlem.py
 bench-projector: venv
 	$(PY) bench/projector.py
+bench-pet-quality: venv demo-pet-data
+	$(PY) bench/pet_quality.py
 
 clean:
 	rm -rf demo-runs training-runs .pytest_cache
