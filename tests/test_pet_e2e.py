@@ -83,6 +83,9 @@ def test_pet_end_to_end(pet_dir):
     assert best['n'] == 4 and best['baseline'] in methods[1:4] and best['se'] > 0
     assert set(result['paired']['image']['edm_minus_supervised_unet_vs_full_dose_mlem']) == {'psnr', 'ssim', 'nrmse'}
     assert 0 <= result['calibration']['vs_full_dose_mlem/image']['coverage_1sigma'] <= result['calibration']['vs_full_dose_mlem/image']['coverage_2sigma'] <= 1
+    detail = result['lesions_and_sharpness']
+    assert set(detail) == {*methods, 'edm_posterior_sample'} and all(v['high_frequency_ratio'] > 0 for v in detail.values())
+    assert all({'hot_contrast_recovery', 'cold_contrast_recovery'} <= set(v) for v in detail.values())
     assert (pet_dir / 'eval' / 'panel.png').is_file()
     assert len((pet_dir / 'eval' / 'metrics.csv').read_text().splitlines()) == 1 + 4 * len(methods) * 2 * 2
 
@@ -191,3 +194,32 @@ def test_dataset_refuses_unreadable_files(pet_dir, tmp_path):
     (tmp_path / 'crc.npz').write_bytes(bytes(bad))
     with pytest.raises(ValueError, match=re.escape(f"cannot read dataset file {tmp_path / 'crc.npz'}: damaged archive (BadZipFile: Bad CRC-32 for file 'phantoms.npy')")):
         pet_dataset.PETDataset(str(tmp_path / 'crc.npz'))
+
+#----------------------------------------------------------------------------
+# Lesion contrast recovery and sharpness: known answers.
+
+def test_lesion_contrast_and_sharpness_known_answers():
+    from training.pet import evaluation as pet_evaluation
+    from training.pet import phantoms as pet_phantoms
+    data = pet_phantoms.build_pet_phantoms(resolution=32, subjects=2, slices_per_subject=4, seed=3)
+    labels = data['lesions']
+    assert labels.shape == data['phantoms'].shape and set(np.unique(labels)) <= {0, 1, 2} and (labels == 1).any() and (labels == 2).any()
+    phantom = data['phantoms'].astype(np.float64)
+    assert phantom[labels == 1].mean() > 3 * phantom[labels == 2].mean()   # Hot lesions (1.5 x GM) hot, cold ones (0.5 x WM) cold.
+    split = dict(lesions=labels, phantom_counts=phantom, full=phantom + 0.1 * np.random.default_rng(0).standard_normal(phantom.shape))
+    cr = pet_evaluation.lesion_contrast(phantom, split)
+    for kind in ('hot', 'cold'):
+        finite = cr[kind][np.isfinite(cr[kind])]
+        assert len(finite) > 0 and np.allclose(finite, 1.0)                # The phantom keeps its own contrast.
+    flat = np.where(labels > 0, 0.0, phantom)
+    for i in range(len(flat)):                                              # Lesions filled with their ring's mean: CR 0.
+        for label in (1, 2):
+            lesion = labels[i, 0] == label
+            ring = pet_evaluation.ndimage.binary_dilation(lesion, iterations=2) & (labels[i, 0] == 0) & (phantom[i, 0] > 0)
+            if lesion.sum() >= 4 and ring.sum() >= 4:
+                flat[i, 0][lesion] = phantom[i, 0][ring].mean()
+    for kind in ('hot', 'cold'):
+        finite = pet_evaluation.lesion_contrast(flat, split)[kind]
+        assert np.allclose(finite[np.isfinite(finite)], 0.0, atol=1e-12)
+    assert np.allclose(pet_evaluation.high_frequency_ratio(split['full'], split), 1.0)
+    assert (pet_evaluation.high_frequency_ratio(phantom, split) < 1).all()  # Noise-free: less high-frequency energy.

@@ -20,6 +20,8 @@ import zipfile
 import click
 import numpy as np
 import torch
+from scipy import ndimage
+
 from training import evaluation
 from training import image_io
 from training import metrics
@@ -57,6 +59,11 @@ def load_split(path: str, max_images: int | None, option: str = '--data') -> dic
             raise ValueError(f'{option}: {k} {data[k].shape} does not match full {full.shape} in {path} (image count and size must agree)')
     n = len(full) if max_images is None else min(max_images, len(full))
     out = {}
+    if 'lesions' in npz_keys(path):                                     # Lesion labels (0 none, 1 hot, 2 cold).
+        with np.load(path, allow_pickle=False) as npz:
+            if npz['lesions'].shape != full.shape:
+                raise ValueError(f'{option}: lesions {npz["lesions"].shape} do not match full {full.shape} in {path}')
+            out['lesions'] = npz['lesions'][:n]
     if 'low_counts' in npz_keys(path):                                  # The reconstruction baselines' input.
         with np.load(path, allow_pickle=False) as npz:
             counts = npz['low_counts']
@@ -142,7 +149,7 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
 
 @torch.no_grad()
 def pet_posterior(net, low: np.ndarray, samples: int, batch: int, device, seed: int = 0, **sampler_kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Return the posterior mean and std [N,1,R,R] in counts per pixel."""
+    """Return the posterior mean, std and the first sample of each condition [N,1,R,R], in counts per pixel."""
     low_t = torch.as_tensor(low, dtype=torch.float32)
     scale = pet_scale(low_t)
     cond = pet_normalize(low_t, scale)
@@ -155,7 +162,47 @@ def pet_posterior(net, low: np.ndarray, samples: int, batch: int, device, seed: 
         latents = rnd.randn([len(idx), *sampling.sample_shape(net)], device=device)
         x = sampling.sample(net, latents, cond=cond[idx].to(device), randn_like=rnd.randn_like, **sampler_kwargs)
         out.append(pet_denormalize(x.cpu().double(), scale[idx].double()).numpy())
-    return sampling.posterior_stats(np.concatenate(out).reshape(len(low), samples, *low.shape[1:]), axis=1)
+    draws = np.concatenate(out).reshape(len(low), samples, *low.shape[1:])
+    return (*sampling.posterior_stats(draws, axis=1), draws[:, 0])
+
+#----------------------------------------------------------------------------
+# What a mean cannot show: lesion contrast and sharpness, per image.
+#   contrast recovery  CR = (C - 1) / (C_phantom - 1), C = mean(lesion) / mean(ring),
+#                      the ring: 2 px around the lesions of one kind, inside the brain,
+#                      outside every lesion (1 = the phantom's contrast kept, 0 = lost);
+#   sharpness          HF(x) / HF(full-dose MLEM), HF = energy of x - G_1px(x) in the brain.
+
+def lesion_contrast(images: np.ndarray, split: dict) -> dict:
+    """{'hot': [N], 'cold': [N]} contrast recovery (NaN where an image has no such lesion)."""
+    out = {}
+    for kind, label in (('hot', 1), ('cold', 2)):
+        values = []
+        for i in range(len(images)):
+            lesion = split['lesions'][i, 0] == label
+            ring = ndimage.binary_dilation(lesion, iterations=2) & (split['lesions'][i, 0] == 0) & (split['phantom_counts'][i, 0] > 0)
+            if lesion.sum() < 4 or ring.sum() < 4:
+                values.append(np.nan)
+                continue
+            contrast = lambda x: x[lesion].mean() / max(x[ring].mean(), 1e-12)
+            values.append((contrast(images[i, 0]) - 1) / (contrast(split['phantom_counts'][i, 0]) - 1))
+        out[kind] = np.array(values)
+    return out
+
+def high_frequency_ratio(images: np.ndarray, split: dict) -> np.ndarray:
+    brain = split['phantom_counts'] > 0
+    hf = lambda x: ((x - ndimage.gaussian_filter(x, sigma=(0, 0, 1, 1))) ** 2 * brain).reshape(len(x), -1).sum(1)
+    return hf(images) / hf(split['full'])
+
+def lesions_and_sharpness(methods: dict, split: dict) -> dict:
+    out = {}
+    for name, images in methods.items():
+        entry = dict(high_frequency_ratio=float(high_frequency_ratio(images, split).mean()))
+        if 'lesions' in split:
+            for kind, v in lesion_contrast(images, split).items():
+                entry[f'{kind}_contrast_recovery'] = float(np.nanmean(v)) if np.isfinite(v).any() else float('nan')
+                entry[f'{kind}_images'] = int(np.isfinite(v).sum())
+        out[name] = entry
+    return out
 
 #----------------------------------------------------------------------------
 # The supervised U-Net (a snapshot trained with training.loss.RegressionLoss,
@@ -260,7 +307,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     # Methods.
     print(f'Sampling {samples} posterior samples for each of {len(test["low"])} conditions '
         f'({sampler["solver"]}, {sampler["discretization"]}, {sampler["num_steps"]} steps)...')
-    mean, std = pet_posterior(net, test['low'], samples, batch, device, seed=seed, **sampler)
+    mean, std, sample = pet_posterior(net, test['low'], samples, batch, device, seed=seed, **sampler)
     print('Tuning the baselines on the validation split (per metric, reference and region)...')
     cands = baseline_candidates(val, test, cache_dir)
     if 'low_dose_mlem_early' not in cands:
@@ -277,6 +324,11 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         per_method.update({(method, ref, region): scores(images, references(test)[ref], region_mask(test, region))
             for ref in REFERENCES for region in REGIONS})
     summary, rows, diffs = compare(per_method, len(test['low']))
+    shown = dict(fixed)                                                     # Lesions and sharpness: the baselines at their
+    shown.update({name: test_c[chosen[name]['chosen']['full_dose_mlem/image/psnr']]   # PSNR-optimal parameter.
+        for name, (_, _, test_c) in cands.items()})
+    shown['edm_posterior_sample'] = sample
+    detail = lesions_and_sharpness(shown, test)
     cal = {f'vs_{ref}/{region}': metrics.calibration(mean, std, references(test)[ref], mask=region_mask(test, region))
         for ref in REFERENCES for region in REGIONS}
 
@@ -284,7 +336,9 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     result = dict(network=network_pkl, supervised=supervised, data=data, val_data=val_data, images=len(test['low']), samples=samples, seed=seed, sampler=sampler,
         baselines=chosen, data_range='per image: max - min of the reference image (counts per pixel), both regions',
         regions=dict(image='whole image', brain='phantom > 0'), ssim='Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03',
-        metrics=summary['image'], metrics_brain=summary['brain'], paired=diffs, calibration=cal,
+        metrics=summary['image'], metrics_brain=summary['brain'], paired=diffs, calibration=cal, lesions_and_sharpness=detail,
+        lesions_note='contrast recovery (C - 1) / (C_phantom - 1) against a 2 px ring; high_frequency_ratio = HF(x) / HF(full-dose MLEM) '
+            'in the brain; baselines at their PSNR-optimal parameter (vs full-dose MLEM, whole image)',
         paired_note='edm minus baseline; for nrmse the sign is flipped so that positive = the EDM mean is better; se = standard error of the mean')
     metrics.write_metrics(outdir, result, rows)
     write_panel(os.path.join(outdir, 'panel.png'), test, mean, std, panel_images)
@@ -294,6 +348,8 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     for ref in REFERENCES:
         d = diffs['image'][f'edm_minus_best_baseline_vs_{ref}']
         print(f'EDM mean - best baseline vs {ref}: ' + ', '.join(f'{k} {v["mean"]:+.4f} +- {v["se"]:.4f} ({v["baseline"]})' for k, v in d.items()))
+    for name, d in detail.items():
+        print(f'{name:<22s} ' + ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}' for k, v in d.items()))
     c = cal['vs_full_dose_mlem/brain']
     print(f'Posterior std vs error (brain, vs full-dose MLEM): correlation {c["std_error_correlation"]:.3f}, '
         f'coverage +-1 std {c["coverage_1sigma"]:.3f}, +-2 std {c["coverage_2sigma"]:.3f}')

@@ -18,11 +18,14 @@ from training import mri_phantoms
 # Random elliptical lesions inside the brain, applied to one activity slice.
 
 def _add_lesions(rng: np.random.Generator, activity: np.ndarray, brain: np.ndarray, gm_level: float, wm_level: float,
-        max_lesions: int, radius_px: tuple[float, float]) -> np.ndarray:
+        max_lesions: int, radius_px: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    # Returns the activity and a lesion label map (0 none, 1 hot, 2 cold: where a lesion's
+    # smoothed ellipse is above 1/2, the later lesion where two overlap).
     out = activity.copy()
+    labels = np.zeros(activity.shape, dtype=np.uint8)
     candidates = np.argwhere(brain)
     if len(candidates) == 0:
-        return out
+        return out, labels
     n = int(rng.integers(0, max_lesions + 1))
     yy, xx = np.mgrid[:activity.shape[0], :activity.shape[1]]
     for _ in range(n):
@@ -33,9 +36,11 @@ def _add_lesions(rng: np.random.Generator, activity: np.ndarray, brain: np.ndarr
         u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
         v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
         inside = ndimage.gaussian_filter((u ** 2 + v ** 2 <= 1).astype(np.float32), 0.7) * brain
-        level = 1.5 * gm_level if rng.uniform() < 0.5 else 0.5 * wm_level # Hot or cold.
+        hot = rng.uniform() < 0.5
+        level = 1.5 * gm_level if hot else 0.5 * wm_level # Hot or cold.
         out = out * (1 - inside) + level * inside
-    return out
+        labels[inside > 0.5] = 1 if hot else 2
+    return out, labels
 
 #----------------------------------------------------------------------------
 # Build the phantom set.
@@ -52,7 +57,8 @@ def build_pet_phantoms(
     fov_margin          = 0.25,         # Margin around the head (fraction of its size, each side).
     deform              = True,         # Random smooth deformation per subject.
 ) -> dict:
-    """Return dict(phantoms float32 [N,1,R,R] activity (WM = 1 on average), subject, slice, z_mm)."""
+    """Return dict(phantoms float32 [N,1,R,R] activity (WM = 1 on average), lesions uint8 [N,1,R,R]
+    (0 none, 1 hot, 2 cold), subject, slice, z_mm)."""
     if resolution < 8:
         raise ValueError(f'resolution must be >= 8, got {resolution}')
     voxel_mm = 2
@@ -67,7 +73,7 @@ def build_pet_phantoms(
         subject_kwargs.update(rotate_deg=0, scale_std=0, aniso_std=0, translate_mm=0, warp_mm=0)
     lesion_radius = (0.03 * resolution, 0.08 * resolution)
 
-    phantoms, subject_ids, slice_ids, z_list = [], [], [], []
+    phantoms, lesions, subject_ids, slice_ids, z_list = [], [], [], [], []
     for s in range(subjects):
         rng = np.random.default_rng([seed, s, 7])
         z_vox = mri_phantoms.stratified_positions(rng, z_vox_lo, z_vox_hi, slices_per_subject)
@@ -80,12 +86,15 @@ def build_pet_phantoms(
         for i in range(slices_per_subject):
             activity = gm_level * gm_s[i] + wm_level * wm_s[i] # CSF and background: 0.
             brain = (gm_s[i] + wm_s[i]) > 0.5
-            phantoms.append(_add_lesions(rng, activity, brain, gm_level, wm_level, max_lesions, lesion_radius))
+            phantom, labels = _add_lesions(rng, activity, brain, gm_level, wm_level, max_lesions, lesion_radius)
+            phantoms.append(phantom)
+            lesions.append(labels)
         subject_ids.append(np.full(slices_per_subject, s, dtype=np.int64))
         slice_ids.append(np.arange(slices_per_subject, dtype=np.int64))
         z_list.append((affine[2, 3] + affine[2, 2] * z_vox).astype(np.float32))
     return dict(
         phantoms = np.asarray(phantoms, dtype=np.float32)[:, None],
+        lesions  = np.asarray(lesions, dtype=np.uint8)[:, None],
         subject  = np.concatenate(subject_ids),
         slice    = np.concatenate(slice_ids),
         z_mm     = np.concatenate(z_list),
