@@ -6,7 +6,8 @@ reference and region (the most favourable choice for the baseline):
 
   gauss      Gaussian post-filter of the low-dose MLEM, width sigma (pixels).
   mlem_early MLEM of the low-dose counts stopped early, iteration count.
-  map_em     MAP-EM with a quadratic prior (tomography_utils/mapem.py), strength beta.
+  map_em     MAP-EM with a quadratic prior (tomography_utils/mapem.py), strength beta
+             (in the units of the low-dose counts per pixel of a column-normalised A).
 
 Every candidate is computed for the validation and the test split alike,
 in full-dose counts per pixel (reconstructions of the low-dose counts are
@@ -20,7 +21,7 @@ from tomography_utils import mapem
 from tomography_utils.mlem import mlem
 
 GAUSS_SIGMAS = tuple(round(0.05 * i, 2) for i in range(61))          # 0, 0.05, ..., 3 px.
-MAP_BETAS    = tuple(float(10 ** (0.1 * e)) for e in range(-60, 11))  # 1e-6 ... 10, 10 per decade.
+MAP_BETAS    = tuple(float(10 ** (0.1 * e)) for e in range(-75, -4))  # 3e-8 ... 0.3, 10 per decade (the demo's optimum: 3e-5).
 
 #----------------------------------------------------------------------------
 # Candidates: {parameter: images [N, 1, R, R]} of one split.
@@ -56,9 +57,12 @@ def map_em_candidates(split: dict, system_matrix, n_iter: int, betas=MAP_BETAS, 
 #----------------------------------------------------------------------------
 # Tuning: the parameter with the best mean validation score, per key.
 
-def tune(val_scores: dict, higher_is_better: bool) -> tuple[object, dict]:
-    """val_scores: {parameter: mean score}. Returns (best parameter, the scores)."""
+def tune(val_scores: dict, higher_is_better: bool) -> tuple[object, bool]:
+    """val_scores: {parameter: mean score}, parameters in grid order. Returns (best parameter,
+    whether it lies at an end of the grid: then the grid may be too narrow)."""
     pick = max if higher_is_better else min
-    return pick(val_scores, key=val_scores.get), val_scores
+    best = pick(val_scores, key=val_scores.get)
+    grid = list(val_scores)
+    return best, best in (grid[0], grid[-1]) and len(grid) > 2
 
 #----------------------------------------------------------------------------

@@ -131,8 +131,10 @@ def tuned_scores(val: dict, test: dict, val_cands: dict, test_cands: dict) -> tu
         for region in REGIONS:
             out[(ref, region)] = {}
             for metric, higher in METRICS.items():
-                p, _ = baselines.tune({q: float(v[(ref, region)][metric].mean()) for q, v in val_scores.items()}, higher)
+                p, at_edge = baselines.tune({q: float(v[(ref, region)][metric].mean()) for q, v in val_scores.items()}, higher)
                 chosen[f'{ref}/{region}/{metric}'] = p
+                if at_edge:
+                    print(f'Note: the parameter chosen for {ref}/{region}/{metric}, {p}, is at an end of its grid')
                 out[(ref, region)][metric] = scores(test_cands[p], references(test)[ref], region_mask(test, region))[metric]
     return out, chosen
 

@@ -1,0 +1,42 @@
+# medEDM tests: the PET baselines of evaluate.py pet (training/pet/baselines.py):
+# tuning, early-stopped MLEM and batched MAP-EM candidates against direct calls.
+
+import numpy as np
+import pytest
+import torch
+
+from tomography_utils import mapem, projector
+from tomography_utils.mlem import mlem
+from training.pet import baselines
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+@pytest.fixture(scope='module')
+def split():
+    sm = projector.get_system_matrix(16, cache_dir=None)
+    gen = torch.Generator().manual_seed(0)
+    phantoms = torch.rand(3, 16, 16, generator=gen) * (torch.arange(16)[:, None] % 5 < 3)
+    counts = torch.poisson(sm.forward(phantoms) * 40, generator=gen)
+    return sm, dict(low_counts=counts.double().numpy(), dose_fraction=0.25, low=np.zeros((3, 1, 16, 16)))
+
+def test_tune_picks_the_best_and_flags_the_grid_ends():
+    assert baselines.tune({0.1: 1.0, 0.2: 3.0, 0.3: 2.0}, True) == (0.2, False)
+    assert baselines.tune({0.1: 1.0, 0.2: 3.0, 0.3: 2.0}, False) == (0.1, True)
+    assert baselines.tune({1: 1.0, 2: 2.0, 3: 5.0}, True) == (3, True)
+
+def test_early_mlem_candidates_are_mlem_stopped_there(split):
+    sm, data = split
+    cands = baselines.mlem_early_candidates(data, sm, 6)
+    assert sorted(cands) == list(range(1, 7))
+    for it in (1, 4, 6):
+        direct = mlem(torch.as_tensor(data['low_counts'], dtype=sm.dtype), sm, n_iter=it)[:, None].double().numpy() / 0.25
+        np.testing.assert_array_equal(cands[it], direct)
+
+def test_map_em_candidates_batch_betas_and_images_consistently(split):
+    sm, data = split
+    betas = (0.0, 1e-3, 1e-2)
+    a = baselines.map_em_candidates(data, sm, 5, betas=betas, batch=4)    # Batches mixing betas and images.
+    for beta in betas:
+        direct = mapem.map_em(torch.as_tensor(data['low_counts'], dtype=sm.dtype), sm, beta, n_iter=5)[:, None].double().numpy() / 0.25
+        np.testing.assert_allclose(a[beta], direct, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a[0.0], a[1e-2])
