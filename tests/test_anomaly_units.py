@@ -279,3 +279,24 @@ def test_solver_reconstruction_one_step_is_the_x0_call():
     assert torch.isfinite(three).all() and not torch.allclose(three, one, atol=1e-3)
     method = dict(kind='full', sigmas=[1.0124], noise='simplex', steps=3)
     assert torch.allclose(inference.reconstruct_volumes(net, [x], method, seed=0)[0], inference.reconstruct_solver(net, x, noise, [1.0124], 3), atol=1e-6)
+
+#----------------------------------------------------------------------------
+# Healthy inter-subject variation of the data builder.
+
+def test_varied_subject_extends_random_subject():
+    from training import mri_phantoms
+    from training.anomaly import data as anomaly_data
+    shape, centre = (20, 24, 20), np.array([10.0, 12.0, 10.0])
+    base = mri_phantoms.RandomSubject(np.random.default_rng(7), shape)
+    plain = anomaly_data.VariedSubject(np.random.default_rng(7), shape, centre, warp_mm=2.5, warp_smooth_mm=16.0, fine_warp_mm=0.0,
+        ventricle_max=0.0, gamma_std=0.12, bias_std=0.12)
+    pts = np.random.default_rng(0).uniform(0, 19, size=(3, 50))
+    assert np.allclose(plain.template_coords(pts), base.template_coords(pts), atol=1e-9) # The base class draws first.
+    assert plain.gamma == base.gamma and plain.noise_std == base.noise_std
+    big = anomaly_data.VariedSubject(np.random.default_rng(7), shape, centre, warp_mm=2.5, warp_smooth_mm=16.0, fine_warp_mm=0.0,
+        ventricle_max=0.0, gamma_std=0.12, bias_std=0.12)
+    big.ventricle_k = 0.3 # Ventricles enlarged: subject points near the centre sample the template closer to it.
+    near = base.template_coords(centre[:, None] + 2.0)
+    assert np.linalg.norm(big.template_coords(centre[:, None] + 2.0) - centre[:, None]) < np.linalg.norm(near - centre[:, None])
+    with pytest.raises(ValueError, match="variation must be one of realistic, small, got 'x'"):
+        anomaly_data.Geometry.subject(None, np.random.default_rng(0), variation='x')
