@@ -210,7 +210,7 @@ def test_masked_pretraining_loss_and_init_from(tmp_path):
 # Simplex frequency convention (AnoDDPM's rand_2d_octaves: noise(x / frequency),
 # frequency halved and amplitude times persistence per octave): `frequency` is
 # a length in pixels, so the field of frequency 2f sampled every second pixel
-# is the field of frequency f, exactly.
+# is the field of frequency f (to float rounding).
 
 def test_simplex_frequency_is_a_length_in_pixels():
     a = simplex.simplex_field(12, 12, frequency=8, generator=torch.Generator().manual_seed(5))
