@@ -108,7 +108,8 @@ demo-anomaly: venv demo-anomaly-data
 	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) train.py -cn=anomaly_cddpm
 	$(PY) -c "import glob; print(sorted(glob.glob('demo-runs/*-anomaly-cddpm/network-snapshot-*.pkl'))[-1])" > demo-runs/latest-anomaly-cddpm.txt
 	$(PY) evaluate.py anomaly --data-root datasets/anomaly-32 --outdir demo-runs/anomaly-eval \
-		--network pddpm=$$(cat demo-runs/latest-anomaly-pddpm.txt) --network cddpm=$$(cat demo-runs/latest-anomaly-cddpm.txt)
+		--network pddpm=$$(cat demo-runs/latest-anomaly-pddpm.txt) --network cddpm=$$(cat demo-runs/latest-anomaly-cddpm.txt) \
+		--select-t 'pddpm=300;400;500;600;700' --select-t 'cddpm=250,500,750;150,300,450;400,500,600;500'
 
 bench-anomaly: venv demo-anomaly-data
 	$(PY) bench/anomaly_inference.py --data-root datasets/anomaly-32

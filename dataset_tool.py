@@ -216,7 +216,8 @@ def diffmic_data(dest, resolution, train_per_class, test_per_class, seed):
 @click.option('--z-mm',                 help='MNI z range of the slices (mm)', metavar='LOW,HIGH',          type=parse_float_range, default='-40,64', show_default=True)
 @click.option('--counts',               help='Volumes per split, e.g. IXI_train_fold0=40,Brats21_test=12', metavar='LIST', type=str, default='', show_default=False)
 @click.option('--seed',                 help='Random seed', metavar='INT',                                  type=click.IntRange(min=0), default=0, show_default=True)
-def anomaly_data(dest, resolution, slices, z_mm, counts, seed):
+@click.option('--variation',            help='Healthy inter-subject variation', type=click.Choice(['realistic', 'small']), default='realistic', show_default=True)
+def anomaly_data(dest, resolution, slices, z_mm, counts, seed, variation):
     """Healthy IXI-like and lesioned BraTS-/MSLUB-like NIfTI volumes with brain
     and lesion masks and the reference's split CSVs, from the MNI152 template
     (lesion kinds: tumour_hyper, tumour_hypo, ms_hyper; see training/anomaly/data.py)."""
@@ -229,7 +230,7 @@ def anomaly_data(dest, resolution, slices, z_mm, counts, seed):
         parsed[name] = int(value)
     t0 = time.time()
     try:
-        written = anomaly_data_mod.build_anomaly_data(dest, resolution=resolution, slices=slices, z_mm=z_mm, counts=parsed, seed=seed)
+        written = anomaly_data_mod.build_anomaly_data(dest, resolution=resolution, slices=slices, z_mm=z_mm, counts=parsed, seed=seed, variation=variation)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     print(f'Wrote {dest}: {sum(written.values())} volumes {resolution}x{resolution}x{slices} in {time.time() - t0:.1f} s')

@@ -18,6 +18,7 @@ import pytest
 import launch
 from training.anomaly import data as anomaly_data
 from training.anomaly import dataset as anomaly_dataset
+from training.anomaly import loss as anomaly_loss
 
 COUNTS = 'IXI_train_fold0=3,IXI_val_fold0=1,IXI_test=1,Brats21_val=2,Brats21_test=2,MSLUB_val=1,MSLUB_test=2'
 
@@ -67,9 +68,14 @@ def snapshots(data_root, tmp_path_factory):
 def test_anomaly_end_to_end(data_root, snapshots, tmp_path):
     out = tmp_path / 'eval'
     launch.check(_evaluate(['--data-root', str(data_root), '--network', f'pddpm={snapshots["pddpm"]}', '--network', f'cddpm={snapshots["cddpm"]}',
-        '--outdir', str(out), '--panels', '1'], tmp_path))
+        '--outdir', str(out), '--panels', '1', '--select-t', 'pddpm=300;500'], tmp_path))
     result = json.loads((out / 'metrics.json').read_text())
     assert result['methods'] == ['intensity', 'mean_healthy', 'pddpm', 'cddpm']
+    for s in ('Brats21', 'MSLUB'): # The test step of pddpm chosen on each set's validation split; cddpm keeps its own.
+        sel = result['selection'][s]['pddpm']
+        assert [t['test_t'] for t in sel['tried']] == [[300], [500]] and set(result['selection'][s]) == {'pddpm'}
+        best = max(sel['tried'], key=lambda t: t['val_dice'])
+        assert sel['chosen'] == pytest.approx(best['sigmas']) and best['sigmas'] == pytest.approx(anomaly_loss.reference_sigma(best['test_t']))
     assert result['sigmas']['pddpm'] == pytest.approx([1.012390]) and result['sigmas']['cddpm'] == pytest.approx([0.424995, 1.012390, 2.435436], abs=1e-5)
     pooled = result['results']['pooled']
     for m in result['methods']:
@@ -144,5 +150,18 @@ def test_bad_volume_size_for_the_network(data_root, snapshots, tmp_path):
     anomaly_data.build_anomaly_data(str(root), resolution=24, slices=8, counts=dict((kv.split('=')[0], 1) for kv in COUNTS.split(',')), log=lambda *_: None)
     _bad(['--data-root', str(root), '--network', f'pddpm={snapshots["pddpm"]}'], tmp_path,
         'takes slices of shape [16, 16], the test volumes have 24 x 24 slices')
+    _bad(['--data-root', str(data_root), '--network', f'pddpm={snapshots["pddpm"]}', '--steps', '2'], tmp_path,
+        '--steps 2: --network pddpm is a patched DDPM; its boxes are reconstructed with one call (--steps 1)')
+    _bad(['--data-root', str(data_root), '--network', f'pddpm={snapshots["pddpm"]}', '--select-t', 'cddpm=500'], tmp_path,
+        "--select-t 'cddpm=500': expected NAME=CANDIDATES for one of the --network names (pddpm), once each")
+    _bad(['--data-root', str(data_root), '--network', f'pddpm={snapshots["pddpm"]}', '--select-t', 'pddpm=0;x'], tmp_path,
+        "--select-t 'pddpm=0;x': expected candidates of reference steps in 1..1000")
+
+def test_few_solver_steps_from_sigma_test(data_root, snapshots, tmp_path):
+    out = tmp_path / 'eval'
+    launch.check(_evaluate(['--data-root', str(data_root), '--network', f'cddpm={snapshots["cddpm"]}', '--outdir', str(out), '--panels', '0',
+        '--no-maps', '--steps', '3', '--sets', 'MSLUB'], tmp_path))
+    result = json.loads((out / 'metrics.json').read_text())
+    assert result['steps'] == 3 and result['results']['pooled']['cddpm']['auroc']['n'] == 2
 
 #----------------------------------------------------------------------------

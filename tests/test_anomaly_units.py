@@ -205,3 +205,98 @@ def test_masked_pretraining_loss_and_init_from(tmp_path):
     net = tiny_cddpm()
     copied = stages.init_from(net, dict(path=str(tmp_path / 'pre.pkl'), module='encoder', source='encoder'))
     assert copied and all(torch.equal(net.encoder.state_dict()[k], pre.encoder.state_dict()[k]) for k in copied)
+
+#----------------------------------------------------------------------------
+# Simplex frequency convention (AnoDDPM's rand_2d_octaves: noise(x / frequency),
+# frequency halved and amplitude times persistence per octave): `frequency` is
+# a length in pixels, so the field of frequency 2f sampled every second pixel
+# is the field of frequency f (to float rounding).
+
+def test_simplex_frequency_is_a_length_in_pixels():
+    a = simplex.simplex_field(12, 12, frequency=8, generator=torch.Generator().manual_seed(5))
+    b = simplex.simplex_field(24, 24, frequency=16, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(a, b[::2, ::2], atol=1e-5, rtol=0)
+    c = simplex.simplex_field(12, 12, frequency=16, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(a, c)
+
+def test_loss_simplex_frequency_reaches_training_and_test_noise():
+    y = torch.zeros(2, 1, 16, 16)
+    loss = anomaly_loss.PatchedLoss(patch_size=8, simplex_frequency=5.0)
+    torch.manual_seed(3)
+    got = loss.sample_noise(y)
+    torch.manual_seed(3)
+    assert torch.equal(got[0, 0], simplex.simplex_field(16, 16, frequency=5.0))
+    method = inference.method_of(loss)
+    assert method['frequency'] == 5.0
+    assert torch.equal(inference.noise_fields(1, 16, 16, 'simplex', 'cpu', seed=2, frequency=5.0)[0, 0],
+        simplex.simplex_field(16, 16, frequency=5.0, generator=torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match='training.loss.simplex_frequency must be a positive number, got 0'):
+        anomaly_loss.AnomalyLoss(simplex_frequency=0)
+
+#----------------------------------------------------------------------------
+# Skipping jobs outside the eroded brain keeps the anomaly maps.
+
+class CountingNet(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.samples = net, 0
+        self.encode = getattr(net, 'encode', None)
+        if self.encode is None:
+            del self.encode
+    def forward(self, x, sigma, **kwargs):
+        self.samples += len(x)
+        return self.net(x, sigma, **kwargs)
+
+@pytest.mark.parametrize('kind', ['patched', 'full'])
+def test_skipping_slices_and_boxes_outside_the_brain_keeps_the_maps(kind):
+    net = CountingNet(tiny_unet() if kind == 'patched' else tiny_cddpm())
+    torch.manual_seed(2)
+    brain = np.zeros((16, 16, 6), dtype=bool)
+    brain[2:8, 3:13, 1:5] = True # Slices 0 and 5 empty, the lower boxes (rows 8..15) too (no erosion below 25 px, as the map).
+    image = np.where(brain, np.random.default_rng(0).uniform(size=brain.shape), 0).astype(np.float32)
+    vol = torch.from_numpy(np.transpose(image, (2, 0, 1)))[:, None] * 2 - 1
+    active = torch.from_numpy(np.transpose(M.erode_mask(brain), (2, 0, 1)))[:, None]
+    method = dict(kind=kind, sigmas=[1.0124] if kind == 'patched' else [0.425, 1.0124], noise='simplex', patch_size=8, stride=8)
+    full = inference.reconstruct_volumes(net, [vol], method, seed=1, batch=5)[0]
+    calls_full, net.samples = net.samples, 0
+    skip = inference.reconstruct_volumes(net, [vol], method, seed=1, batch=5, active=[active])[0]
+    assert net.samples == 4 * 2 and calls_full == (4 * 6 if kind == 'patched' else 2 * 6) # (boxes or sigmas) x slices.
+    to_map = lambda r: M.anomaly_map(np.abs(image - np.transpose(((r[:, 0].numpy() + 1) / 2), (1, 2, 0))), brain)
+    assert np.abs(to_map(skip) - to_map(full)).max() <= 1e-6
+    assert torch.equal(skip[0], vol[0]) # Skipped: the input itself.
+
+#----------------------------------------------------------------------------
+# Few solver steps from sigma_test (training/sampling.py): one step is the one-call x0 prediction.
+
+def test_solver_reconstruction_one_step_is_the_x0_call():
+    net = tiny_cddpm()
+    torch.manual_seed(4)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    noise = inference.noise_fields(1, 16, 16, 'simplex', 'cpu', seed=0)
+    one = inference.reconstruct_full(net, x, noise, [0.425, 1.0124])
+    assert torch.allclose(inference.reconstruct_solver(net, x, noise, [0.425, 1.0124], steps=1), one, atol=1e-5)
+    three = inference.reconstruct_solver(net, x, noise, [0.425, 1.0124], steps=3)
+    assert torch.isfinite(three).all() and not torch.allclose(three, one, atol=1e-3)
+    method = dict(kind='full', sigmas=[1.0124], noise='simplex', steps=3)
+    assert torch.allclose(inference.reconstruct_volumes(net, [x], method, seed=0)[0], inference.reconstruct_solver(net, x, noise, [1.0124], 3), atol=1e-6)
+
+#----------------------------------------------------------------------------
+# Healthy inter-subject variation of the data builder.
+
+def test_varied_subject_extends_random_subject():
+    from training import mri_phantoms
+    from training.anomaly import data as anomaly_data
+    shape, centre = (20, 24, 20), np.array([10.0, 12.0, 10.0])
+    base = mri_phantoms.RandomSubject(np.random.default_rng(7), shape)
+    plain = anomaly_data.VariedSubject(np.random.default_rng(7), shape, centre, warp_mm=2.5, warp_smooth_mm=16.0, fine_warp_mm=0.0,
+        ventricle_max=0.0, gamma_std=0.12, bias_std=0.12)
+    pts = np.random.default_rng(0).uniform(0, 19, size=(3, 50))
+    assert np.allclose(plain.template_coords(pts), base.template_coords(pts), atol=1e-9) # The base class draws first.
+    assert plain.gamma == base.gamma and plain.noise_std == base.noise_std
+    big = anomaly_data.VariedSubject(np.random.default_rng(7), shape, centre, warp_mm=2.5, warp_smooth_mm=16.0, fine_warp_mm=0.0,
+        ventricle_max=0.0, gamma_std=0.12, bias_std=0.12)
+    big.ventricle_k = 0.3 # Ventricles enlarged: subject points near the centre sample the template closer to it.
+    near = base.template_coords(centre[:, None] + 2.0)
+    assert np.linalg.norm(big.template_coords(centre[:, None] + 2.0) - centre[:, None]) < np.linalg.norm(near - centre[:, None])
+    with pytest.raises(ValueError, match="variation must be one of realistic, small, got 'x'"):
+        anomaly_data.Geometry.subject(None, np.random.default_rng(0), variation='x')

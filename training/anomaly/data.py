@@ -21,7 +21,19 @@ each subject's deformation, bias field, gamma and Rician noise, skull-stripped
     ms_hyper       4-9 ellipsoids of radii 4-9 mm in white matter, hyperintense (1.05-1.25 x the 99th percentile)
 
 The Brats21 sets alternate tumour_hyper and tumour_hypo; MSLUB holds ms_hyper.
-Subject i of a set depends only on (seed, set, i)."""
+Subject i of a set depends only on (seed, set, i).
+
+Healthy inter-subject variation (`variation`, the same for every split:
+train, validation and test). The template is ONE averaged brain, so with
+only small deformations the voxel-wise mean of the training volumes is an
+almost perfect healthy reconstruction of every test subject, far better
+than on real registered IXI / BraTS data, where sulci, ventricles and
+contrast differ from subject to subject after affine registration.
+'realistic' (the default) therefore adds, in VariedSubject: a second, finer
+scale of non-linear deformation, ventricle enlargement (atrophy), a
+per-subject grey/white-matter contrast and a stronger gamma and bias field;
+'small' is the earlier, weaker variation (training/mri_phantoms.py defaults
+only). The lesion kinds and their parameters are the same for both."""
 
 import csv
 import io
@@ -55,6 +67,9 @@ class Geometry:
         self.filtered = mri_phantoms.antialias(self.template, self.bbox[2], resolution)
         wm, _ = mri_phantoms.load_mni152('wm', voxel_mm)
         self.wm = mri_phantoms.antialias(wm, self.bbox[2], resolution)
+        gm, _ = mri_phantoms.load_mni152('gm', voxel_mm)
+        self.gm = mri_phantoms.antialias(gm, self.bbox[2], resolution)
+        self.ventricle_vox = np.linalg.solve(self.mni_affine, np.array([*VENTRICLE_CENTRE_MM, 1.0]))[:3]
         self.brain = (self.template > 0.1).astype(np.float32)
         self.resolution, self.slices = resolution, slices
         z = (np.asarray(z_mm, dtype=np.float64) - self.mni_affine[2, 3]) / self.mni_affine[2, 2] # Working-grid z.
@@ -68,16 +83,82 @@ class Geometry:
         self.affine = self.mni_affine @ grid
         self.spacing_mm = np.array([self.step * voxel_mm, self.step * voxel_mm, dz * voxel_mm]) # (row, col, slice).
 
-    def subject(self, rng: np.random.Generator, augment: bool = True) -> dict:
+    def subject(self, rng: np.random.Generator, augment: bool = True, variation: str = 'realistic') -> dict:
         """A healthy subject: image, brain mask and white-matter map, (H, W, S)."""
-        kwargs = {} if augment else dict(rotate_deg=0, scale_std=0, aniso_std=0, translate_mm=0, warp_mm=0, bias_std=0, gamma_std=0, noise_range=(0, 0))
-        subj = mri_phantoms.RandomSubject(rng, self.template.shape, voxel_mm=self.voxel_mm, **kwargs)
+        if variation not in VARIATIONS:
+            raise ValueError(f"variation must be one of {', '.join(VARIATIONS)}, got {variation!r}")
         points = mri_phantoms.slice_points(self.z_vox, self.resolution, self.bbox)
-        image = subj.intensity(subj.sample(self.filtered, points), points, rng)
+        if not augment:
+            subj = mri_phantoms.RandomSubject(rng, self.template.shape, voxel_mm=self.voxel_mm, rotate_deg=0, scale_std=0, aniso_std=0,
+                translate_mm=0, warp_mm=0, bias_std=0, gamma_std=0, noise_range=(0, 0))
+            values = subj.sample(self.filtered, points)
+        elif variation == 'small':
+            subj = mri_phantoms.RandomSubject(rng, self.template.shape, voxel_mm=self.voxel_mm)
+            values = subj.sample(self.filtered, points)
+        else:
+            subj = VariedSubject(rng, self.template.shape, voxel_mm=self.voxel_mm, ventricle_vox=self.ventricle_vox)
+            values = subj.tissue_values(self.filtered, self.gm, self.wm, points)
+        image = subj.intensity(values, points, rng)
         brain = subj.sample(self.brain, points) > 0.5
         wm = subj.sample(self.wm, points)
         to_hws = lambda a: np.ascontiguousarray(np.transpose(a, (1, 2, 0)))
         return dict(image=to_hws(image * brain), brain=to_hws(brain), wm=to_hws(wm))
+
+#----------------------------------------------------------------------------
+# Realistic healthy inter-subject variation (variation='realistic').
+
+VARIATIONS = ('realistic', 'small')
+VENTRICLE_CENTRE_MM = (0.0, -20.0, 12.0)    # Centroid of the template's lateral ventricles (MNI mm; CSF voxels, |x| < 30).
+
+class VariedSubject(mri_phantoms.RandomSubject):
+    """RandomSubject plus: a finer second scale of smooth displacement,
+    ventricle enlargement (tissue pushed away from the ventricles' centre,
+    a Gaussian envelope of the ventricles' extent) and a per-subject
+    grey/white-matter contrast. Effect sizes are chosen from what affinely
+    registered adults differ by (residual displacements of 3-6 mm at 1-3 cm
+    scales, ventricle volume varying two- to threefold with age, scanner
+    contrast and gamma differences between the IXI sites), not tuned on
+    any result. The base class draws first, so the same rng gives the same
+    base subject."""
+    def __init__(self,
+        rng,                                # numpy.random.Generator.
+        shape,                              # Working grid shape (X, Y, Z).
+        ventricle_vox,                      # Ventricle centre (working-grid voxel coordinates).
+        voxel_mm            = 2.0,          # Working grid voxel size.
+        warp_mm             = 4.0,          # Std of the coarse displacement (base class; its default 2.5).
+        warp_smooth_mm      = 20.0,         # Its smoothness.
+        fine_warp_mm        = 2.5,          # Std of the fine displacement.
+        fine_warp_smooth_mm = 8.0,          # Its smoothness.
+        ventricle_max       = 0.35,         # Enlargement k ~ U(0, max): the centre samples (1 - k) closer.
+        ventricle_sigma_mm  = (20.0, 30.0, 14.0), # Envelope of the enlargement (x, y, z).
+        contrast_std        = 0.10,         # Std of the relative grey- and white-matter intensity change.
+        gamma_std           = 0.20,         # Std of log gamma (base class; its default 0.12).
+        bias_std            = 0.15,         # Std of the log bias field (base class; its default 0.12).
+        **kwargs,                           # Other RandomSubject options.
+    ):
+        super().__init__(rng, shape, voxel_mm=voxel_mm, warp_mm=warp_mm, warp_smooth_mm=warp_smooth_mm, gamma_std=gamma_std, bias_std=bias_std, **kwargs)
+        shape_mm = self.shape * self.voxel_mm
+        self.fine_spacing = fine_warp_smooth_mm / 2
+        self.fine_warp = mri_phantoms._smooth_noise(rng, 3, shape_mm, self.fine_spacing, fine_warp_smooth_mm) * np.float32(fine_warp_mm / self.voxel_mm)
+        self.ventricle_k = float(rng.uniform(0, ventricle_max))
+        self.ventricle_vox = np.asarray(ventricle_vox, dtype=np.float64)
+        self.ventricle_sigma = np.asarray(ventricle_sigma_mm, dtype=np.float64) / self.voxel_mm
+        self.contrast = 1 + rng.standard_normal(2) * contrast_std # (grey, white) matter gains.
+
+    def template_coords(self, points: np.ndarray) -> np.ndarray:
+        p = points.reshape(3, -1)
+        q = super().template_coords(points).reshape(3, -1)
+        q = q + np.stack([self._coarse(w, p, self.fine_spacing) for w in self.fine_warp])
+        rel = q - self.ventricle_vox[:, None]
+        envelope = np.exp(-0.5 * ((rel / self.ventricle_sigma[:, None]) ** 2).sum(0))
+        q = self.ventricle_vox[:, None] + rel * (1 - self.ventricle_k * envelope)
+        return q.reshape(points.shape)
+
+    def tissue_values(self, t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, points: np.ndarray) -> np.ndarray:
+        """T1 at subject points with the subject's grey/white-matter gains (partial volumes weighted by the tissue maps)."""
+        g, w = self.sample(gm, points), self.sample(wm, points)
+        gain = 1 + (self.contrast[0] - 1) * g + (self.contrast[1] - 1) * w
+        return self.sample(t1, points) * gain
 
 #----------------------------------------------------------------------------
 # Lesions. Coordinates in mm of the output grid (anisotropic voxels).
@@ -138,9 +219,9 @@ def add_ms(subject: dict, rng: np.random.Generator, spacing_mm: np.ndarray) -> d
         seg |= blob
     return dict(subject, image=image.astype(np.float32), seg=seg)
 
-def make_case(geometry: Geometry, rng: np.random.Generator, kind: str | None, augment: bool = True) -> dict:
+def make_case(geometry: Geometry, rng: np.random.Generator, kind: str | None, augment: bool = True, variation: str = 'realistic') -> dict:
     """One volume: image, brain mask, lesion mask (all-zero when healthy)."""
-    subject = geometry.subject(rng, augment)
+    subject = geometry.subject(rng, augment, variation)
     if kind is None:
         subject['seg'] = np.zeros(subject['image'].shape, dtype=bool)
     elif kind in ('tumour_hyper', 'tumour_hypo'):
@@ -182,6 +263,7 @@ def build_anomaly_data(
     counts          = None,         # {split name: volumes}; defaults below.
     seed            = 0,            # Random seed.
     augment         = True,         # Per-subject deformation, bias, gamma, noise.
+    variation       = 'realistic',  # Healthy inter-subject variation: 'realistic' or 'small' (module docstring).
     log             = print,        # Progress output.
 ) -> dict:
     """Build every split; return {split: number of volumes}."""
@@ -195,7 +277,7 @@ def build_anomaly_data(
         for i in range(int(counts[split])):
             rng = np.random.default_rng([seed, set_idx, i])
             kind = None if spec['kinds'] is None else spec['kinds'][i % len(spec['kinds'])]
-            case = make_case(geometry, rng, kind, augment)
+            case = make_case(geometry, rng, kind, augment, variation)
             name = f'{spec["prefix"]}_{split.split("_")[1]}_{i:03d}.nii.gz'
             row = dict(img_path=f'{spec["folder"]}/t2/{name}', mask_path=f'{spec["folder"]}/mask/{name}',
                 seg_path='' if kind is None else f'{spec["folder"]}/seg/{name}', kind=kind or 'healthy')

@@ -31,6 +31,7 @@ from training import image_io
 from training import metrics as metrics_mod
 from training.anomaly import dataset as anomaly_dataset
 from training.anomaly import inference
+from training.anomaly import loss as anomaly_loss
 from training.anomaly import metrics as M
 
 BASELINES = ('intensity', 'mean_healthy')
@@ -57,6 +58,22 @@ def load_sets(root: str, sets, max_volumes) -> dict:
         out[name] = {split: anomaly_dataset.load_split(os.path.join(root, 'splits', f'{name}_{split}.csv'), max_volumes) for split in ('val', 'test')}
     return out
 
+def parse_select(specs, nets: dict) -> dict[str, list[list[int]]]:
+    """--select-t NAME=T[,T...][;T[,T...]...] -> {name: candidate lists of reference steps}."""
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition('=')
+        if not sep or name not in nets or name in out:
+            raise ValueError(f'--select-t {spec!r}: expected NAME=CANDIDATES for one of the --network names ({", ".join(nets) or "none given"}), once each')
+        try:
+            cands = [[int(t) for t in c.split(',')] for c in value.split(';') if c.strip()]
+        except ValueError:
+            cands = []
+        if not cands or any(not 1 <= t <= 1000 for c in cands for t in c):
+            raise ValueError(f'--select-t {spec!r}: expected candidates of reference steps in 1..1000 such as 300;500;700 or 250,500,750;150,300,450')
+        out[name] = cands
+    return out
+
 def check_network(name: str, path: str, net, loss_fn, shape) -> dict:
     h, w, _ = shape
     want = list(getattr(net, 'img_shape', []))
@@ -76,19 +93,38 @@ def check_network(name: str, path: str, net, loss_fn, shape) -> dict:
 def baseline_scores(cases, mean_healthy):
     return dict(intensity=[c['image'] for c in cases], mean_healthy=[np.abs(c['image'] - mean_healthy) for c in cases])
 
-@torch.no_grad()
+@torch.inference_mode()
 def network_scores(net, method, cases, device, batch: int, seed: int, first_index: int):
     vols = [anomaly_dataset.to_slices(c['image']).to(device) for c in cases]
-    recos = inference.reconstruct_volumes(net, vols, method, seed=seed, batch=batch, first_index=first_index)
+    active = [anomaly_dataset.to_slices(M.erode_mask(c['brain'])) > 0 for c in cases] # Jobs outside the eroded brain are skipped.
+    recos = inference.reconstruct_volumes(net, vols, method, seed=seed, batch=batch, first_index=first_index, active=active)
     recos = [anomaly_dataset.from_slices(r.clamp(-1, 1)) for r in recos]
     return [np.abs(c['image'] - r).astype(np.float32) for c, r in zip(cases, recos)], recos
 
 #----------------------------------------------------------------------------
 # Evaluation of one method on one test set.
 
-def evaluate_method(val_scores, val_cases, test_scores, test_cases) -> tuple[float, list[dict], list[np.ndarray]]:
+def val_threshold(val_scores, val_cases) -> tuple[float, float]:
+    """(threshold, Dice at it) of the bisection on the pooled validation voxels."""
     val_maps = [M.anomaly_map(s, c['brain']) for s, c in zip(val_scores, val_cases)]
-    threshold, _ = M.find_threshold(np.concatenate([m.ravel() for m in val_maps]), np.concatenate([c['seg'].ravel() for c in val_cases]))
+    return M.find_threshold(np.concatenate([m.ravel() for m in val_maps]), np.concatenate([c['seg'].ravel() for c in val_cases]))
+
+def select_sigmas(net, method, candidates, val, device, batch, seed, offset, reference_sigma) -> tuple[dict, list, list]:
+    """The candidate test steps with the best validation Dice (at its own validation threshold; ties: the
+    first): (method with their sigmas, every candidate's validation Dice, the chosen one's validation scores)."""
+    tried = []
+    for cand in candidates:
+        m = dict(method, sigmas=reference_sigma(cand))
+        scores, _ = network_scores(net, m, val, device, batch, seed, offset)
+        tried.append(dict(test_t=cand, sigmas=m['sigmas'], val_dice=val_threshold(scores, val)[1], scores=scores))
+    best = max(range(len(tried)), key=lambda k: (tried[k]['val_dice'], -k))
+    best_scores = tried[best]['scores']
+    for t in tried:
+        del t['scores']
+    return dict(method, sigmas=tried[best]['sigmas']), tried, best_scores
+
+def evaluate_method(val_scores, val_cases, test_scores, test_cases) -> tuple[float, list[dict], list[np.ndarray]]:
+    threshold, _ = val_threshold(val_scores, val_cases)
     rows, maps = [], []
     for s, c in zip(test_scores, test_cases):
         amap = M.anomaly_map(s, c['brain'])
@@ -162,7 +198,9 @@ def write_nifti_like(path: str, data: np.ndarray, img_path: str) -> None:
 @click.option('--max-volumes', help='Use at most this many volumes per split', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--panels', help='PNG panels of the first N test volumes per set', metavar='INT', type=click.IntRange(min=0), default=4, show_default=True)
 @click.option('--maps/--no-maps', help='Write NIfTI anomaly maps and reconstructions', default=True, show_default=True)
-def command(data_root, network_specs, sets, train_split, outdir, batch, seed, max_volumes, panels, maps):
+@click.option('--steps', help='Solver steps from sigma_test (1 = the reference\'s one x0 call; > 1: Euler, training/sampling.py; not patched)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--select-t', 'select_specs', help='NAME=CANDIDATES: choose the test steps of network NAME on the validation split, e.g. pddpm=300;500;700', metavar='NAME=LIST', type=str, multiple=True)
+def command(data_root, network_specs, sets, train_split, outdir, batch, seed, max_volumes, panels, maps, steps, select_specs):
     """Anomaly maps, thresholds and metrics of networks and baselines (the reference's pipeline)."""
     evaluation.check_outdir(outdir)
     device = evaluation.default_device()
@@ -170,6 +208,7 @@ def command(data_root, network_specs, sets, train_split, outdir, batch, seed, ma
     if not set_names:
         raise ValueError('--sets: no test set given')
     nets = parse_networks(network_specs)
+    select = parse_select(select_specs, nets)
     data = load_sets(data_root, set_names, max_volumes)
     shape = data[set_names[0]]['test'][0]['image'].shape
     for s in set_names:
@@ -186,7 +225,10 @@ def command(data_root, network_specs, sets, train_split, outdir, batch, seed, ma
     loaded = {}
     for name, path in nets.items():
         net, snapshot = evaluation.load_network(path, False, device)
-        loaded[name] = (net, check_network(name, path, net, snapshot.get('loss_fn'), shape))
+        method = check_network(name, path, net, snapshot.get('loss_fn'), shape)
+        if steps > 1 and method['kind'] == 'patched':
+            raise ValueError(f'--steps {steps}: --network {name} is a patched DDPM; its boxes are reconstructed with one call (--steps 1)')
+        loaded[name] = (net, dict(method, steps=steps))
     methods = list(BASELINES) + list(nets)
 
     # Scores, thresholds, per-volume metrics (nothing written yet).
@@ -196,11 +238,15 @@ def command(data_root, network_specs, sets, train_split, outdir, batch, seed, ma
         val, test = data[s]['val'], data[s]['test']
         scores = {split: baseline_scores(cases, mean_healthy) for split, cases in (('val', val), ('test', test))}
         recos = {}
+        results[s] = dict(thresholds={}, maps={}, recos=recos, selection={})
         for name, (net, method) in loaded.items():
-            scores['val'][name], _ = network_scores(net, method, val, device, batch, seed, offset)
+            if name in select:
+                method, tried, scores['val'][name] = select_sigmas(net, method, select[name], val, device, batch, seed, offset, anomaly_loss.reference_sigma)
+                results[s]['selection'][name] = dict(chosen=method['sigmas'], tried=tried)
+            else:
+                scores['val'][name], _ = network_scores(net, method, val, device, batch, seed, offset)
             scores['test'][name], recos[name] = network_scores(net, method, test, device, batch, seed, offset + len(val))
         offset += len(val) + len(test)
-        results[s] = dict(thresholds={}, maps={}, recos=recos)
         for m in methods:
             threshold, mrows, mmaps = evaluate_method(scores['val'][m], val, scores['test'][m], test)
             results[s]['thresholds'][m] = threshold
@@ -210,7 +256,8 @@ def command(data_root, network_specs, sets, train_split, outdir, batch, seed, ma
     # Write.
     evaluation.make_outdir(outdir)
     summary = dict(data_root=data_root, sets=set_names, methods=methods, networks=nets, volume_shape=list(shape),
-        sigmas={name: method['sigmas'] for name, (_, method) in loaded.items()},
+        sigmas={name: method['sigmas'] for name, (_, method) in loaded.items()}, steps=steps,
+        selection={s: results[s]['selection'] for s in set_names if results[s]['selection']},
         thresholds={s: results[s]['thresholds'] for s in set_names}, volumes={s: len(data[s]['test']) for s in set_names},
         results=summary_of(rows, methods, list(nets)))
     metrics_mod.write_metrics(outdir, summary, rows)

@@ -75,9 +75,13 @@ class AnomalyLoss(loss_mod.EDMLoss):
         test_t      = [500],        # Reference test step(s); their sigmas reconstruct the snapshot grid (and are the evaluation default).
         noise       = 'simplex',    # Noise source (registered by training/anomaly): 'simplex' or 'gaussian'.
         distance    = 'l1',         # 'l1' (reference) or 'l2'.
+        simplex_frequency = 64,     # Feature size (pixels) of the first simplex octave; reference 64 at 96 px.
         **kwargs,                   # P_mean, P_std, sigma_data of EDMLoss; mask_key, target_key.
     ):
         super().__init__(noise=noise, distance=distance, **kwargs)
+        if not (isinstance(simplex_frequency, (int, float)) and simplex_frequency > 0):
+            raise ValueError(f'training.loss.simplex_frequency must be a positive number, got {simplex_frequency!r}')
+        self.simplex_frequency = float(simplex_frequency)
         if sigma_dist not in _SIGMA_DISTS:
             raise ValueError(f"training.loss.sigma_dist: expected 'cosine' or 'edm', got {sigma_dist!r}")
         if weighting not in _WEIGHTINGS:
@@ -90,6 +94,16 @@ class AnomalyLoss(loss_mod.EDMLoss):
         self.test_t = [int(t) for t in (test_t if isinstance(test_t, (list, tuple)) else [test_t])]
         self.test_sigmas = reference_sigma(self.test_t, self.T) # Validates test_t.
         self._table = torch.as_tensor(sigma_table(self.T), dtype=torch.float32)
+
+    def sample_noise(self, y):
+        if self.noise != 'simplex':
+            return super().sample_noise(y)
+        from training.anomaly import simplex
+        return simplex.simplex_like(y, frequency=self.frequency)
+
+    @property
+    def frequency(self) -> float:
+        return getattr(self, 'simplex_frequency', 64.0) # Snapshots from before the option: the reference's 64.
 
     def sample_sigma(self, shape, device):
         if self.sigma_dist == 'edm':
@@ -108,7 +122,7 @@ class AnomalyLoss(loss_mod.EDMLoss):
     def grid(self, net, batch, frozen=None):
         from training.anomaly import inference # Imported here: inference builds on this module.
         x = batch[self.target_key][:8]
-        noise = inference.noise_fields(len(x), x.shape[-2], x.shape[-1], self.noise, x.device, seed=0)
+        noise = inference.noise_fields(len(x), x.shape[-2], x.shape[-1], self.noise, x.device, seed=0, frequency=self.frequency)
         reco = self.reconstruct(net, x, noise)
         return torch.cat([x, reco.clamp(-1, 1)])
 

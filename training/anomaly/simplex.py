@@ -8,6 +8,21 @@ with octaves, on the device of the data, as the anomaly-detection DDPMs use it
 
 p in pixels; the reference's parameters are octaves 6, persistence 0.8,
 frequency 64 (feature size of the first octave in pixels, halved per octave).
+
+Convention checked against the reference code (AnoDDPM simplex.py,
+Julian-Wyatt/AnoDDPM, `rand_2d_octaves`, which cDDPM/pDDPM's
+generate_noise.py calls): the octave sum evaluates noise2(x / frequency,
+y / frequency) at the integer pixel coordinates, then halves `frequency`
+and multiplies the amplitude by `persistence`; so "frequency" is a length
+in pixels (a period of the lattice), not cycles per image, as here (test:
+the field of frequency 2f at every second pixel is the field of frequency f).
+Two differences we keep and state: the reference uses OpenSimplex (Kurt
+Spencer's lattice and gradients, output / 47), we use Gustavson's 2-D
+simplex (output x 70), so single values and the exact amplitude differ
+(neither is re-normalised); and the reference's randomness is its
+permutation table (seeded), ours a permutation plus a random lattice offset. At another
+image size the same physical feature size needs frequency scaled with the
+size (64 at 96 px = 21.33 at 32 px): `simplex_frequency` of the loss.
 ONE field is drawn per call and shared by every sample and channel of the
 batch, and it is NOT re-normalised to unit variance (both as the reference):
 its standard deviation is about 0.7 at 96 px (see `field_std`), so sigma * field has a
