@@ -27,20 +27,20 @@ def test_dcg_outputs_are_distributions_and_the_fusion_is_their_mean():
         assert torch.allclose(out[key].sum(1), torch.ones(5), atol=1e-6)
     assert torch.allclose(out['prob_fusion'], (out['prob_global'] + out['prob_local']) / 2)
     assert torch.allclose(out['attention'].sum(1), torch.ones(5), atol=1e-6) and out['corners'].shape == (5, 3, 2)
-    loss = DCGLoss()(dcg, dict(image=torch.randn(5, 1, 16, 16), label=torch.eye(3)[[0, 1, 2, 0, 1]]))
+    loss = DCGLoss()(dcg, dict(image=torch.randn(5, 1, 16, 16), onehot=torch.eye(3)[[0, 1, 2, 0, 1]]))
     assert loss.shape == (5,) and (loss > 0).all()
 
 def test_focal_weight_and_residual_target():
     net, dcg = _nets()
     loss = LabelEDMLoss(focal_alpha=10, focal_gamma=1)
     images, label = torch.randn(4, 1, 16, 16), torch.eye(3)[[0, 1, 2, 2]]
-    batch = loss.prepare(dict(image=images, label=label), dict(dcg=dcg))
+    batch = loss.prepare(dict(image=images, onehot=label), dict(dcg=dcg))
     prior = dcg(images)['prob_fusion']
     assert torch.allclose(batch['residual'], label - prior) and batch['embedding'].shape == (4, 9)
     w = loss.sample_weight(batch, None, batch['residual'])
     assert torch.allclose(w, 1 + 10 * (1 - (prior * label).sum(1)))
     assert LabelEDMLoss(focal_alpha=0).sample_weight(batch, None, None) is None
-    per_element = loss(net, dict(image=images, label=label), frozen=dict(dcg=dcg))
+    per_element = loss(net, dict(image=images, onehot=label), frozen=dict(dcg=dcg))
     assert per_element.shape == (4, 3) and torch.isfinite(per_element).all()
 
 def test_cached_features_give_the_same_predictions_and_seeds_are_per_image():
