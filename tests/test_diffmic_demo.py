@@ -16,7 +16,7 @@ def test_demo_diffmic(tmp_path):
     run = lambda cmd: launch.check(subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800))
     configs = ['-cd', os.path.join(launch.ROOT, 'configs')]
     data = str(tmp_path / 'data')
-    run([py, os.path.join(launch.ROOT, 'dataset_tool.py'), 'diffmic-data', '--dest', data])
+    run([py, os.path.join(launch.ROOT, 'dataset_tool.py'), 'diffmic-data', '--dest', data, '--test-per-class', '200'])
     common = ['resume=none', f'training.outdir={tmp_path}/runs', f'training.dataset.path={data}']
     run(launch.torchrun_cmd('train.py', 2) + configs + ['-cn', 'diffmic_dcg'] + common)
     run([py, os.path.join(launch.ROOT, 'evaluate.py'), 'diffmic', '--network', str(tmp_path / 'runs' / '00000-diffmic-dcg'), '--split', 'val',
@@ -24,7 +24,7 @@ def test_demo_diffmic(tmp_path):
     dcg = json.loads((tmp_path / 'dcg-val' / 'selection.json').read_text())['selected']
     run(launch.torchrun_cmd('train.py', 2) + configs + ['-cn', 'diffmic_edm'] + common + [f'training.frozen.dcg={dcg}'])
     run([py, os.path.join(launch.ROOT, 'evaluate.py'), 'diffmic', '--network', str(tmp_path / 'runs' / '00001-diffmic-edm'),
-        '--outdir', str(tmp_path / 'eval'), '--samples', '64', '--steps', '6'])
+        '--outdir', str(tmp_path / 'eval'), '--samples', '256', '--steps', '6'])
     summary = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
     # The README's table (same seeds; gloo on CPU): classes separable, not trivially; DiffMIC ties on
     # accuracy and is better calibrated.
