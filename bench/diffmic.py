@@ -36,15 +36,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import sampling                        # noqa: E402
 from training.diffmic import inference               # noqa: E402
 from training.diffmic.dcg import DCGNet              # noqa: E402
-from training.diffmic.denoiser import LabelDenoiser  # noqa: E402
+from training.networks import EDMPrecond             # noqa: E402
 
 #----------------------------------------------------------------------------
 
 def demo_networks(resolution: int, classes: int) -> tuple:
     torch.manual_seed(0)
     dcg = DCGNet(resolution, 1, classes).eval().requires_grad_(False)
-    net = LabelDenoiser(resolution, classes, cond_channels=1, embedding_dim=3 * classes, model_channels=64, num_blocks=3,
-        encoder_channels=32, encoder_levels=3, sigma_data=0.25).eval().requires_grad_(False)
+    net = EDMPrecond(resolution, classes, model_type='VectorDenoiser', cond_channels=1, embedding_dim=3 * classes, cond_type='image',
+        cond_product=True, model_channels=64, num_blocks=3, encoder_channels=16, encoder_levels=3, sigma_data=0.25).eval().requires_grad_(False)
     return net, dcg
 
 @click.command()

@@ -26,9 +26,9 @@ def test_demo_diffmic(tmp_path):
     run([py, os.path.join(launch.ROOT, 'evaluate.py'), 'diffmic', '--network', str(tmp_path / 'runs' / '00001-diffmic-edm'),
         '--outdir', str(tmp_path / 'eval'), '--samples', '256', '--steps', '6'])
     summary = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
-    # The README's table (same seeds; gloo on CPU): classes separable, not trivially; DiffMIC ties on
-    # accuracy and is better calibrated.
+    # The README's table (same seeds; gloo on CPU): classes separable, not trivially; DiffMIC gains about
+    # 2 points of accuracy (+2.1 +- 1.0 paired) and ties on calibration (ECE 0.069 vs 0.068).
     assert 0.6 < summary['dcg']['accuracy'] < 0.9
-    assert abs(summary['paired_accuracy_diffmic_minus_dcg']['diff']) < 3 * summary['paired_accuracy_diffmic_minus_dcg']['se'] + 0.02
-    assert summary['diffmic']['ece'] < summary['dcg']['ece']
+    assert summary['paired_accuracy_diffmic_minus_dcg']['diff'] > 0.015
+    assert abs(summary['diffmic']['ece'] - summary['dcg']['ece']) < 0.01
     assert summary['diffmic']['accuracy_certain_half'] > summary['diffmic']['accuracy_uncertain_half'] + 0.1
