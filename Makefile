@@ -79,7 +79,7 @@ bench-ldm3d: venv
 # of the DCG prior and DiffMIC side by side, confusion matrices, reliability, panel.
 DIFFMIC_DATA := datasets/diffmic-mni-32
 $(DIFFMIC_DATA)/train: | venv
-	$(PY) dataset_tool.py diffmic-data --dest $(DIFFMIC_DATA) --resolution 32 --train-per-class 300 --test-per-class 100 --seed 0
+	$(PY) dataset_tool.py diffmic-data --dest $(DIFFMIC_DATA) --resolution 32 --train-per-class 300 --test-per-class 200 --seed 0
 
 demo-diffmic-data: $(DIFFMIC_DATA)/train
 
@@ -88,7 +88,7 @@ demo-diffmic: venv demo-diffmic-data
 	$(PY) evaluate.py diffmic --network $$(ls -d demo-runs/*-diffmic-dcg | tail -1) --split val --outdir demo-runs/diffmic-dcg-val
 	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) train.py -cn=diffmic_edm resume=none \
 		training.frozen.dcg=$$($(PY) -c "import json; print(json.load(open('demo-runs/diffmic-dcg-val/selection.json'))['selected'])")
-	$(PY) evaluate.py diffmic --network $$(ls -d demo-runs/*-diffmic-edm | tail -1) --outdir demo-runs/diffmic-eval --samples 64 --steps 6
+	$(PY) evaluate.py diffmic --network $$(ls -d demo-runs/*-diffmic-edm | tail -1) --outdir demo-runs/diffmic-eval --samples 256 --steps 6
 
 bench-diffmic: venv
 	$(PY) bench/diffmic.py

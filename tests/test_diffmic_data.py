@@ -58,7 +58,7 @@ def test_items_centre_crop_resize_grey_and_rgb(tmp_path):
     ds = ClassFolderDataset(str(root), resolution=8)
     item = ds[0]
     assert item['image'].shape == (1, 8, 8) and np.allclose(item['image'], 1)
-    assert item['label'].tolist() == [1, 0] and item['class_idx'] == 0
+    assert item['onehot'].tolist() == [1, 0] and item['class_idx'] == 0 and 'label' not in item # Not a class condition.
     rgb = ClassFolderDataset(str(root), resolution=8, channels=3)
     assert rgb[0]['image'].shape == (3, 8, 8)
 

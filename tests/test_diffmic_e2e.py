@@ -18,7 +18,7 @@ def _train(config: str, args, cwd) -> str:
     cmd = launch.torchrun_cmd('train.py', 2) + ['-cd', os.path.join(launch.ROOT, 'configs'), '-cn', config, 'resume=none',
         f'training.outdir={cwd}/runs', 'training.batch_size=8', 'training.total_kimg=0.048', 'training.kimg_per_tick=0.016',
         'training.snapshot_ticks=1', 'training.state_dump_ticks=null', 'training.dataset.resolution=16', 'training.print_summary=false',
-        'training.network.model_channels=16' if config == 'diffmic_edm' else 'training.network.channels=8', *args]
+        *(['training.network.model_channels=16', 'training.network.encoder_channels=8'] if config == 'diffmic_edm' else ['training.network.channels=8']), *args]
     launch.check(subprocess.run(cmd, cwd=cwd, env=launch.env(), capture_output=True, text=True, timeout=240))
     runs = sorted(glob.glob(os.path.join(cwd, 'runs', f'*-{config.replace("_", "-")}')))
     return runs[-1]

@@ -8,6 +8,7 @@ import torch
 from training import sampling
 from training.diffmic import inference
 from training.diffmic.dcg import DCGLoss, DCGNet
+from training.diffmic.denoiser import LabelDenoiser, PooledEncoder
 from training.diffmic.loss import LabelEDMLoss
 from training.networks import EDMPrecond
 
@@ -27,20 +28,20 @@ def test_dcg_outputs_are_distributions_and_the_fusion_is_their_mean():
         assert torch.allclose(out[key].sum(1), torch.ones(5), atol=1e-6)
     assert torch.allclose(out['prob_fusion'], (out['prob_global'] + out['prob_local']) / 2)
     assert torch.allclose(out['attention'].sum(1), torch.ones(5), atol=1e-6) and out['corners'].shape == (5, 3, 2)
-    loss = DCGLoss()(dcg, dict(image=torch.randn(5, 1, 16, 16), label=torch.eye(3)[[0, 1, 2, 0, 1]]))
+    loss = DCGLoss()(dcg, dict(image=torch.randn(5, 1, 16, 16), onehot=torch.eye(3)[[0, 1, 2, 0, 1]]))
     assert loss.shape == (5,) and (loss > 0).all()
 
 def test_focal_weight_and_residual_target():
     net, dcg = _nets()
     loss = LabelEDMLoss(focal_alpha=10, focal_gamma=1)
     images, label = torch.randn(4, 1, 16, 16), torch.eye(3)[[0, 1, 2, 2]]
-    batch = loss.prepare(dict(image=images, label=label), dict(dcg=dcg))
+    batch = loss.prepare(dict(image=images, onehot=label), dict(dcg=dcg))
     prior = dcg(images)['prob_fusion']
     assert torch.allclose(batch['residual'], label - prior) and batch['embedding'].shape == (4, 9)
     w = loss.sample_weight(batch, None, batch['residual'])
     assert torch.allclose(w, 1 + 10 * (1 - (prior * label).sum(1)))
     assert LabelEDMLoss(focal_alpha=0).sample_weight(batch, None, None) is None
-    per_element = loss(net, dict(image=images, label=label), frozen=dict(dcg=dcg))
+    per_element = loss(net, dict(image=images, onehot=label), frozen=dict(dcg=dcg))
     assert per_element.shape == (4, 3) and torch.isfinite(per_element).all()
 
 def test_cached_features_give_the_same_predictions_and_seeds_are_per_image():
@@ -69,5 +70,44 @@ def test_cond_product_multiplies_the_features_in():
     assert torch.allclose(d1, d2)
     with pytest.raises(ValueError, match='cond_product: needs a condition'):
         EDMPrecond(16, 3, model_type='VectorDenoiser', cond_product=True)
+
+#----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
+# The family's image encoder inside the denoiser: mean + top-t pooling.
+
+def test_pooled_encoder_takes_the_mean_and_the_top_t_of_each_channel():
+    enc = PooledEncoder(4, 8, channels=4, num_levels=1, percent_t=0.25)
+    enc.trunk = torch.nn.Identity() # Look at the pooling alone: features = the input.
+    with torch.no_grad():
+        enc.out.weight.copy_(torch.eye(8))
+        enc.out.bias.zero_()
+    f = torch.zeros(1, 4, 4, 4)
+    f[0, 1, 2, 3] = 10 # One bright position of 16 in channel 1; t = round(16 * 0.25) = 4 positions.
+    out = enc(f)[0]
+    assert torch.allclose(out, torch.tensor([0, 10 / 16, 0, 0, 0, 10 / 4, 0, 0])) # [mean per channel, top-t mean per channel].
+    enc.percent_t = 1 # All positions: the top-t mean is the mean.
+    assert torch.allclose(enc(f)[0, 4:], enc(f)[0, :4])
+    with pytest.raises(ValueError, match='encoder_percent_t must be in'):
+        PooledEncoder(1, 8, percent_t=0)
+
+def test_label_denoiser_uses_the_family_encoder_and_its_cache():
+    torch.manual_seed(0)
+    net = LabelDenoiser(16, 3, cond_channels=1, embedding_dim=9, model_channels=16, num_blocks=2, encoder_channels=8, encoder_levels=2).eval()
+    assert isinstance(net.model.map_cond, PooledEncoder) and net.model.map_product is not None # DiffMIC's f(x) product.
+    _, dcg = _nets()
+    images = torch.randn(4, 1, 16, 16)
+    sampler = sampling.check_sampler_options(dict(num_steps=3))
+    a = inference.predict_batch(net, dcg, images, [0, 1, 2, 3], 3, 0, sampler, cache_features=True)
+    b = inference.predict_batch(net, dcg, images, [0, 1, 2, 3], 3, 0, sampler, cache_features=False)
+    assert torch.allclose(a['y0'], b['y0'], atol=1e-5) and isinstance(net.model.map_cond, PooledEncoder)
+    # Golden numbers (seed 0, CPU float32): D(x = 1, sigma = 0.5) of image 0.
+    with torch.no_grad():
+        net.model.out.weight.normal_(generator=torch.Generator().manual_seed(1)) # Non-zero output layer (it starts at 0).
+        d = net(torch.ones(2, 3), torch.full((2,), 0.5), cond=images[:2], embedding=torch.full((2, 9), 1 / 3))
+    assert d.shape == (2, 3) and torch.allclose(d[0], torch.tensor(GOLDEN_D0), atol=1e-4), d[0].tolist()
+    with pytest.raises(ValueError, match='needs the image as condition'):
+        LabelDenoiser(16, 3, cond_channels=0)
+
+GOLDEN_D0 = [-0.019013, -0.252732, -0.024616]
 
 #----------------------------------------------------------------------------

@@ -15,8 +15,9 @@ JSON (relative paths per part, the seed and fraction) at `split_file`
 (default `<root>/split-seed<seed>-val<fraction>.json`) and reused when it
 exists, so every run and stage sees the same split.
 
-Items: `image` (C, R, R) float32, `label` one-hot (K,) float32 (the class to
-predict: a target here, not a network condition), `class_idx` int64, `idx`.
+Items: `image` (C, R, R) float32, `onehot` (K,) float32 (the class to predict:
+the family's target key, not `label`, which the engine's contract keeps for a
+class CONDITION of the network), `class_idx` int64, `idx`.
 `device_transform` applies the reference's train augmentation on the device
 (random horizontal and, optionally, vertical flips and a rotation in
 [-rotate_deg, rotate_deg]) when `augment` is true."""
@@ -156,10 +157,10 @@ class ClassFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         idx = int(idx)
-        label = np.zeros([len(self.classes)], dtype=np.float32)
-        label[self.class_idx[idx]] = 1
+        onehot = np.zeros([len(self.classes)], dtype=np.float32)
+        onehot[self.class_idx[idx]] = 1
         image = self._images[idx].astype(np.float32) / 127.5 - 1
-        return dict(image=image, label=label, class_idx=self.class_idx[idx], idx=idx)
+        return dict(image=image, onehot=onehot, class_idx=self.class_idx[idx], idx=idx)
 
     @property
     def name(self) -> str:
@@ -186,7 +187,7 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         return True
 
     def get_label(self, idx: int) -> np.ndarray:
-        return self[idx]['label']
+        return self[idx]['onehot']
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.class_idx, minlength=len(self.classes))

@@ -141,7 +141,7 @@ class DCGLoss:
         """Per-sample loss (N,): -log y_fusion[true] + w (CE(global) + CE(local))."""
         if augment_pipe is not None:
             raise ValueError('training.augment: the DCG stage augments in the dataset (training.dataset.augment); set training.augment to null')
-        onehot = batch['label']
+        onehot = batch['onehot']
         out = net(batch['image'])
         target = onehot.argmax(dim=1)
         nll = -torch.log(out['prob_fusion'].clamp(min=1e-12)).gather(1, target[:, None])[:, 0]

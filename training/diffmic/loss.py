@@ -63,7 +63,7 @@ class LabelEDMLoss(EDMLoss):
     def prepare(self, batch: dict, frozen: dict) -> dict:
         """Add prior, embedding and residual (the target) to the batch."""
         p = priors(frozen_dcg(frozen, self.dcg), batch['image'])
-        return dict(batch, **p, residual=batch['label'] - p['prior'])
+        return dict(batch, **p, residual=batch['onehot'] - p['prior'])
 
     def condition(self, net, batch: dict) -> dict:
         return dict(cond=batch['image'], embedding=batch['embedding'])
@@ -71,7 +71,7 @@ class LabelEDMLoss(EDMLoss):
     def sample_weight(self, batch: dict, D: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if self.focal_alpha == 0:
             return None
-        p_true = (batch['prior'] * batch['label']).sum(dim=1)
+        p_true = (batch['prior'] * batch['onehot']).sum(dim=1)
         return 1 + self.focal_alpha * (1 - p_true).clamp(min=0) ** self.focal_gamma
 
     def __call__(self, net, batch: dict, augment_pipe=None, frozen=None) -> torch.Tensor:
