@@ -401,9 +401,34 @@ def posterior_seeds(indices, samples_per_cond: int, cond_seed: int = 0, key: str
 # names[key] (a command-line option such as --steps) where `names` is given.
 # What needs the network (guidance: check_guidance) is checked after loading.
 
-SAMPLER_DEFAULTS = dict(solver='heun', discretization='edm', corrector='none', afs=False, sigma_c=None, warp_k=0.3,
+SAMPLER_DEFAULTS = dict(preset=None, solver='heun', discretization='edm', corrector='none', afs=False, sigma_c=None, warp_k=0.3,
     num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1)
 SAMPLER_KEYS = tuple(SAMPLER_DEFAULTS)
+
+#----------------------------------------------------------------------------
+# Named sampling settings (`sampling.preset`): each sets the options it names;
+# an option the user also set to another value than its default is a conflict.
+#   fast    few-step generation from noise (NFE = num_steps - 1): ahead of the
+#           public peers at every NFE 6..20 on bench/sampler_peers.py's
+#           three settings (README, "Few-step sampling against the peers").
+
+SAMPLER_PRESETS = {
+    'fast': dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True),
+}
+
+def resolve_preset(options: dict, name: Callable[[str], str] = lambda k: 'sampling.' + k) -> dict:
+    """The options with the preset's values filled in (idempotent); ValueError on an unknown preset or a conflict."""
+    preset = options.get('preset')
+    if preset is None:
+        return dict(options)
+    if not isinstance(preset, str) or preset not in SAMPLER_PRESETS:
+        raise ValueError(f'{name("preset")}: unknown preset {preset!r} (choose from {", ".join(SAMPLER_PRESETS)}, or null)')
+    o = dict(options)
+    for k, v in SAMPLER_PRESETS[preset].items():
+        if k in o and o[k] != v and o[k] != SAMPLER_DEFAULTS[k]:
+            raise ValueError(f'{name(k)}={o[k]} conflicts with {name("preset")}={preset}, which sets {k}={v} (leave out one of them)')
+        o[k] = v
+    return o
 
 def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict | None = None) -> dict:
     """Raise ValueError naming the key if the sampler options are unusable; return the keyword arguments of sample()."""

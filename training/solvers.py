@@ -50,10 +50,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-SOLVERS = ('heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde')
+SOLVERS = ('heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m')
 STOCHASTIC_CHURN_SOLVERS = ('heun', 'euler') # Solvers that accept EDM's churn (S_churn > 0).
 CORRECTORS = ('none', 'unic')
-MULTISTEP_SOLVERS = ('dpmpp_2m', 'dpmpp_3m') # Solvers that accept the UniC corrector and the analytic first step.
+MULTISTEP_SOLVERS = ('dpmpp_2m', 'dpmpp_3m', 'gauss_2m', 'gauss_3m') # Solvers that accept the UniC corrector and the analytic first step.
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Projector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -249,6 +249,96 @@ def _dpmpp_multistep(denoise, x, sigmas, order, project, corrector, afs_guess):
     return x
 
 #----------------------------------------------------------------------------
+# Exponential integrator about the Gaussian denoiser (solvers gauss_2m,
+# gauss_3m). Split D(x; sigma) = G(x; sigma) + R(x; sigma) with G the ideal
+# denoiser of Gaussian data N(0, sigma_data^2 I), G = x sigma_data^2 /
+# (sigma^2 + sigma_data^2). The ODE dx/dsigma = (x - D) / sigma then has the
+# linear part x sigma / (sigma^2 + sigma_data^2), solved exactly by
+# c(sigma) = sqrt(sigma^2 + sigma_data^2), and in lambda = -log sigma
+# (variation of constants):
+#   x(t) = (c_t / c_s) x(s) + c_t int_{lambda_s}^{lambda_t} R(lambda) / c(lambda) dlambda.
+# Multistep: R is replaced by the polynomial in lambda through the last p
+# residuals (R_m = D_m - G at the point where D_m was evaluated), and the
+# integral of each Lagrange basis polynomial against the weight 1 / c(lambda)
+# is taken by Gauss-Legendre quadrature (16 nodes: exact to rounding for the
+# step lengths of a sampler), order p. The UniC corrector (Zhao et al. 2023)
+# redoes the step with the polynomial through the new output as well, order
+# p + 1, no extra evaluation (the next step uses it). sigma_data = 0 is
+# DPM-Solver++ (c = sigma, weight e^lambda, R = D); the integrator is exact
+# for Gaussian data of std sigma_data (R = 0), and R stays small and smooth
+# at high noise for any data, where D itself grows like e^lambda along a
+# trajectory. AFS: the guess R(sigma_max) = 0 (the Gaussian solution) places
+# the first evaluation, whose residual drives the first step, as above.
+
+_GL_NODES, _GL_WEIGHTS = (torch.as_tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(16))
+
+def _gauss_weights(lam_s, lam_t, nodes, sigma_data):
+    # c_t int_{lam_s}^{lam_t} L_m(lambda) / c(lambda) dlambda for the Lagrange basis L_m over `nodes` (lambdas).
+    u = 0.5 * (lam_t - lam_s) * (_GL_NODES.to(lam_s.device) + 1) + lam_s
+    wq = 0.5 * (lam_t - lam_s) * _GL_WEIGHTS.to(lam_s.device) / torch.sqrt(torch.exp(-2 * u) + sigma_data ** 2)
+    c_t = torch.sqrt(torch.exp(-2 * lam_t) + sigma_data ** 2)
+    out = []
+    for m, lam_m in enumerate(nodes):
+        basis = torch.ones_like(u)
+        for k, lam_k in enumerate(nodes):
+            if k != m:
+                basis = basis * (u - lam_k) / (lam_m - lam_k)
+        out.append(c_t * (wq * basis).sum())
+    return out
+
+def _gauss_step(x, lam_s, lam_t, residuals, lambdas, sigma_data):
+    c_s = torch.sqrt(torch.exp(-2 * lam_s) + sigma_data ** 2)
+    c_t = torch.sqrt(torch.exp(-2 * lam_t) + sigma_data ** 2)
+    x = (c_t / c_s) * x
+    for w, r in zip(_gauss_weights(lam_s, lam_t, lambdas, sigma_data), residuals):
+        x = x + w * r
+    return x
+
+def _gauss_multistep(denoise, x, sigmas, order, project, corrector, afs, sigma_data):
+    def residual(x_eval, d, sigma):
+        return d - x_eval * (sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2))
+    history, lambdas = [], [] # Residuals of the last `order` outputs (newest first) and their lambdas.
+    pending = None # (D, R) at the predicted next point (UniC, AFS): the next step's output.
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        t_after = sigmas[i + 2] if i + 2 < len(sigmas) else None
+        lam = -torch.log(t_cur)
+        if i == 0 and afs: # R(sigma_max) = 0: the Gaussian solution places the first evaluation.
+            lam_t = -torch.log(t_next)
+            x_pred = _gauss_step(x, lam, lam_t, [], [], sigma_data)
+            if project is not None:
+                x_pred = project(x_pred, t_next)
+            d = denoise(x_pred, t_next)
+            pending = (d, residual(x_pred, d, t_next))
+            x = _gauss_step(x, lam, lam_t, [pending[1]], [lam_t], sigma_data)
+        else:
+            if pending is None:
+                d = denoise(x, t_cur)
+                r = residual(x, d, t_cur)
+            else:
+                d, r = pending
+            pending = None
+            history = [r] + history[:order - 1]
+            lambdas = [lam] + lambdas[:order - 1]
+            if t_next == 0:
+                x = d
+            else:
+                lam_t = -torch.log(t_next)
+                if t_after is not None and t_after == 0: # Into sigma_min: first order, no correction (as _dpmpp_multistep).
+                    x = _gauss_step(x, lam, lam_t, history[:1], lambdas[:1], sigma_data)
+                elif corrector == 'unic' and t_after is not None:
+                    x_pred = _gauss_step(x, lam, lam_t, history, lambdas, sigma_data)
+                    if project is not None:
+                        x_pred = project(x_pred, t_next)
+                    d_new = denoise(x_pred, t_next)
+                    pending = (d_new, residual(x_pred, d_new, t_next))
+                    x = _gauss_step(x, lam, lam_t, [pending[1]] + history, [lam_t] + lambdas, sigma_data)
+                else:
+                    x = _gauss_step(x, lam, lam_t, history, lambdas, sigma_data)
+        if project is not None:
+            x = project(x, t_next)
+    return x
+
+#----------------------------------------------------------------------------
 # SDE-DPM-Solver++(2M). The reverse SDE dx = 2 (x - D) / sigma dsigma +
 # sqrt(2 sigma) dw (EDM Eq. 6 with beta = sigma'/sigma) reads, in lambda,
 # dx = 2 (D - x) dlambda + noise. Its exponential integrator over a step h:
@@ -320,6 +410,8 @@ def solve(
         return _euler_heun(denoise, x, sigmas, solver == 'heun', randn_like, S_churn, S_min, S_max, S_noise, round_sigma, project)
     if solver == 'dpmpp_2m_sde':
         return _dpmpp_2m_sde(denoise, x, sigmas, randn_like, project)
+    if solver in ('gauss_2m', 'gauss_3m'):
+        return _gauss_multistep(denoise, x, sigmas, 2 if solver == 'gauss_2m' else 3, project, corrector, afs, float(sigma_data))
     afs_guess = (lambda x, sigma: x * (sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2))) if afs else None
     return _dpmpp_multistep(denoise, x, sigmas, 2 if solver == 'dpmpp_2m' else 3, project, corrector, afs_guess)
 
