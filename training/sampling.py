@@ -212,7 +212,8 @@ def sample(
     cond:           torch.Tensor | None = None, # Condition images [N, Cc, ...] or None.
     embedding:      torch.Tensor | None = None, # Embedding vectors [N, E] or None.
     randn_like:     Callable = torch.randn_like, # Noise source (StackedRandomGenerator.randn_like for per-seed results).
-    solver:         str = 'heun',       # 'heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde'.
+    preset:         str | None = None,  # Named setting (SAMPLER_PRESETS, e.g. 'fast'): sets the options it names.
+    solver:         str = 'heun',       # 'heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m'.
     discretization: str = 'edm',        # 'edm', 'vp', 've', 'logsnr', 'logsnr_warped'.
     corrector:      str = 'none',       # 'none' or 'unic' (UniC corrector of dpmpp_2m / dpmpp_3m, no extra evaluations).
     afs:            bool = False,       # Analytic first step (dpmpp_2m / dpmpp_3m): one evaluation fewer; not with `images`.
@@ -233,6 +234,9 @@ def sample(
     sigma_start:    float | None = None, # ... noised to this level (replaces sigma_max).
 ) -> torch.Tensor:
     """Run a solver from noise (or from noised `images`) to sigma = 0; float64 [N, C, ...]."""
+    if preset is not None:
+        o = resolve_preset(dict(preset=preset, solver=solver, discretization=discretization, corrector=corrector, afs=afs), lambda k: k)
+        solver, discretization, corrector, afs = o['solver'], o['discretization'], o['corrector'], o['afs']
     sigma_min = max(sigma_min, net.sigma_min)
     if images is not None:
         if sigma_start is None or not 0 < sigma_start <= net.sigma_max:
@@ -416,6 +420,8 @@ SAMPLER_PRESETS = {
     'fast': dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True),
 }
 
+assert all(set(p) <= {'solver', 'discretization', 'corrector', 'afs'} for p in SAMPLER_PRESETS.values()) # What sample() resolves.
+
 def resolve_preset(options: dict, name: Callable[[str], str] = lambda k: 'sampling.' + k) -> dict:
     """The options with the preset's values filled in (idempotent); ValueError on an unknown preset or a conflict."""
     preset = options.get('preset')
@@ -434,8 +440,10 @@ def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict 
     """Raise ValueError naming the key if the sampler options are unusable; return the keyword arguments of sample()."""
     name = (lambda k: prefix + k) if names is None else (lambda k: names.get(k, k))
     unset = (lambda k: f'set {name(k)}=null') if names is None else (lambda k: f'leave out {name(k)}')
-    o = dict(SAMPLER_DEFAULTS, **{k: options[k] for k in SAMPLER_KEYS if k in options})
+    o = resolve_preset(dict(SAMPLER_DEFAULTS, **{k: options[k] for k in SAMPLER_KEYS if k in options}), name)
     for k, v in o.items(): # Types: what a schema or a command line would give.
+        if k == 'preset': # Checked by resolve_preset.
+            continue
         if isinstance(SAMPLER_DEFAULTS[k], (str, bool)) or k == 'num_steps':
             kind = {str: 'a name', bool: 'true or false', int: 'an integer'}[type(SAMPLER_DEFAULTS[k])]
             ok = isinstance(v, type(SAMPLER_DEFAULTS[k])) and (k != 'num_steps' or not isinstance(v, bool))
@@ -452,11 +460,11 @@ def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict 
     if o['corrector'] not in solvers.CORRECTORS:
         raise ValueError(f'{name("corrector")}: unknown corrector {o["corrector"]!r} (choose from {", ".join(solvers.CORRECTORS)})')
     if o['corrector'] != 'none' and solver not in solvers.MULTISTEP_SOLVERS:
-        raise ValueError(f'{name("corrector")}={o["corrector"]} applies to the {" and ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
+        raise ValueError(f'{name("corrector")}={o["corrector"]} applies to the {", ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
     if o['num_steps'] < 1:
         raise ValueError(f'{name("num_steps")} must be >= 1, got {o["num_steps"]}')
     if o['afs'] and solver not in solvers.MULTISTEP_SOLVERS:
-        raise ValueError(f'{name("afs")} applies to the {" and ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
+        raise ValueError(f'{name("afs")} applies to the {", ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
     if o['afs'] and o['num_steps'] < 2:
         raise ValueError(f'{name("afs")} needs {name("num_steps")} >= 2, got {o["num_steps"]}')
     sigma_c, warp_k = o['sigma_c'], o['warp_k']

@@ -395,9 +395,9 @@ def solve(
     if corrector not in CORRECTORS:
         raise ValueError(f'corrector: unknown corrector {corrector!r} (choose from {", ".join(CORRECTORS)})')
     if corrector != 'none' and solver not in MULTISTEP_SOLVERS:
-        raise ValueError(f'corrector: the UniC corrector applies to the {" and ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set corrector=\'none\')')
+        raise ValueError(f'corrector: the UniC corrector applies to the {", ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set corrector=\'none\')')
     if afs and solver not in MULTISTEP_SOLVERS:
-        raise ValueError(f'afs: the analytic first step applies to the {" and ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set afs=False)')
+        raise ValueError(f'afs: the analytic first step applies to the {", ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set afs=False)')
     if afs and not 0 <= sigma_data < float('inf'):
         raise ValueError(f'sigma_data must be >= 0 (the data std of the analytic first step), got {sigma_data}')
     sigmas = check_sigmas(sigmas).to(x.device)
