@@ -51,11 +51,11 @@ make bench-peers
 
 \b
 # Closed forms only (about a minute):
-python bench/sampler_peers.py --no-network
+python bench/sampler_peers.py --settings gaussian,mixture
 
 \b
 # A trained snapshot (conditional networks take their cond from the snapshot's dataset):
-python bench/sampler_peers.py --network demo-runs/<run>/network-snapshot-<kimg>.pkl --batch 4
+python bench/sampler_peers.py --network demo-runs/<run>/network-snapshot-<kimg>.pkl --batch 4 --settings network
 """
 
 import importlib.util
@@ -374,9 +374,9 @@ def snapshot_setting(path, batch, gen):
 @click.option('--train-steps', help='Training steps of the small network', metavar='INT', type=int, default=300, show_default=True)
 @click.option('--batch', help='Latents of the network setting', metavar='INT', type=int, default=16, show_default=True)
 @click.option('--ref-steps', help='Steps of the network reference (dpmpp_3m, EDM steps)', metavar='INT', type=int, default=1000, show_default=True)
-@click.option('--network/--no-network', 'use_network', help='Include the network setting', default=True, show_default=True)
+@click.option('--settings', help='Settings to run (gaussian includes the s = 1 Gaussian)', metavar='LIST', default='gaussian,mixture,network', show_default=True)
 @click.option('--threads', help='torch threads', metavar='INT', type=int, default=1, show_default=True)
-def main(peers_dir, network_pkl, train_steps, batch, ref_steps, use_network, threads):
+def main(peers_dir, network_pkl, train_steps, batch, ref_steps, settings, threads):
     """Our samplers beside the public peers; see the module docstring."""
     torch.set_num_threads(threads)
     t0 = time.time()
@@ -393,22 +393,27 @@ def main(peers_dir, network_pkl, train_steps, batch, ref_steps, use_network, thr
         if ok:
             peers.append((label, fn, per_step, disc))
 
+    settings = {v.strip() for v in settings.split(',') if v.strip()}
+    if not settings <= {'gaussian', 'mixture', 'network'}:
+        raise click.BadParameter(f'unknown settings {sorted(settings - {"gaussian", "mixture", "network"})}', param_hint='--settings')
     summary = {}
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1) # Latents drawn in a fixed order (gaussian, mixture, network) whatever runs.
     s = 0.5
     latents = torch.randn([128, 16], dtype=torch.float64, generator=gen)
     exact = latents * 80 * s / np.sqrt(s ** 2 + 80 ** 2)
-    summary['gaussian'] = evaluate('gaussian (s = 0.5 = sigma_data; closed form, exact solution)', acc.gaussian_denoiser(s), latents, exact, peers)
-    s = 1.0 # Not the sigma_data (0.5) that our solvers assume: gauss_* are not exact here.
-    exact = latents * 80 * s / np.sqrt(s ** 2 + 80 ** 2)
-    summary['gaussian-1'] = evaluate('gaussian (s = 1.0, twice sigma_data; closed form)', acc.gaussian_denoiser(s), latents, exact, peers)
+    if 'gaussian' in settings:
+        summary['gaussian'] = evaluate('gaussian (s = 0.5 = sigma_data; closed form, exact solution)', acc.gaussian_denoiser(s), latents, exact, peers)
+        s = 1.0 # Not the sigma_data (0.5) that our solvers assume: gauss_* are not exact here.
+        exact = latents * 80 * s / np.sqrt(s ** 2 + 80 ** 2)
+        summary['gaussian-1'] = evaluate('gaussian (s = 1.0, twice sigma_data; closed form)', acc.gaussian_denoiser(s), latents, exact, peers)
 
     denoise = acc.mixture_denoiser()
     latents = torch.randn([128, 16], dtype=torch.float64, generator=gen)
-    reference = acc.run(denoise, latents, 'heun', 'edm', 1000)
-    summary['mixture'] = evaluate('mixture (closed-form denoiser; reference: 1000 Heun steps)', denoise, latents, reference, peers)
+    if 'mixture' in settings:
+        reference = acc.run(denoise, latents, 'heun', 'edm', 1000)
+        summary['mixture'] = evaluate('mixture (closed-form denoiser; reference: 1000 Heun steps)', denoise, latents, reference, peers)
 
-    if use_network:
+    if 'network' in settings:
         t1 = time.time()
         if network_pkl is None:
             net = acc.train_network(train_steps)
