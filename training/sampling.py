@@ -235,8 +235,8 @@ def sample(
 ) -> torch.Tensor:
     """Run a solver from noise (or from noised `images`) to sigma = 0; float64 [N, C, ...]."""
     if preset is not None:
-        o = resolve_preset(dict(preset=preset, solver=solver, discretization=discretization, corrector=corrector, afs=afs), lambda k: k)
-        solver, discretization, corrector, afs = o['solver'], o['discretization'], o['corrector'], o['afs']
+        o = resolve_preset(dict(preset=preset, solver=solver, discretization=discretization, corrector=corrector, afs=afs, warp_k=warp_k), lambda k: k)
+        solver, discretization, corrector, afs, warp_k = o['solver'], o['discretization'], o['corrector'], o['afs'], o['warp_k']
     sigma_min = max(sigma_min, net.sigma_min)
     if images is not None:
         if sigma_start is None or not 0 < sigma_start <= net.sigma_max:
@@ -420,7 +420,7 @@ SAMPLER_PRESETS = {
     'fast': dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True),
 }
 
-assert all(set(p) <= {'solver', 'discretization', 'corrector', 'afs'} for p in SAMPLER_PRESETS.values()) # What sample() resolves.
+assert all(set(p) <= {'solver', 'discretization', 'corrector', 'afs', 'warp_k'} for p in SAMPLER_PRESETS.values()) # What sample() resolves.
 
 def resolve_preset(options: dict, name: Callable[[str], str] = lambda k: 'sampling.' + k) -> dict:
     """The options with the preset's values filled in (idempotent); ValueError on an unknown preset or a conflict."""

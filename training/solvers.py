@@ -22,8 +22,15 @@ Solvers (NFE = number of denoiser evaluations for N noise levels > 0 followed by
     dpmpp_2m_sde  SDE-DPM-Solver++(2M) (Lu et al. 2022, Sec. 5 / App.): the
                   reverse SDE integrated with the same multistep data
                   prediction, fresh Gaussian noise every step, NFE = N.
+    gauss_2m, gauss_3m
+                  Exponential integrators about a Gaussian denoiser (std
+                  sigma_data, mean fitted to the first output): the part of the ODE that
+                  Gaussian data would give is solved exactly, the rest (small
+                  and smooth at high noise) by multistep of order 2 / 3, NFE = N.
+                  Exact for Gaussian data of std sigma_data. Accept UniC
+                  (orders 3 / 4) and AFS; sampling.preset=fast uses gauss_3m.
 
-Options of dpmpp_2m and dpmpp_3m, both off by default:
+Options of the multistep solvers (dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m), both off by default:
     corrector='unic'  UniC (Zhao et al. 2023, "UniPC"): each step is redone with
                   the denoiser output at the predicted point, which the next
                   step uses anyway; one order higher (3 and 4), same NFE = N.
@@ -249,26 +256,35 @@ def _dpmpp_multistep(denoise, x, sigmas, order, project, corrector, afs_guess):
     return x
 
 #----------------------------------------------------------------------------
-# Exponential integrator about the Gaussian denoiser (solvers gauss_2m,
+# Exponential integrator about a Gaussian denoiser (solvers gauss_2m,
 # gauss_3m). Split D(x; sigma) = G(x; sigma) + R(x; sigma) with G the ideal
-# denoiser of Gaussian data N(0, sigma_data^2 I), G = x sigma_data^2 /
-# (sigma^2 + sigma_data^2). The ODE dx/dsigma = (x - D) / sigma then has the
-# linear part x sigma / (sigma^2 + sigma_data^2), solved exactly by
+# denoiser of Gaussian data N(mu, sigma_data^2 I),
+#   G = mu + (x - mu) sigma_data^2 / (sigma^2 + sigma_data^2).
+# The ODE dx/dsigma = (x - D) / sigma then has the linear part
+# (x - mu) sigma / (sigma^2 + sigma_data^2), solved exactly by
 # c(sigma) = sqrt(sigma^2 + sigma_data^2), and in lambda = -log sigma
 # (variation of constants):
-#   x(t) = (c_t / c_s) x(s) + c_t int_{lambda_s}^{lambda_t} R(lambda) / c(lambda) dlambda.
+#   x(t) - mu = (c_t / c_s) (x(s) - mu) + c_t int_{lambda_s}^{lambda_t} R(lambda) / c(lambda) dlambda.
 # Multistep: R is replaced by the polynomial in lambda through the last p
 # residuals (R_m = D_m - G at the point where D_m was evaluated), and the
 # integral of each Lagrange basis polynomial against the weight 1 / c(lambda)
 # is taken by Gauss-Legendre quadrature (16 nodes: exact to rounding for the
 # step lengths of a sampler), order p. The UniC corrector (Zhao et al. 2023)
 # redoes the step with the polynomial through the new output as well, order
-# p + 1, no extra evaluation (the next step uses it). sigma_data = 0 is
-# DPM-Solver++ (c = sigma, weight e^lambda, R = D); the integrator is exact
-# for Gaussian data of std sigma_data (R = 0), and R stays small and smooth
-# at high noise for any data, where D itself grows like e^lambda along a
-# trajectory. AFS: the guess R(sigma_max) = 0 (the Gaussian solution) places
-# the first evaluation, whose residual drives the first step, as above.
+# p + 1, no extra evaluation (the next step uses it).
+# mu is fitted, per sample, to the first denoiser output D_1 at (x_1, sigma_1):
+# the mean of the Gaussian whose denoiser gives it, mu = (D_1 - a_1 x_1) /
+# (1 - a_1), a_1 = sigma_data^2 / (sigma_1^2 + sigma_data^2) (at sigma_1 >>
+# sigma_data about the data mean; 0 before it exists, i.e. for AFS's guess),
+# then fixed for the whole trajectory. With sigma_data = 0 the integrator is that of
+# DPM-Solver++ (c = sigma, weight e^lambda; mu cancels, since the weights
+# integrate constants exactly), with exact weights for every order. For
+# Gaussian data of std sigma_data (any mean), mu is that mean, R = 0 and
+# every step is exact; for any data R stays small and smooth at high noise, where D itself
+# grows like e^lambda along a trajectory (the error of data-prediction
+# solvers at few steps). AFS: the guess R(sigma_max) = 0 with mu = 0 (the
+# Gaussian solution) places the first evaluation, whose output is mu and
+# whose residual drives the first step.
 
 _GL_NODES, _GL_WEIGHTS = (torch.as_tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(16))
 
@@ -295,45 +311,48 @@ def _gauss_step(x, lam_s, lam_t, residuals, lambdas, sigma_data):
     return x
 
 def _gauss_multistep(denoise, x, sigmas, order, project, corrector, afs, sigma_data):
-    def residual(x_eval, d, sigma):
-        return d - x_eval * (sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2))
-    history, lambdas = [], [] # Residuals of the last `order` outputs (newest first) and their lambdas.
-    pending = None # (D, R) at the predicted next point (UniC, AFS): the next step's output.
+    history, lambdas = [], [] # (D, point where it was evaluated, sigma) of the last `order` outputs, newest first; their lambdas.
+    pending = None # (D, point, sigma) at the predicted next point (UniC, AFS): the next step's output.
+    mu = None # Centre of the Gaussian, from the first output.
+    def centre(node): # The mean m of Gaussian data N(m, sigma_data^2) whose denoiser gives D at (x, sigma): D = m + a (x - m).
+        d, p, sig = node
+        a = sigma_data ** 2 / (sig ** 2 + sigma_data ** 2)
+        return (d - a * p) / (1 - a)
+    def step(x, lam_s, lam_t, nodes, node_lambdas):
+        m = 0 if mu is None else mu
+        res = [d - m - (p - m) * (sigma_data ** 2 / (sig ** 2 + sigma_data ** 2)) for d, p, sig in nodes]
+        return m + _gauss_step(x - m, lam_s, lam_t, res, node_lambdas, sigma_data)
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         t_after = sigmas[i + 2] if i + 2 < len(sigmas) else None
         lam = -torch.log(t_cur)
-        if i == 0 and afs: # R(sigma_max) = 0: the Gaussian solution places the first evaluation.
+        if i == 0 and afs: # R(sigma_max) = 0, mu = 0: the Gaussian solution places the first evaluation.
             lam_t = -torch.log(t_next)
-            x_pred = _gauss_step(x, lam, lam_t, [], [], sigma_data)
+            x_pred = step(x, lam, lam_t, [], [])
             if project is not None:
                 x_pred = project(x_pred, t_next)
-            d = denoise(x_pred, t_next)
-            pending = (d, residual(x_pred, d, t_next))
-            x = _gauss_step(x, lam, lam_t, [pending[1]], [lam_t], sigma_data)
+            pending = (denoise(x_pred, t_next), x_pred, t_next)
+            mu = centre(pending)
+            x = step(x, lam, lam_t, [pending], [lam_t])
         else:
-            if pending is None:
-                d = denoise(x, t_cur)
-                r = residual(x, d, t_cur)
-            else:
-                d, r = pending
+            node = (denoise(x, t_cur), x, t_cur) if pending is None else pending
             pending = None
-            history = [r] + history[:order - 1]
+            mu = centre(node) if mu is None else mu
+            history = [node] + history[:order - 1]
             lambdas = [lam] + lambdas[:order - 1]
             if t_next == 0:
-                x = d
+                x = node[0]
             else:
                 lam_t = -torch.log(t_next)
                 if t_after is not None and t_after == 0: # Into sigma_min: first order, no correction (as _dpmpp_multistep).
-                    x = _gauss_step(x, lam, lam_t, history[:1], lambdas[:1], sigma_data)
+                    x = step(x, lam, lam_t, history[:1], lambdas[:1])
                 elif corrector == 'unic' and t_after is not None:
-                    x_pred = _gauss_step(x, lam, lam_t, history, lambdas, sigma_data)
+                    x_pred = step(x, lam, lam_t, history, lambdas)
                     if project is not None:
                         x_pred = project(x_pred, t_next)
-                    d_new = denoise(x_pred, t_next)
-                    pending = (d_new, residual(x_pred, d_new, t_next))
-                    x = _gauss_step(x, lam, lam_t, [pending[1]] + history, [lam_t] + lambdas, sigma_data)
+                    pending = (denoise(x_pred, t_next), x_pred, t_next)
+                    x = step(x, lam, lam_t, [pending] + history, [lam_t] + lambdas)
                 else:
-                    x = _gauss_step(x, lam, lam_t, history, lambdas, sigma_data)
+                    x = step(x, lam, lam_t, history, lambdas)
         if project is not None:
             x = project(x, t_next)
     return x
@@ -382,7 +401,7 @@ def solve(
     project:        Projector | None = None, # x <- project(x, sigma) at the start and after every step (with UniC / AFS also at the predicted point).
     corrector:      str = 'none',       # One of CORRECTORS: 'unic' = UniC corrector (dpmpp_2m, dpmpp_3m).
     afs:            bool = False,       # Analytic first step (dpmpp_2m, dpmpp_3m): x(sigmas[0]) must be pure noise.
-    sigma_data:     float = 0.5,        # AFS: std of the Gaussian whose denoiser is the first guess (the network's sigma_data).
+    sigma_data:     float = 0.5,        # AFS, gauss_*: std of the Gaussian whose denoiser is the first guess / the linear part (the network's sigma_data).
 ) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1] with `solver`; returns float64."""
     if solver not in SOLVERS:
