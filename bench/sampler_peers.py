@@ -215,7 +215,7 @@ def peer_rows(diffusers, kdiff) -> list[tuple]:
 
 OUR_ROWS = [
     ('fast (preset)', dict(preset='fast')),
-    ('gauss_2m warped+unic+afs', dict(solver='gauss_2m', discretization='logsnr_warped', corrector='unic', afs=True)),
+    ('gauss_2m warped0.7+unic+afs', dict(solver='gauss_2m', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.7)),
     ('dpmpp_3m warped+unic+afs', dict(solver='dpmpp_3m', discretization='logsnr_warped', corrector='unic', afs=True)),
     ('dpmpp_2m warped+unic+afs', dict(solver='dpmpp_2m', discretization='logsnr_warped', corrector='unic', afs=True)),
     ('dpmpp_3m edm', dict(solver='dpmpp_3m')),
@@ -375,18 +375,19 @@ def snapshot_setting(path, batch, gen):
 @click.option('--batch', help='Latents of the network setting', metavar='INT', type=int, default=16, show_default=True)
 @click.option('--ref-steps', help='Steps of the network reference (dpmpp_3m, EDM steps)', metavar='INT', type=int, default=1000, show_default=True)
 @click.option('--settings', help='Settings to run (gaussian includes the s = 1 Gaussian)', metavar='LIST', default='gaussian,mixture,network', show_default=True)
+@click.option('--ours-only', help='Our rows only (no peers needed, no headline)', is_flag=True)
 @click.option('--threads', help='torch threads', metavar='INT', type=int, default=1, show_default=True)
-def main(peers_dir, network_pkl, train_steps, batch, ref_steps, settings, threads):
+def main(peers_dir, network_pkl, train_steps, batch, ref_steps, settings, ours_only, threads):
     """Our samplers beside the public peers; see the module docstring."""
     torch.set_num_threads(threads)
     t0 = time.time()
-    diffusers, kdiff = load_peers(peers_dir)
-    print(f'peers: diffusers {diffusers.__version__}, k-diffusion sampling.py from {os.path.dirname(os.path.dirname(kdiff.__file__))}')
-
-    # Correctness of each peer on the Gaussian closed form.
-    print('\n== peer check on the Gaussian closed form (errors at 20 / 40 / 80 NFE; 21 / 41 / 81 for 2-evaluation steps)')
+    diffusers, kdiff = load_peers(peers_dir) if not ours_only else (None, None)
     peers = []
-    for label, fn, per_step, disc in peer_rows(diffusers, kdiff):
+    if not ours_only:
+        print(f'peers: diffusers {diffusers.__version__}, k-diffusion sampling.py from {os.path.dirname(os.path.dirname(kdiff.__file__))}')
+        # Correctness of each peer on the Gaussian closed form.
+        print('\n== peer check on the Gaussian closed form (errors at 20 / 40 / 80 NFE; 21 / 41 / 81 for 2-evaluation steps)')
+    for label, fn, per_step, disc in ([] if ours_only else peer_rows(diffusers, kdiff)):
         ok, e = check_peer(fn, per_step, disc, order1='euler' in label)
         print(f'  {"ok  " if ok else "FAIL"} {label + " / " + disc:<40s} ' + ' '.join(fmt(v) if isinstance(v, float) else str(v) for v in e)
             + ('' if ok else '  -> skipped'))
@@ -431,7 +432,7 @@ def main(peers_dir, network_pkl, train_steps, batch, ref_steps, settings, thread
             early_stop=True)
 
     print(f'\nHeadline ({time.time() - t0:.0f} s)')
-    for name, (heun, res) in summary.items():
+    for name, (heun, res) in ([] if ours_only else summary.items()):
         headline(name, heun, res)
 
 if __name__ == '__main__':

@@ -388,7 +388,7 @@ def test_sample_plumbs_corrector_afs_and_warp():
 #----------------------------------------------------------------------------
 # The named setting sampling.preset=fast: resolved by the one validation and by sample().
 
-FAST = dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True)
+FAST = dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5)
 
 def test_preset_fast_resolves_to_its_solver_options():
     assert sampling.SAMPLER_PRESETS['fast'] == FAST
@@ -396,7 +396,7 @@ def test_preset_fast_resolves_to_its_solver_options():
     assert {k: o[k] for k in FAST} == FAST and o['num_steps'] == 11 and o['preset'] == 'fast'
     assert sampling.check_sampler_options(o) == o # Idempotent: a resolved dict passes again.
     # The preset's own values, or the defaults, are no conflict; another value is.
-    assert sampling.check_sampler_options(dict(preset='fast', solver='gauss_3m', afs=False)) == o | dict(num_steps=18)
+    assert sampling.check_sampler_options(dict(preset='fast', solver='gauss_3m', afs=False, warp_k=0.3)) == o | dict(num_steps=18)
     with pytest.raises(ValueError) as err:
         sampling.check_sampler_options(dict(preset='fast', solver='dpmpp_2m'))
     assert str(err.value) == 'sampling.solver=dpmpp_2m conflicts with sampling.preset=fast, which sets solver=gauss_3m (leave out one of them)'
