@@ -376,8 +376,10 @@ def snapshot_setting(path, batch, gen):
 @click.option('--ref-steps', help='Steps of the network reference (dpmpp_3m, EDM steps)', metavar='INT', type=int, default=1000, show_default=True)
 @click.option('--settings', help='Settings to run (gaussian includes the s = 1 Gaussian)', metavar='LIST', default='gaussian,mixture,network', show_default=True)
 @click.option('--ours-only', help='Our rows only (no peers needed, no headline)', is_flag=True)
+@click.option('--peers', 'peer_filter', help='Only the peer rows whose "name / steps" contains one of these (comma-separated)', metavar='LIST', default='')
+@click.option('--max-nfe', help='Longest NFE of the ladder', metavar='INT', type=int, default=LADDER[-1], show_default=True)
 @click.option('--threads', help='torch threads', metavar='INT', type=int, default=1, show_default=True)
-def main(peers_dir, network_pkl, train_steps, batch, ref_steps, settings, ours_only, threads):
+def main(peers_dir, network_pkl, train_steps, batch, ref_steps, settings, ours_only, peer_filter, max_nfe, threads):
     """Our samplers beside the public peers; see the module docstring."""
     torch.set_num_threads(threads)
     t0 = time.time()
@@ -387,7 +389,11 @@ def main(peers_dir, network_pkl, train_steps, batch, ref_steps, settings, ours_o
         print(f'peers: diffusers {diffusers.__version__}, k-diffusion sampling.py from {os.path.dirname(os.path.dirname(kdiff.__file__))}')
         # Correctness of each peer on the Gaussian closed form.
         print('\n== peer check on the Gaussian closed form (errors at 20 / 40 / 80 NFE; 21 / 41 / 81 for 2-evaluation steps)')
+    LADDER[:] = [n for n in LADDER if n <= max(max_nfe, max(HEADLINE_NFE))]
+    wanted = [v.strip() for v in peer_filter.split(',') if v.strip()]
     for label, fn, per_step, disc in ([] if ours_only else peer_rows(diffusers, kdiff)):
+        if wanted and not any(w in f'{label} / {disc}' for w in wanted):
+            continue
         ok, e = check_peer(fn, per_step, disc, order1='euler' in label)
         print(f'  {"ok  " if ok else "FAIL"} {label + " / " + disc:<40s} ' + ' '.join(fmt(v) if isinstance(v, float) else str(v) for v in e)
             + ('' if ok else '  -> skipped'))
