@@ -63,6 +63,7 @@ import os
 import sys
 import time
 import types
+import warnings
 
 import click
 import numpy as np
@@ -84,6 +85,7 @@ HEUN_STEPS = 18 # 35 NFE.
 # Loading the peers (bench-only).
 
 def load_peers(peers_dir: str) -> tuple:
+    warnings.filterwarnings('ignore', message='__array_wrap__ must accept context', category=DeprecationWarning) # diffusers' DEIS under numpy 2.
     if os.path.isdir(peers_dir) and peers_dir not in sys.path:
         sys.path.append(peers_dir) # Appended: the venv's own packages (torch, numpy) win.
     try:
@@ -254,7 +256,7 @@ def measure(fn, ladder_fn, denoise, latents, ref, nfes, target=None, stop_after_
             continue
         calls = []
         counting = lambda x, sigma: calls.append(1) or denoise(x, sigma)
-        with torch.no_grad():
+        with torch.no_grad(), np.errstate(all='ignore'): # DEIS / UniPC bh1 take log(0) on their own step into sigma = 0.
             x = fn(counting, latents.to(torch.float64), sigmas)
         if len(calls) != nfe:
             raise AssertionError(f'{nfe} evaluations expected, {len(calls)} counted')

@@ -96,6 +96,9 @@ def loaded_peers():
 def _gauss(x, sigma):
     return 0.25 / (0.25 + sigma ** 2) * x
 
+PEER_WARNINGS = pytest.mark.filterwarnings('ignore:__array_wrap__ must accept context:DeprecationWarning') # diffusers' DEIS under numpy 2.
+
+@PEER_WARNINGS
 def test_peer_wrappers_match_our_dpmpp_2m(loaded_peers):
     from training import solvers # pylint: disable=import-outside-toplevel
     diffusers, kdiff = loaded_peers
@@ -109,6 +112,7 @@ def test_peer_wrappers_match_our_dpmpp_2m(loaded_peers):
     assert torch.allclose(k, ours, rtol=1e-12, atol=1e-12)
     assert torch.allclose(d, ours, rtol=1e-4, atol=1e-4) and torch.allclose(e, ours, rtol=1e-4, atol=1e-4)
 
+@PEER_WARNINGS
 def test_peer_check_passes_peers_and_fails_a_broken_one(loaded_peers):
     diffusers, kdiff = loaded_peers
     rows = {(label, disc): (fn, per) for label, fn, per, disc in peers.peer_rows(diffusers, kdiff)}
