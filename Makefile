@@ -4,10 +4,11 @@ VENV     := .venv
 PY       := $(VENV)/bin/python
 TORCHRUN := $(VENV)/bin/torchrun
 NPROC    ?= 2
+PEERS_DIR := .peers
 export OMP_NUM_THREADS ?= 1
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE = 1
 
-.PHONY: venv demo demo-data demo-pet demo-pet-data demo-ldm demo-ldm-data bench-ldm3d demo-diffmic demo-diffmic-data bench-diffmic demo-anomaly demo-anomaly-data bench-anomaly test test-all bench bench-train bench-sampler bench-mlem bench-projector bench-pet-quality clean
+.PHONY: venv demo demo-data demo-pet demo-pet-data demo-ldm demo-ldm-data bench-ldm3d demo-diffmic demo-diffmic-data bench-diffmic demo-anomaly demo-anomaly-data bench-anomaly test test-all bench bench-train bench-sampler bench-peers bench-mlem bench-projector bench-pet-quality clean
 
 venv: $(VENV)/.installed
 
@@ -126,6 +127,15 @@ bench-train: venv
 	$(PY) bench/train_throughput.py
 bench-sampler: venv
 	$(PY) bench/sampler_accuracy.py
+# The public samplers (k-diffusion, diffusers) beside ours: bench-only wheels, pinned in
+# bench/requirements-peers.txt, installed without dependency resolution into ./.peers
+# (not into .venv; the toolkit never imports them), then the side-by-side run.
+$(PEERS_DIR)/.installed: bench/requirements-peers.txt | venv
+	$(PY) -m pip install -q --no-deps --target $(PEERS_DIR) -r bench/requirements-peers.txt
+	touch $@
+
+bench-peers: venv $(PEERS_DIR)/.installed
+	$(PY) bench/sampler_peers.py --peers-dir $(PEERS_DIR)
 bench-mlem: venv
 	$(PY) bench/mlem.py
 bench-projector: venv
@@ -134,4 +144,4 @@ bench-pet-quality: venv demo-pet-data
 	$(PY) bench/pet_quality.py
 
 clean:
-	rm -rf demo-runs training-runs .pytest_cache
+	rm -rf demo-runs training-runs .pytest_cache $(PEERS_DIR)

@@ -75,3 +75,33 @@ def test_snapshot_admits_family_classes(tmp_path, monkeypatch):
     back = persistence.load_snapshot(tmp_path / 's.pkl')['ema']
     assert type(back) is module.FamilyNet and back.init_kwargs == dict(width=4)
     assert torch.equal(back.lin.weight, net.lin.weight)
+
+#----------------------------------------------------------------------------
+# The public samplers that bench/sampler_peers.py compares against are bench-only
+# dependencies: no toolkit module (engine, families, entry points) imports them.
+
+PEER_PACKAGES = ('diffusers', 'k_diffusion')
+
+def peer_imports(source: str) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if n.split('.')[0] in PEER_PACKAGES]
+    return found
+
+def test_toolkit_imports_no_peer_sampler():
+    assert peer_imports('import diffusers\nfrom k_diffusion import sampling\nimport training\n') == [(1, 'diffusers'), (2, 'k_diffusion')]
+    files = glob.glob(os.path.join(launch.ROOT, '*.py'))
+    for package in ('training', 'torch_utils', 'tomography_utils'):
+        files += glob.glob(os.path.join(launch.ROOT, package, '**', '*.py'), recursive=True)
+    assert len(files) > 30 and any(f.endswith('generate.py') for f in files)
+    bad = [f'{os.path.relpath(f, launch.ROOT)}:{line} imports {name}' for f in sorted(files)
+        for line, name in peer_imports(open(f, encoding='utf-8').read())]
+    assert bad == [], 'peers are bench-only (bench/requirements-peers.txt): ' + '; '.join(bad)
+    requirements = open(os.path.join(launch.ROOT, 'requirements.txt'), encoding='utf-8').read().lower()
+    assert 'diffusers' not in requirements and 'k-diffusion' not in requirements and 'k_diffusion' not in requirements

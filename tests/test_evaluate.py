@@ -70,6 +70,8 @@ GEN = dict(network_pkl='net.pkl', seeds='0-3', batch=4, format='npz', samples_pe
     (dict(solver='euler', num_steps=0), ['--solver', 'euler', '--steps', '0']),
     (dict(rho=0.0), ['--rho', '0']),
     (dict(S_churn=1.0, solver='dpmpp_3m'), ['--s-churn', '1', '--solver', 'dpmpp_3m']),
+    (dict(preset='quick'), ['--preset', 'quick']),
+    (dict(preset='fast', solver='dpmpp_2m'), ['--preset', 'fast', '--solver', 'dpmpp_2m']),
 ])
 def test_same_message_as_generate(setup, tmp_path, kw, argv):
     with pytest.raises(ValueError) as err:

@@ -114,6 +114,12 @@ ORDER_CASES = [
     ('dpmpp_3m', {},                             [48, 96, 192],  3, 0.35),
     ('dpmpp_2m', dict(corrector='unic'),         [32, 64, 128],  3, 0.25),
     ('dpmpp_3m', dict(corrector='unic'),         [32, 64, 128],  4, 0.25),
+    # The exponential integrator about the Gaussian denoiser, with a sigma_data that is not the data's
+    # std (1.0 vs S_DATA = 0.5): with sigma_data = S_DATA it is exact (test below), which shows no order.
+    ('gauss_2m', dict(sigma_data=1.0),                       [48, 96, 192], 2, 0.1),
+    ('gauss_3m', dict(sigma_data=1.0, discretization='logsnr'), [48, 96, 192], 3, 0.2),
+    ('gauss_2m', dict(corrector='unic', sigma_data=0.2, discretization='logsnr'), [48, 96, 192], 3, 0.15),
+    ('gauss_3m', dict(corrector='unic', sigma_data=1.0, discretization='logsnr'), [48, 96, 192], 4, 0.3),
 ]
 
 @pytest.mark.parametrize('solver, kwargs, levels, order, tol', ORDER_CASES)
@@ -122,6 +128,42 @@ def test_gaussian_closed_form_convergence_order(solver, kwargs, levels, order, t
     rates = [np.log2(a / b) for a, b in zip(errors[:-1], errors[1:])]
     assert all(abs(r - order) < tol for r in rates), (solver, errors, rates)
     assert errors[-1] < {1: 3e-2, 2: 1e-3, 3: 3e-4, 4: 3e-5}[order], (solver, errors)
+
+def _fit_order(errors, levels):
+    # Slope of log error against log steps (least squares over all points), negated.
+    return -float(np.polyfit(np.log(levels), np.log(errors), 1)[0])
+
+@pytest.mark.parametrize('solver, kwargs, levels, order, tol', [case for case in ORDER_CASES if case[0].startswith('gauss')])
+def test_gauss_solvers_fitted_order(solver, kwargs, levels, order, tol):
+    levels = [levels[0], int(levels[0] * 2 ** 0.5), levels[1], int(levels[1] * 2 ** 0.5), levels[2]]
+    errors = [_error(solver, n, **kwargs) for n in levels]
+    assert abs(_fit_order(errors, levels) - order) < tol, (solver, kwargs, errors)
+
+@pytest.mark.parametrize('solver, kwargs', [('gauss_2m', {}), ('gauss_3m', dict(corrector='unic')), ('gauss_3m', dict(corrector='unic', afs=True))])
+def test_gauss_solvers_exact_for_gaussian_data_of_std_sigma_data(solver, kwargs):
+    # R = D - G = 0: every step is the exact solution x(t) = x(s) c_t / c_s, whatever the steps.
+    assert _error(solver, 4, 'logsnr_warped', sigma_data=S_DATA, **kwargs) < 1e-13
+    assert _error(solver, 4, 'logsnr_warped', sigma_data=0.3, **kwargs) > 1e-3 # Another sigma_data is not.
+
+@pytest.mark.parametrize('corrector', ['none', 'unic'])
+@pytest.mark.parametrize('p', [2, 3])
+def test_gauss_solvers_with_sigma_data_0_are_exponential_adams(p, corrector):
+    # sigma_data = 0: c(sigma) = sigma, weight e^lambda, R = D, i.e. the exponential integrator of
+    # DPM-Solver++ with the exact integral of the polynomial through the last p outputs (p + 1 with
+    # UniC): exact for an x-independent D(lambda) of degree p - 1 (p) on the steps with full history.
+    unic = corrector == 'unic'
+    errors = _unic_step_errors(f'gauss_{p}m', degree=p - 1 + unic, corrector=corrector, sigma_data=0)
+    exact_steps = errors[p - 1:len(errors) - unic]
+    assert len(exact_steps) >= 4 and max(exact_steps) < 1e-12, errors
+    assert min(_unic_step_errors(f'gauss_{p}m', degree=p + unic, corrector=corrector, sigma_data=0)[p - 1:len(errors) - unic]) > 1e-5
+    # dpmpp_3m (+ UniC) is that integrator too, from its third step on.
+    if p == 3:
+        den = lambda x, sigma: 0.3 + 0.7 * torch.tanh(x / (1 + sigma)) # Any smooth denoiser.
+        x0 = _x_start(16)
+        sig = UNEVEN_SIGMAS[:3]
+        x2a = solvers.solve(den, x0, sig, 'gauss_3m', corrector=corrector, sigma_data=0)
+        x2b = solvers.solve(den, x0, sig, 'dpmpp_3m', corrector=corrector)
+        assert not torch.allclose(x2a, x2b, rtol=1e-6) # The second step differs (DPM-Solver++ 2M's weight 1/(2r) vs the exact one).
 
 def test_afs_limits_the_order_to_2():
     # The analytic first step is a first-order step (D taken at its end, where the guess places it),
@@ -161,7 +203,7 @@ def _exp_integral(coefs, lam_s, lam_t):
         out.append(s(lam_t) - np.exp(-(lam_t - lam_s)) * s(lam_s))
     return torch.tensor(out, dtype=torch.float64)
 
-def _unic_step_errors(solver, degree):
+def _unic_step_errors(solver, degree, corrector='unic', **kwargs):
     coefs = torch.randn(4, degree + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(degree)) # 4 polynomials.
     den = lambda x, sigma: sum(coefs[:, k] * (-torch.log(sigma) - LAMBDA_C) ** k for k in range(degree + 1)) + 0 * x
     states = {} # sigma -> state after the step into it (project sees the predicted point first, then the corrected state).
@@ -169,7 +211,7 @@ def _unic_step_errors(solver, degree):
         states[float(sigma)] = x.clone()
         return x
     x0 = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    solvers.solve(den, x0, UNEVEN_SIGMAS, solver, corrector='unic', project=record)
+    solvers.solve(den, x0, UNEVEN_SIGMAS, solver, corrector=corrector, project=record, **kwargs)
     sig, lam = UNEVEN_SIGMAS.tolist(), (-torch.log(UNEVEN_SIGMAS)).tolist()
     errors = []
     for i in range(len(sig) - 1):
@@ -262,7 +304,8 @@ def test_solvers_are_shape_agnostic(solver):
 
 @pytest.mark.parametrize('solver, kwargs, nfe', [('heun', {}, 2 * 9 - 1), ('euler', {}, 9), ('dpmpp_2m', {}, 9), ('dpmpp_3m', {}, 9),
     ('dpmpp_2m_sde', {}, 9), ('dpmpp_2m', dict(corrector='unic'), 9), ('dpmpp_3m', dict(corrector='unic'), 9),
-    ('dpmpp_2m', dict(afs=True), 8), ('dpmpp_3m', dict(corrector='unic', afs=True), 8)])
+    ('dpmpp_2m', dict(afs=True), 8), ('dpmpp_3m', dict(corrector='unic', afs=True), 8), ('gauss_2m', {}, 9),
+    ('gauss_3m', dict(corrector='unic'), 9), ('gauss_3m', dict(corrector='unic', afs=True), 8)])
 @pytest.mark.parametrize('final_zero', [True, False])
 def test_number_of_evaluations(solver, kwargs, nfe, final_zero):
     calls = []
@@ -301,8 +344,8 @@ def test_bad_solver_arguments():
         solvers.solve(gaussian_denoiser, _x_start(4), sigmas.flip(0)[1:], 'euler')
     for kwargs, message in [
         (dict(solver='dpmpp_2m', corrector='unipc'), "corrector: unknown corrector 'unipc' (choose from none, unic)"),
-        (dict(solver='heun', corrector='unic'), "corrector: the UniC corrector applies to the dpmpp_2m and dpmpp_3m solvers, not 'heun' (set corrector='none')"),
-        (dict(solver='dpmpp_2m_sde', afs=True), "afs: the analytic first step applies to the dpmpp_2m and dpmpp_3m solvers, not 'dpmpp_2m_sde' (set afs=False)"),
+        (dict(solver='heun', corrector='unic'), "corrector: the UniC corrector applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m solvers, not 'heun' (set corrector='none')"),
+        (dict(solver='dpmpp_2m_sde', afs=True), "afs: the analytic first step applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m solvers, not 'dpmpp_2m_sde' (set afs=False)"),
         (dict(solver='dpmpp_2m', afs=True, sigma_data=-1), 'sigma_data must be >= 0 (the data std of the analytic first step), got -1'),
     ]:
         with pytest.raises(ValueError) as err:
@@ -341,6 +384,34 @@ def test_sample_plumbs_corrector_afs_and_warp():
         sampling.reconstruct(net, latents, latents, sigma_start=1.0, **kw)
     assert str(err.value) == ('afs: the analytic first step assumes pure noise at sigma_max; it does not apply to '
         'partial-noise reconstruction (set afs=False)')
+
+#----------------------------------------------------------------------------
+# The named setting sampling.preset=fast: resolved by the one validation and by sample().
+
+FAST = dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5)
+
+def test_preset_fast_resolves_to_its_solver_options():
+    assert sampling.SAMPLER_PRESETS['fast'] == FAST
+    o = sampling.check_sampler_options(dict(preset='fast', num_steps=11))
+    assert {k: o[k] for k in FAST} == FAST and o['num_steps'] == 11 and o['preset'] == 'fast'
+    assert sampling.check_sampler_options(o) == o # Idempotent: a resolved dict passes again.
+    # The preset's own values, or the defaults, are no conflict; another value is.
+    assert sampling.check_sampler_options(dict(preset='fast', solver='gauss_3m', afs=False, warp_k=0.3)) == o | dict(num_steps=18)
+    with pytest.raises(ValueError) as err:
+        sampling.check_sampler_options(dict(preset='fast', solver='dpmpp_2m'))
+    assert str(err.value) == 'sampling.solver=dpmpp_2m conflicts with sampling.preset=fast, which sets solver=gauss_3m (leave out one of them)'
+    with pytest.raises(ValueError) as err:
+        sampling.check_sampler_options(dict(preset='quick'), names={'preset': '--preset'})
+    assert str(err.value) == "--preset: unknown preset 'quick' (choose from fast, or null)"
+
+def test_sample_with_preset_is_the_explicit_options():
+    latents = torch.randn(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    net = _GaussianNet(sigma_data=0.3)
+    out = sampling.sample(net, latents, preset='fast', num_steps=9)
+    assert net.calls == 8 # AFS: NFE = num_steps - 1.
+    assert torch.equal(out, sampling.sample(_GaussianNet(sigma_data=0.3), latents, num_steps=9, **FAST))
+    with pytest.raises(ValueError, match='^discretization=logsnr conflicts with preset=fast, which sets discretization=logsnr_warped'):
+        sampling.sample(net, latents, preset='fast', discretization='logsnr', corrector='unic')
 
 #----------------------------------------------------------------------------
 # edm_sampler (used by the training loop for sample grids) is still EDM's

@@ -22,6 +22,7 @@ from training import sampling
 # time-step discretization and option that generate.py takes.
 
 SAMPLER_OPTION_NAMES = {
+    'preset':           '--preset',
     'solver':           '--solver',
     'discretization':   '--discretization',
     'corrector':        '--corrector',
@@ -40,7 +41,8 @@ SAMPLER_OPTION_NAMES = {
 }
 
 _SAMPLER_HELP = {
-    'solver':           'Solver: heun, euler, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde',
+    'preset':           'Named sampling setting: fast (gauss_3m + UniC + AFS, warped log-SNR steps; NFE = steps - 1)',
+    'solver':           'Solver: heun, euler, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, gauss_2m, gauss_3m',
     'discretization':   'Time steps: edm, vp, ve, logsnr, logsnr_warped',
     'corrector':        'none, or unic (UniC corrector of dpmpp_2m / dpmpp_3m)',
     'afs':              'Analytic first step of dpmpp_2m / dpmpp_3m (one evaluation fewer)',
@@ -59,7 +61,7 @@ _SAMPLER_HELP = {
 
 def _click_type(key: str):
     default = sampling.SAMPLER_DEFAULTS[key]
-    return str if isinstance(default, str) else int if key == 'num_steps' else float
+    return str if isinstance(default, str) or key == 'preset' else int if key == 'num_steps' else float
 
 def sampler_options(fn):
     """Decorator: add the sampler options to a click command; the command
@@ -75,7 +77,7 @@ def sampler_options(fn):
             wrapper = click.option('--afs/--no-afs', 'afs', help=_SAMPLER_HELP[key], default=default, show_default=True)(wrapper)
         else:
             wrapper = click.option(SAMPLER_OPTION_NAMES[key], key, help=_SAMPLER_HELP[key], type=_click_type(key), default=default,
-                show_default=default is not None, metavar='NAME' if isinstance(default, str) else 'INT' if key == 'num_steps' else 'FLOAT')(wrapper)
+                show_default=default is not None, metavar='NAME' if isinstance(default, str) or key == 'preset' else 'INT' if key == 'num_steps' else 'FLOAT')(wrapper)
     return wrapper
 
 #----------------------------------------------------------------------------

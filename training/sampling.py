@@ -212,7 +212,8 @@ def sample(
     cond:           torch.Tensor | None = None, # Condition images [N, Cc, ...] or None.
     embedding:      torch.Tensor | None = None, # Embedding vectors [N, E] or None.
     randn_like:     Callable = torch.randn_like, # Noise source (StackedRandomGenerator.randn_like for per-seed results).
-    solver:         str = 'heun',       # 'heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde'.
+    preset:         str | None = None,  # Named setting (SAMPLER_PRESETS, e.g. 'fast'): sets the options it names.
+    solver:         str = 'heun',       # 'heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m'.
     discretization: str = 'edm',        # 'edm', 'vp', 've', 'logsnr', 'logsnr_warped'.
     corrector:      str = 'none',       # 'none' or 'unic' (UniC corrector of dpmpp_2m / dpmpp_3m, no extra evaluations).
     afs:            bool = False,       # Analytic first step (dpmpp_2m / dpmpp_3m): one evaluation fewer; not with `images`.
@@ -233,6 +234,9 @@ def sample(
     sigma_start:    float | None = None, # ... noised to this level (replaces sigma_max).
 ) -> torch.Tensor:
     """Run a solver from noise (or from noised `images`) to sigma = 0; float64 [N, C, ...]."""
+    if preset is not None:
+        o = resolve_preset(dict(preset=preset, solver=solver, discretization=discretization, corrector=corrector, afs=afs, warp_k=warp_k), lambda k: k)
+        solver, discretization, corrector, afs, warp_k = o['solver'], o['discretization'], o['corrector'], o['afs'], o['warp_k']
     sigma_min = max(sigma_min, net.sigma_min)
     if images is not None:
         if sigma_start is None or not 0 < sigma_start <= net.sigma_max:
@@ -401,16 +405,47 @@ def posterior_seeds(indices, samples_per_cond: int, cond_seed: int = 0, key: str
 # names[key] (a command-line option such as --steps) where `names` is given.
 # What needs the network (guidance: check_guidance) is checked after loading.
 
-SAMPLER_DEFAULTS = dict(solver='heun', discretization='edm', corrector='none', afs=False, sigma_c=None, warp_k=0.3,
+SAMPLER_DEFAULTS = dict(preset=None, solver='heun', discretization='edm', corrector='none', afs=False, sigma_c=None, warp_k=0.3,
     num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1)
 SAMPLER_KEYS = tuple(SAMPLER_DEFAULTS)
+
+#----------------------------------------------------------------------------
+# Named sampling settings (`sampling.preset`): each sets the options it names;
+# an option the user also set to another value than its default is a conflict.
+#   fast    few-step generation from noise (NFE = num_steps - 1): gauss_3m
+#           (exponential integrator about a Gaussian denoiser) + UniC + AFS on
+#           log-SNR steps warped with k = 0.5 (chosen once on the closed-form
+#           settings of bench/sampler_peers.py and the small trained net; README
+#           "Few-step sampling against the peers" for where it wins and loses).
+
+SAMPLER_PRESETS = {
+    'fast': dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5),
+}
+
+assert all(set(p) <= {'solver', 'discretization', 'corrector', 'afs', 'warp_k'} for p in SAMPLER_PRESETS.values()) # What sample() resolves.
+
+def resolve_preset(options: dict, name: Callable[[str], str] = lambda k: 'sampling.' + k) -> dict:
+    """The options with the preset's values filled in (idempotent); ValueError on an unknown preset or a conflict."""
+    preset = options.get('preset')
+    if preset is None:
+        return dict(options)
+    if not isinstance(preset, str) or preset not in SAMPLER_PRESETS:
+        raise ValueError(f'{name("preset")}: unknown preset {preset!r} (choose from {", ".join(SAMPLER_PRESETS)}, or null)')
+    o = dict(options)
+    for k, v in SAMPLER_PRESETS[preset].items():
+        if k in o and o[k] != v and o[k] != SAMPLER_DEFAULTS[k]:
+            raise ValueError(f'{name(k)}={o[k]} conflicts with {name("preset")}={preset}, which sets {k}={v} (leave out one of them)')
+        o[k] = v
+    return o
 
 def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict | None = None) -> dict:
     """Raise ValueError naming the key if the sampler options are unusable; return the keyword arguments of sample()."""
     name = (lambda k: prefix + k) if names is None else (lambda k: names.get(k, k))
     unset = (lambda k: f'set {name(k)}=null') if names is None else (lambda k: f'leave out {name(k)}')
-    o = dict(SAMPLER_DEFAULTS, **{k: options[k] for k in SAMPLER_KEYS if k in options})
+    o = resolve_preset(dict(SAMPLER_DEFAULTS, **{k: options[k] for k in SAMPLER_KEYS if k in options}), name)
     for k, v in o.items(): # Types: what a schema or a command line would give.
+        if k == 'preset': # Checked by resolve_preset.
+            continue
         if isinstance(SAMPLER_DEFAULTS[k], (str, bool)) or k == 'num_steps':
             kind = {str: 'a name', bool: 'true or false', int: 'an integer'}[type(SAMPLER_DEFAULTS[k])]
             ok = isinstance(v, type(SAMPLER_DEFAULTS[k])) and (k != 'num_steps' or not isinstance(v, bool))
@@ -427,11 +462,11 @@ def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict 
     if o['corrector'] not in solvers.CORRECTORS:
         raise ValueError(f'{name("corrector")}: unknown corrector {o["corrector"]!r} (choose from {", ".join(solvers.CORRECTORS)})')
     if o['corrector'] != 'none' and solver not in solvers.MULTISTEP_SOLVERS:
-        raise ValueError(f'{name("corrector")}={o["corrector"]} applies to the {" and ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
+        raise ValueError(f'{name("corrector")}={o["corrector"]} applies to the {", ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
     if o['num_steps'] < 1:
         raise ValueError(f'{name("num_steps")} must be >= 1, got {o["num_steps"]}')
     if o['afs'] and solver not in solvers.MULTISTEP_SOLVERS:
-        raise ValueError(f'{name("afs")} applies to the {" and ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
+        raise ValueError(f'{name("afs")} applies to the {", ".join(solvers.MULTISTEP_SOLVERS)} solvers, not {solver!r}')
     if o['afs'] and o['num_steps'] < 2:
         raise ValueError(f'{name("afs")} needs {name("num_steps")} >= 2, got {o["num_steps"]}')
     sigma_c, warp_k = o['sigma_c'], o['warp_k']

@@ -22,8 +22,15 @@ Solvers (NFE = number of denoiser evaluations for N noise levels > 0 followed by
     dpmpp_2m_sde  SDE-DPM-Solver++(2M) (Lu et al. 2022, Sec. 5 / App.): the
                   reverse SDE integrated with the same multistep data
                   prediction, fresh Gaussian noise every step, NFE = N.
+    gauss_2m, gauss_3m
+                  Exponential integrators about a Gaussian denoiser (std
+                  sigma_data, mean fitted to the first output): the part of the ODE that
+                  Gaussian data would give is solved exactly, the rest (small
+                  and smooth at high noise) by multistep of order 2 / 3, NFE = N.
+                  Exact for Gaussian data of std sigma_data. Accept UniC
+                  (orders 3 / 4) and AFS; sampling.preset=fast uses gauss_3m.
 
-Options of dpmpp_2m and dpmpp_3m, both off by default:
+Options of the multistep solvers (dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m), both off by default:
     corrector='unic'  UniC (Zhao et al. 2023, "UniPC"): each step is redone with
                   the denoiser output at the predicted point, which the next
                   step uses anyway; one order higher (3 and 4), same NFE = N.
@@ -50,10 +57,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-SOLVERS = ('heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde')
+SOLVERS = ('heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m')
 STOCHASTIC_CHURN_SOLVERS = ('heun', 'euler') # Solvers that accept EDM's churn (S_churn > 0).
 CORRECTORS = ('none', 'unic')
-MULTISTEP_SOLVERS = ('dpmpp_2m', 'dpmpp_3m') # Solvers that accept the UniC corrector and the analytic first step.
+MULTISTEP_SOLVERS = ('dpmpp_2m', 'dpmpp_3m', 'gauss_2m', 'gauss_3m') # Solvers that accept the UniC corrector and the analytic first step.
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Projector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -249,6 +256,108 @@ def _dpmpp_multistep(denoise, x, sigmas, order, project, corrector, afs_guess):
     return x
 
 #----------------------------------------------------------------------------
+# Exponential integrator about a Gaussian denoiser (solvers gauss_2m,
+# gauss_3m). Split D(x; sigma) = G(x; sigma) + R(x; sigma) with G the ideal
+# denoiser of Gaussian data N(mu, sigma_data^2 I),
+#   G = mu + (x - mu) sigma_data^2 / (sigma^2 + sigma_data^2).
+# The ODE dx/dsigma = (x - D) / sigma then has the linear part
+# (x - mu) sigma / (sigma^2 + sigma_data^2), solved exactly by
+# c(sigma) = sqrt(sigma^2 + sigma_data^2), and in lambda = -log sigma
+# (variation of constants):
+#   x(t) - mu = (c_t / c_s) (x(s) - mu) + c_t int_{lambda_s}^{lambda_t} R(lambda) / c(lambda) dlambda.
+# Multistep: R is replaced by the polynomial in lambda through the last p
+# residuals (R_m = D_m - G at the point where D_m was evaluated), and the
+# integral of each Lagrange basis polynomial against the weight 1 / c(lambda)
+# is taken by Gauss-Legendre quadrature (16 nodes: exact to rounding for the
+# step lengths of a sampler), order p. The UniC corrector (Zhao et al. 2023)
+# redoes the step with the polynomial through the new output as well, order
+# p + 1, no extra evaluation (the next step uses it).
+# mu is fitted, per sample, to the first denoiser output D_1 at (x_1, sigma_1):
+# the mean of the Gaussian whose denoiser gives it, mu = (D_1 - a_1 x_1) /
+# (1 - a_1), a_1 = sigma_data^2 / (sigma_1^2 + sigma_data^2) (at sigma_1 >>
+# sigma_data about the data mean; 0 before it exists, i.e. for AFS's guess),
+# then fixed for the whole trajectory. With sigma_data = 0 the integrator is that of
+# DPM-Solver++ (c = sigma, weight e^lambda; mu cancels, since the weights
+# integrate constants exactly), with exact weights for every order. For
+# Gaussian data of std sigma_data (any mean), mu is that mean, R = 0 and
+# every step is exact; for any data R stays small and smooth at high noise, where D itself
+# grows like e^lambda along a trajectory (the error of data-prediction
+# solvers at few steps). AFS: the guess R(sigma_max) = 0 with mu = 0 (the
+# Gaussian solution) places the first evaluation, whose output is mu and
+# whose residual drives the first step.
+
+_GL_NODES, _GL_WEIGHTS = (torch.as_tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(16))
+
+def _gauss_weights(lam_s, lam_t, nodes, sigma_data):
+    # c_t int_{lam_s}^{lam_t} L_m(lambda) / c(lambda) dlambda for the Lagrange basis L_m over `nodes` (lambdas).
+    u = 0.5 * (lam_t - lam_s) * (_GL_NODES.to(lam_s.device) + 1) + lam_s
+    wq = 0.5 * (lam_t - lam_s) * _GL_WEIGHTS.to(lam_s.device) / torch.sqrt(torch.exp(-2 * u) + sigma_data ** 2)
+    c_t = torch.sqrt(torch.exp(-2 * lam_t) + sigma_data ** 2)
+    out = []
+    for m, lam_m in enumerate(nodes):
+        basis = torch.ones_like(u)
+        for k, lam_k in enumerate(nodes):
+            if k != m:
+                basis = basis * (u - lam_k) / (lam_m - lam_k)
+        out.append(c_t * (wq * basis).sum())
+    return out
+
+def _gauss_step(x, lam_s, lam_t, residuals, lambdas, sigma_data):
+    c_s = torch.sqrt(torch.exp(-2 * lam_s) + sigma_data ** 2)
+    c_t = torch.sqrt(torch.exp(-2 * lam_t) + sigma_data ** 2)
+    x = (c_t / c_s) * x
+    for w, r in zip(_gauss_weights(lam_s, lam_t, lambdas, sigma_data), residuals):
+        x = x + w * r
+    return x
+
+def _gauss_multistep(denoise, x, sigmas, order, project, corrector, afs, sigma_data):
+    history, lambdas = [], [] # (D, point where it was evaluated, sigma) of the last `order` outputs, newest first; their lambdas.
+    pending = None # (D, point, sigma) at the predicted next point (UniC, AFS): the next step's output.
+    mu = None # Centre of the Gaussian, from the first output.
+    def centre(node): # The mean m of Gaussian data N(m, sigma_data^2) whose denoiser gives D at (x, sigma): D = m + a (x - m).
+        d, p, sig = node
+        a = sigma_data ** 2 / (sig ** 2 + sigma_data ** 2)
+        return (d - a * p) / (1 - a)
+    def step(x, lam_s, lam_t, nodes, node_lambdas):
+        m = 0 if mu is None else mu
+        res = [d - m - (p - m) * (sigma_data ** 2 / (sig ** 2 + sigma_data ** 2)) for d, p, sig in nodes]
+        return m + _gauss_step(x - m, lam_s, lam_t, res, node_lambdas, sigma_data)
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        t_after = sigmas[i + 2] if i + 2 < len(sigmas) else None
+        lam = -torch.log(t_cur)
+        if i == 0 and afs: # R(sigma_max) = 0, mu = 0: the Gaussian solution places the first evaluation.
+            lam_t = -torch.log(t_next)
+            x_pred = step(x, lam, lam_t, [], [])
+            if project is not None:
+                x_pred = project(x_pred, t_next)
+            pending = (denoise(x_pred, t_next), x_pred, t_next)
+            mu = centre(pending)
+            x = step(x, lam, lam_t, [pending], [lam_t])
+        else:
+            node = (denoise(x, t_cur), x, t_cur) if pending is None else pending
+            pending = None
+            mu = centre(node) if mu is None else mu
+            history = [node] + history[:order - 1]
+            lambdas = [lam] + lambdas[:order - 1]
+            if t_next == 0:
+                x = node[0]
+            else:
+                lam_t = -torch.log(t_next)
+                if t_after is not None and t_after == 0: # Into sigma_min: first order, no correction (as _dpmpp_multistep).
+                    x = step(x, lam, lam_t, history[:1], lambdas[:1])
+                elif corrector == 'unic' and t_after is not None:
+                    x_pred = step(x, lam, lam_t, history, lambdas)
+                    if project is not None:
+                        x_pred = project(x_pred, t_next)
+                    pending = (denoise(x_pred, t_next), x_pred, t_next)
+                    x = step(x, lam, lam_t, [pending] + history, [lam_t] + lambdas)
+                else:
+                    x = step(x, lam, lam_t, history, lambdas)
+        if project is not None:
+            x = project(x, t_next)
+    return x
+
+#----------------------------------------------------------------------------
 # SDE-DPM-Solver++(2M). The reverse SDE dx = 2 (x - D) / sigma dsigma +
 # sqrt(2 sigma) dw (EDM Eq. 6 with beta = sigma'/sigma) reads, in lambda,
 # dx = 2 (D - x) dlambda + noise. Its exponential integrator over a step h:
@@ -292,7 +401,7 @@ def solve(
     project:        Projector | None = None, # x <- project(x, sigma) at the start and after every step (with UniC / AFS also at the predicted point).
     corrector:      str = 'none',       # One of CORRECTORS: 'unic' = UniC corrector (dpmpp_2m, dpmpp_3m).
     afs:            bool = False,       # Analytic first step (dpmpp_2m, dpmpp_3m): x(sigmas[0]) must be pure noise.
-    sigma_data:     float = 0.5,        # AFS: std of the Gaussian whose denoiser is the first guess (the network's sigma_data).
+    sigma_data:     float = 0.5,        # AFS, gauss_*: std of the Gaussian whose denoiser is the first guess / the linear part (the network's sigma_data).
 ) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1] with `solver`; returns float64."""
     if solver not in SOLVERS:
@@ -305,9 +414,9 @@ def solve(
     if corrector not in CORRECTORS:
         raise ValueError(f'corrector: unknown corrector {corrector!r} (choose from {", ".join(CORRECTORS)})')
     if corrector != 'none' and solver not in MULTISTEP_SOLVERS:
-        raise ValueError(f'corrector: the UniC corrector applies to the {" and ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set corrector=\'none\')')
+        raise ValueError(f'corrector: the UniC corrector applies to the {", ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set corrector=\'none\')')
     if afs and solver not in MULTISTEP_SOLVERS:
-        raise ValueError(f'afs: the analytic first step applies to the {" and ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set afs=False)')
+        raise ValueError(f'afs: the analytic first step applies to the {", ".join(MULTISTEP_SOLVERS)} solvers, not {solver!r} (set afs=False)')
     if afs and not 0 <= sigma_data < float('inf'):
         raise ValueError(f'sigma_data must be >= 0 (the data std of the analytic first step), got {sigma_data}')
     sigmas = check_sigmas(sigmas).to(x.device)
@@ -320,6 +429,8 @@ def solve(
         return _euler_heun(denoise, x, sigmas, solver == 'heun', randn_like, S_churn, S_min, S_max, S_noise, round_sigma, project)
     if solver == 'dpmpp_2m_sde':
         return _dpmpp_2m_sde(denoise, x, sigmas, randn_like, project)
+    if solver in ('gauss_2m', 'gauss_3m'):
+        return _gauss_multistep(denoise, x, sigmas, 2 if solver == 'gauss_2m' else 3, project, corrector, afs, float(sigma_data))
     afs_guess = (lambda x, sigma: x * (sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2))) if afs else None
     return _dpmpp_multistep(denoise, x, sigmas, 2 if solver == 'dpmpp_2m' else 3, project, corrector, afs_guess)
 
