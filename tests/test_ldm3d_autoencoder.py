@@ -54,6 +54,15 @@ def test_the_conditional_decoder_sees_the_known_region_at_every_level():
         assert not torch.allclose(ae.decode(z, c), out)
         ae.dec_cond[str(full)].weight.copy_(saved)
 
+def test_an_untrained_conditional_decoder_returns_the_harmonic_fill():
+    torch.manual_seed(0)
+    ae, b = ldm_ae.KLAutoencoder3D(SIZE, 1, channels=[4, 8, 8], latent_channels=2, cond_decoder=True), _batch()
+    c = ldm_ae.batch_condition(ae, b)
+    with torch.no_grad():
+        assert torch.equal(ae(b['image'], cond=c)[0], b['harmonic']) # x = harmonic + dec(z, c), dec's last conv zero at the start.
+        ae.dec[-1].bias.fill_(0.25)
+        assert torch.allclose(ae(b['image'], cond=c)[0], b['harmonic'] + 0.25)
+
 def test_the_conditional_decoder_refuses_a_missing_or_wrong_condition():
     ae, b = _ae(True), _batch()
     z = ae.posterior(b['image'])[0]
@@ -66,7 +75,7 @@ def test_the_conditional_decoder_refuses_a_missing_or_wrong_condition():
 
 def test_the_unconditional_decoder_ignores_the_batch_extras():
     ae, b = _ae(False), _batch()
-    assert ae.cond_channels == 0 and len(ae.dec_cond) == 0 and ldm_ae.batch_condition(ae, b) is None
+    assert ae.cond_channels == 0 and ae.dec_cond is None and ldm_ae.batch_condition(ae, b) is None
     with torch.no_grad():
         z = ae.posterior(b['image'])[0]
         assert torch.equal(ae.decode(z), ae.dec(z))

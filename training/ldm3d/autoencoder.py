@@ -18,9 +18,11 @@ task): the decoder also receives, at full resolution, what inference knows
 (`decoder_condition`: the voided image, the mask, the harmonic fill of the
 mask from its border, the dataset's condition channels), average-pooled to
 every decoder level and added through a 3x3 convolution before that level's
-blocks. The encoder is unchanged (the latent of a volume does not depend on
-the mask); the latent then only has to carry what the known region does not
-tell, inside the mask."""
+blocks, and the decoder's output is a correction to the harmonic fill
+(x = harmonic + dec(z, c); its last convolution starts at zero, so an
+untrained decoder returns the harmonic fill). The encoder is unchanged (the
+latent of a volume does not depend on the mask); the latent then only has to
+carry what the known region does not tell, inside the mask."""
 
 import numpy as np
 import torch
@@ -97,8 +99,11 @@ class KLAutoencoder3D(torch.nn.Module):
                 dec += [torch.nn.Upsample(scale_factor=2, mode='nearest'), torch.nn.Conv3d(channels[level], channels[level], 3, padding=1)]
         dec += [_norm(channels[0]), torch.nn.SiLU(), torch.nn.Conv3d(channels[0], img_channels, 3, padding=1)]
         self.dec = torch.nn.Sequential(*dec)
+        if self.cond_channels: # A correction to the harmonic fill, zero at the start.
+            torch.nn.init.zeros_(self.dec[-1].weight)
+            torch.nn.init.zeros_(self.dec[-1].bias)
         self.dec_cond = torch.nn.ModuleDict({str(i): torch.nn.Conv3d(self.cond_channels, ch, 3, padding=1)
-            for i, (_, ch) in self.cond_at.items()} if self.cond_channels else {})
+            for i, (_, ch) in self.cond_at.items()}) if self.cond_channels else None
 
         # Running moments of the posterior means (scale factor), updated by AutoencoderKLLoss.
         self.register_buffer('latent_m1', torch.zeros([], dtype=torch.float64))
@@ -126,7 +131,7 @@ class KLAutoencoder3D(torch.nn.Module):
                 c = torch.nn.functional.avg_pool3d(cond, f) if f > 1 else cond
                 h = h + self.dec_cond[str(i)](c.to(h.dtype))
             h = module(h)
-        return h
+        return cond[:, HARMONIC_CHANNEL:HARMONIC_CHANNEL + 1].to(h.dtype) + h
 
     def forward(self, x: torch.Tensor, sample: bool = True, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(reconstruction, posterior mean, posterior log-variance); z ~ q(z|x) when sample."""
@@ -153,6 +158,8 @@ class KLAutoencoder3D(torch.nn.Module):
 
 #----------------------------------------------------------------------------
 # The decoder's condition: what inference knows, at full resolution.
+
+HARMONIC_CHANNEL = 2                    # Channel of the harmonic fill in decoder_condition.
 
 def decoder_condition(ae: KLAutoencoder3D, voided: torch.Tensor, mask: torch.Tensor, harmonic: torch.Tensor,
         cond: torch.Tensor) -> torch.Tensor | None:
