@@ -10,7 +10,10 @@ mean is the prediction <case>-t1n-inference-XXXX.nii.gz, their voxel-wise
 standard deviation <case>-t1n-inference-std-XXXX.nii.gz (float32, the
 voided input's header). Baselines: `mean_fill` (the mean of the known brain
 voxels) and `diffusion_fill` (the harmonic function inside the mask with the
-voided image's values on its border: Laplace's equation, 6-neighbour).
+voided image's values on its border: Laplace's equation, 6-neighbour). A
+reference row, `ae_bound`, is the autoencoder's own reconstruction of the
+ground truth pasted into the voided input: it uses the ground truth, so it
+is no method but the bound of stage 1 on what any latent model can reach.
 
 Metrics: inpainting.challenge_metrics_2023.generate_metrics, fed exactly as
 its compute_image_quality_metrics does, from the NIfTI files written
@@ -18,7 +21,8 @@ its compute_image_quality_metrics does, from the NIfTI files written
 package's: SSIM, PSNR, MSE (and RMSE, MAE, MSLE, PSNR variants) inside the
 mask after its percentile normalisation by the voided image. The summary
 holds each method's mean and standard deviation and the paired difference
-model - baseline with its standard error (std / sqrt(n))."""
+model - baseline with its standard error (std / sqrt(n)), and ae_bound -
+diffusion_fill."""
 
 import os
 
