@@ -82,10 +82,12 @@ def test_the_unconditional_decoder_ignores_the_batch_extras():
     loss = ldm_ae.AutoencoderKLLoss()(ae, dict(image=b['image']))
     assert loss.shape == b['image'].shape and torch.isfinite(loss).all()
 
-def test_stage1_loss_trains_the_decoder_condition():
+def test_stage1_loss_trains_the_decoder_condition_inside_the_mask():
     ae, b = _ae(True), _batch()
     ae.train()
-    ldm_ae.AutoencoderKLLoss(beta=1e-6)(ae, b).sum().backward()
+    loss = ldm_ae.AutoencoderKLLoss(beta=0)(ae, b)
+    assert torch.all(loss[b['mask'] == 0] == 0) and torch.all(loss[b['mask'] > 0] > 0) # The outside is pasted back: no loss there.
+    loss.sum().backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in ae.dec_cond.values())
 
 def test_reconstruct_case_is_the_decoded_posterior_mean_with_the_condition():

@@ -3,7 +3,8 @@
 """Stage 1 of the 3-D LDM: a KL-regularised convolutional autoencoder for
 volumes (the AutoencoderKL of Rombach et al. 2022, Sec. 3.1 and App. G, in
 3-D; no discriminator), trained in the one training loop by its own loss
-object: L1 reconstruction + beta * KL(q(z|x) || N(0, I)) [+ w * (1 - SSIM)].
+object: L1 reconstruction + beta * KL(q(z|x) || N(0, I)) [+ w * (1 - SSIM)]
+(with a conditional decoder, the reconstruction terms inside the mask only).
 
 The latent scale factor (Rombach et al., Sec. 4.3.2: rescale the latents to
 unit variance) is measured while training: the loss keeps running moments of
@@ -223,10 +224,13 @@ class AutoencoderKLLoss:
 
     def __call__(self, net, batch, augment_pipe=None):
         x = batch['image']
-        recon, mean, logvar = net(x, cond=batch_condition(getattr(net, 'module', net), batch))
+        cond = batch_condition(getattr(net, 'module', net), batch)
+        recon, mean, logvar = net(x, cond=cond)
         loss = (recon - x).abs()
         if self.ssim_weight:
             loss = loss + self.ssim_weight * (1 - ssim3d_map(recon.float(), x.float()))
+        if cond is not None: # Conditional decoder: only the inside of the mask is ever used (paste-back); the sign noise
+            loss = loss * batch['mask'] # of L1 on the trivially copied outside would swamp its gradient.
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1)
         loss = loss + (self.beta * kl / x[0].numel()).reshape(-1, *[1] * (x.ndim - 1))
         self.update_stats(getattr(net, 'module', net), mean.detach())
