@@ -43,15 +43,14 @@ def _batch(n, size, device):
     mask[:, :, d // 4:d // 2, h // 4:h // 2, w // 4:w // 2] = 1
     cond = (torch.rand([n, 4, *size], generator=g) > 0.5).float()
     voided = torch.where(mask > 0, -torch.ones_like(image), image)
-    harmonic = torch.where(mask > 0, torch.zeros_like(image), image) # A stand-in for the harmonic fill (random weights).
-    return {k: v.to(device) for k, v in dict(image=image, voided=voided, mask=mask, cond=cond, harmonic=harmonic).items()}
+    return {k: v.to(device) for k, v in dict(image=image, voided=voided, mask=mask, cond=cond).items()}
 
 def _setup(space, size, channels, checkpoint, device):
     torch.manual_seed(0)
     unet = dict(model_type='DhariwalUNet3D', sigma_data=1.0, model_channels=channels, channel_mult=[1, 2], num_blocks=1,
         attn_resolutions=[], dropout=0.0, checkpoint=checkpoint)
     if space == 'latent':
-        ae = ldm_ae.KLAutoencoder3D(size, 1, channels=[8, 16, 16], latent_channels=8, cond_decoder=True).to(device).eval().requires_grad_(False)
+        ae = ldm_ae.KLAutoencoder3D(size, 1, channels=[8, 16, 16], latent_channels=4).to(device).eval().requires_grad_(False)
         loss = ldm_latent.LatentInpaintLoss()
         interface = loss.network_interface(dict(img_resolution=size, img_channels=1, label_dim=0), dict(autoencoder=ae))
         net = networks.EDMPrecond(**interface, **unet).to(device)
@@ -89,8 +88,7 @@ def worker(space, size, channels, batch, bf16, checkpoint, steps, sample_steps):
         t0 = time.perf_counter()
         with torch.no_grad():
             if space == 'latent':
-                ldm_latent.inpaint_batch(net, ae, one['voided'], one['mask'], one['cond'], [0], dict(num_steps=sample_steps),
-                    harmonic=one['harmonic'])
+                ldm_latent.inpaint_batch(net, ae, one['voided'], one['mask'], one['cond'], [0], dict(num_steps=sample_steps))
             else:
                 rnd = sampling.StackedRandomGenerator(device, [0])
                 sampling.inpaint(net, rnd.randn([1, 1, *size], device=device), known=one['voided'], mask=one['mask'],
