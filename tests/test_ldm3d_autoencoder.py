@@ -100,6 +100,15 @@ def test_reconstruct_case_is_the_decoded_posterior_mean_with_the_condition():
         want = ae.decode(ae.posterior(b['image'])[0], ldm_ae.batch_condition(ae, b))[0, 0].numpy()
     assert ae.scale_factor == pytest.approx(2.0) and np.allclose(rec, want, atol=1e-5)
 
+def test_decode_voided_case_decodes_the_voided_latent_with_the_condition():
+    ae, b = _ae(True), _batch(n=1)
+    inputs = {k: v[0].numpy() for k, v in b.items()}
+    with torch.no_grad():
+        want = ae.decode(ae.posterior(b['voided'])[0], ldm_ae.batch_condition(ae, b))[0, 0].numpy()
+        other = ae.decode(ae.posterior(b['image'])[0], ldm_ae.batch_condition(ae, b))[0, 0].numpy()
+    got = ldm_latent.decode_voided_case(ae, inputs)
+    assert np.allclose(got, want, atol=1e-6) and np.abs(got - other).max() > 1e-4 # The ground truth is not used.
+
 def test_summary_pairs_the_bound_with_the_diffusion_fill():
     rows = []
     for i in range(4):
@@ -111,3 +120,4 @@ def test_summary_pairs_the_bound_with_the_diffusion_fill():
     assert p['mean_diff'] == pytest.approx(1.75) and p['n'] == 4 and p['wins'] == 4
     assert p['se'] == pytest.approx(np.std([1, 1.5, 2, 2.5], ddof=1) / 2)
     assert s['paired']['ldm-diffusion_fill']['psnr']['mean_diff'] == pytest.approx(-0.5)
+    assert 'ldm-decoder_only' not in s['paired'] and 'decoder_only' not in s # Only with a conditional decoder's rows.

@@ -92,14 +92,14 @@ def test_inpainting_keeps_the_input_outside_the_mask_and_a_non_ras_geometry(pipe
         '--split', 'all', '--outdir', outdir, '--samples', 2, '--steps', 2])
     assert result.exit_code == 0, result.output
     summary = json.load(open(outdir / 'metrics.json'))
-    assert set(summary) >= {'ldm', 'mean_fill', 'diffusion_fill', 'ae_bound', 'paired'} and summary['items'] == 4
-    assert set(summary['paired']) == {'ldm-mean_fill', 'ldm-diffusion_fill', 'ae_bound-diffusion_fill'}
+    assert set(summary) >= {'ldm', 'mean_fill', 'diffusion_fill', 'ae_bound', 'decoder_only', 'paired'} and summary['items'] == 4
+    assert set(summary['paired']) == {'ldm-mean_fill', 'ldm-diffusion_fill', 'ae_bound-diffusion_fill', 'ldm-decoder_only'}
     rows = open(outdir / 'metrics.csv').read().splitlines()
-    assert rows[0].startswith('case,mask,method,ssim,psnr,mse') and len(rows) == 1 + 4 * 4
+    assert rows[0].startswith('case,mask,method,ssim,psnr,mse') and len(rows) == 1 + 4 * 5
     for c, k in ldm_data.find_items(os.path.join(data, 'cases')):
         voided = nib.load(ldm_data.voided_file(os.path.join(data, 'cases'), c, k))
         mask = np.asarray(nib.load(ldm_data.mask_file(os.path.join(data, 'cases'), c, k)).dataobj) > 0
-        for method in ('ldm', 'mean_fill', 'diffusion_fill', 'ae_bound'):
+        for method in ('ldm', 'mean_fill', 'diffusion_fill', 'ae_bound', 'decoder_only'):
             out = nib.load(outdir / method / c / f'{c}-t1n-inference-{k:04d}.nii.gz')
             v, o = np.asarray(voided.dataobj, dtype=np.float32), np.asarray(out.dataobj)
             assert o.dtype == np.float32 and o.shape == v.shape

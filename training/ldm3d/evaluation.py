@@ -14,6 +14,8 @@ voided image's values on its border: Laplace's equation, 6-neighbour). A
 reference row, `ae_bound`, is the autoencoder's own reconstruction of the
 ground truth pasted into the voided input: it uses the ground truth, so it
 is no method but the bound of stage 1 on what any latent model can reach.
+With a conditional decoder, `decoder_only` decodes the voided image's own
+latent with the decoder's condition (no diffusion): what stage 2 adds.
 
 Metrics: inpainting.challenge_metrics_2023.generate_metrics, fed exactly as
 its compute_image_quality_metrics does, from the NIfTI files written
@@ -21,8 +23,8 @@ its compute_image_quality_metrics does, from the NIfTI files written
 package's: SSIM, PSNR, MSE (and RMSE, MAE, MSLE, PSNR variants) inside the
 mask after its percentile normalisation by the voided image. The summary
 holds each method's mean and standard deviation and the paired difference
-model - baseline with its standard error (std / sqrt(n)), and ae_bound -
-diffusion_fill."""
+model - baseline with its standard error (std / sqrt(n)), ae_bound -
+diffusion_fill and ldm - decoder_only."""
 
 import os
 
@@ -40,6 +42,8 @@ from training.ldm3d import nifti
 
 METHODS = ('ldm', 'mean_fill', 'diffusion_fill')
 AE_BOUND = 'ae_bound'                   # The autoencoder's reconstruction of the ground truth, pasted: a bound, not a method.
+DECODER_ONLY = 'decoder_only'           # The voided image's latent decoded (no diffusion): what stage 2 adds.
+REFERENCES = (AE_BOUND, DECODER_ONLY)
 REPORTED = ('ssim', 'psnr', 'mse')
 ALL_METRICS = ('ssim', 'psnr', 'mse', 'rmse', 'mae', 'msle', 'psnr_eps', 'psnr_01', 'psnr_01_eps')
 
@@ -86,12 +90,12 @@ def write_panel(path: str, case: dict, pred: np.ndarray, spread: np.ndarray) -> 
 
 def summarize(rows: list[dict]) -> dict:
     out = {}
-    for method in METHODS + (AE_BOUND,):
+    for method in METHODS + REFERENCES:
         r = [row for row in rows if row['method'] == method]
         if r:
             out[method] = {m: dict(mean=float(np.mean([x[m] for x in r])), std=float(np.std([x[m] for x in r]))) for m in ALL_METRICS}
     paired = {}
-    for first, base in [('ldm', b) for b in METHODS[1:]] + [(AE_BOUND, 'diffusion_fill')]:
+    for first, base in [('ldm', b) for b in METHODS[1:]] + [(AE_BOUND, 'diffusion_fill'), ('ldm', DECODER_ONLY)]:
         model = {(row['case'], row['mask']): row for row in rows if row['method'] == first}
         pairs = [(model[(row['case'], row['mask'])], row) for row in rows if row['method'] == base and (row['case'], row['mask']) in model]
         if not pairs:
@@ -174,6 +178,9 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, growth, ti
             recon = ldm_data.denormalize(ldm_data.unpad(ldm_latent.reconstruct_case(ae, inputs), inputs['crop']), c['scale'])
             preds.update(mean_fill=mean_fill(c['voided'], c['mask']), diffusion_fill=diffusion_fill(c['voided'], c['mask']),
                 **{AE_BOUND: ldm_latent.paste(c['voided'], c['mask'], recon)})
+            if ae.cond_channels:
+                alone = ldm_data.denormalize(ldm_data.unpad(ldm_latent.decode_voided_case(ae, inputs), inputs['crop']), c['scale'])
+                preds[DECODER_ONLY] = ldm_latent.paste(c['voided'], c['mask'], alone)
         for method, volume in preds.items():
             folder = os.path.join(outdir, method, case)
             os.makedirs(folder, exist_ok=True)
@@ -192,7 +199,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, growth, ti
     summary = dict(network=network_pkl, data=data, split=split, items=len(items), samples=samples, sampler=sampler,
         scale_factor=ae.scale_factor, **summarize(rows))
     json_path, csv_path = metrics.write_metrics(outdir, summary, rows)
-    for method in METHODS + (AE_BOUND,):
+    for method in [m for m in METHODS + REFERENCES if m in summary]:
         s = summary[method]
         print(f'{method:15s} ' + '  '.join(f'{m.upper()} {s[m]["mean"]:.4f} +- {s[m]["std"]:.4f}' for m in REPORTED))
     for name, p in summary['paired'].items():

@@ -129,6 +129,15 @@ def reconstruct_case(ae, inputs: dict) -> np.ndarray:
     dcond = ldm_ae.decoder_condition(ae, t('voided'), t('mask'), t('harmonic'), t('cond'))
     return ae.decode_latent(ae.encode_latent(t('image')), dcond)[0, 0].cpu().numpy()
 
+@torch.no_grad()
+def decode_voided_case(ae, inputs: dict) -> np.ndarray:
+    """The decoder alone, no diffusion: the voided image's own latent decoded with the decoder's condition
+    (normalised, padded). Beside the model it shows what stage 2 adds."""
+    device = next(ae.parameters()).device
+    t = lambda key: torch.as_tensor(inputs[key])[None].to(device).float() # pylint: disable=unnecessary-lambda-assignment
+    dcond = ldm_ae.decoder_condition(ae, t('voided'), t('mask'), t('harmonic'), t('cond'))
+    return ae.decode_latent(ae.encode_latent(t('voided')), dcond)[0, 0].cpu().numpy()
+
 def paste(voided: np.ndarray, mask: np.ndarray, fill: np.ndarray) -> np.ndarray:
     """The output volume: `fill` inside the mask, the voided input's exact values outside (float32)."""
     return np.where(mask, fill.astype(np.float32), voided.astype(np.float32)).astype(np.float32)
