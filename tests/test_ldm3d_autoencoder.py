@@ -121,3 +121,11 @@ def test_summary_pairs_the_bound_with_the_diffusion_fill():
     assert p['se'] == pytest.approx(np.std([1, 1.5, 2, 2.5], ddof=1) / 2)
     assert s['paired']['ldm-diffusion_fill']['psnr']['mean_diff'] == pytest.approx(-0.5)
     assert 'ldm-decoder_only' not in s['paired'] and 'decoder_only' not in s # Only with a conditional decoder's rows.
+
+def test_generic_decoding_of_a_conditional_decoder_is_refused_with_a_message():
+    ae, b = _ae(True), _batch()
+    z = ae.encode_latent(b['image'])
+    with pytest.raises(ValueError, match=r'conditioned on the known region \(cond_decoder\): inpaint with `evaluate.py inpaint`'):
+        ldm_latent.LatentInpaintLoss().decode(z, dict(autoencoder=ae))
+    plain = _ae(False)
+    assert ldm_latent.LatentInpaintLoss().decode(plain.encode_latent(b['image']), dict(autoencoder=plain)).shape == b['image'].shape
