@@ -69,7 +69,7 @@ demo-ldm: venv demo-ldm-data
 	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) train.py -cn=ldm3d_latent resume=none training.frozen.autoencoder=$$(cat demo-runs/latest-ldm3d-ae.txt)
 	$(PY) -c "import glob; print(sorted(glob.glob('demo-runs/*-ldm3d-latent/network-snapshot-*.pkl'))[-1])" > demo-runs/latest-ldm3d.txt
 	$(PY) evaluate.py inpaint --network $$(cat demo-runs/latest-ldm3d.txt) --data $(LDM_DIR)/cases --growth $(LDM_DIR)/growth \
-		--tissue $(LDM_DIR)/tissue --split test --outdir demo-runs/ldm3d-eval --samples 4
+		--tissue $(LDM_DIR)/tissue --split test --outdir demo-runs/ldm3d-eval --samples 8
 
 bench-ldm3d: venv
 	$(PY) bench/ldm3d.py

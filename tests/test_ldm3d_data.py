@@ -86,6 +86,11 @@ def test_dataset_items_hold_normalised_volumes_masks_and_conditions(built):
     assert np.array_equal(ldm_data.unpad(item['cond'][0], crop), case['growth'] >= 0.2)
     tissue = ldm_data.unpad(item['cond'][1:], crop)
     assert np.array_equal(tissue.sum(0) > 0, case['tissue'] > 0) and tissue.sum(0).max() == 1
+    # The harmonic fill (the decoder's condition): the voided image outside the mask, Laplace's solution inside.
+    harmonic = ldm_data.harmonic_fill(case['voided'], case['mask'])
+    assert np.array_equal(harmonic[~case['mask']], case['voided'][~case['mask']]) and (harmonic[case['mask']] > 0).all()
+    assert np.allclose(ldm_data.unpad(item['harmonic'][0], crop), ldm_data.normalize(harmonic, case['scale']), atol=1e-6)
+    assert np.array_equal(item['harmonic'][0][item['mask'][0] == 0], item['voided'][0][item['mask'][0] == 0])
     train = ldm_data.BratsInpaintDataset(*_paths(dest), split='train')
     assert {c for c, _ in train.items}.isdisjoint(c for c, _ in ldm_data.BratsInpaintDataset(*_paths(dest), split='test').items)
 

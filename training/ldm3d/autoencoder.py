@@ -3,19 +3,34 @@
 """Stage 1 of the 3-D LDM: a KL-regularised convolutional autoencoder for
 volumes (the AutoencoderKL of Rombach et al. 2022, Sec. 3.1 and App. G, in
 3-D; no discriminator), trained in the one training loop by its own loss
-object: L1 reconstruction + beta * KL(q(z|x) || N(0, I)) [+ w * (1 - SSIM)].
+object: L1 reconstruction + beta * KL(q(z|x) || N(0, I)) [+ w * (1 - SSIM)]
+(with a conditional decoder, the reconstruction terms inside the mask only).
 
 The latent scale factor (Rombach et al., Sec. 4.3.2: rescale the latents to
 unit variance) is measured while training: the loss keeps running moments of
 the posterior means, averaged over ranks, in buffers of the network; the
 training loop's EMA copies buffers, so the snapshot's network carries them,
-and stage 2 works on z' = (mu - shift) * scale_factor."""
+and stage 2 works on z' = (mu - shift) * scale_factor.
+
+Optional conditional decoder (`cond_decoder`; the asymmetric
+autoencoder of Zhu et al. 2023, "Designing a Better Asymmetric VQGAN for
+StableDiffusion", whose decoder sees the known region of an inpainting
+task): the decoder also receives, at full resolution, what inference knows
+(`decoder_condition`: the voided image, the mask, the harmonic fill of the
+mask from its border, the dataset's condition channels), average-pooled to
+every decoder level and added through a 3x3 convolution before that level's
+blocks, and the decoder's output is a correction to the harmonic fill
+(x = harmonic + dec(z, c); its last convolution starts at zero, so an
+untrained decoder returns the harmonic fill). The encoder is unchanged (the
+latent of a volume does not depend on the mask); the latent then only has to
+carry what the known region does not tell, inside the mask."""
 
 import numpy as np
 import torch
 from torch.nn.functional import silu
 
 from torch_utils import persistence
+from training.ldm3d import data as ldm_data
 
 #----------------------------------------------------------------------------
 # Building blocks.
@@ -50,6 +65,7 @@ class KLAutoencoder3D(torch.nn.Module):
         latent_channels = 4,            # Channels of the latent.
         num_blocks      = 1,            # Residual blocks per level.
         logvar_min      = -30.0,        # Clamp of the posterior log-variance.
+        cond_decoder    = False,        # Condition the decoder on the known region (decoder_condition)?
     ):
         super().__init__()
         size = [int(img_resolution)] * 3 if np.isscalar(img_resolution) else [int(s) for s in img_resolution]
@@ -60,6 +76,7 @@ class KLAutoencoder3D(torch.nn.Module):
         self.img_resolution, self.img_channels, self.label_dim = size, int(img_channels), label_dim
         self.latent_channels, self.logvar_min = int(latent_channels), float(logvar_min)
         self.latent_resolution = [s // self.factor for s in size]
+        self.cond_channels = 3 + ldm_data.COND_CHANNELS if cond_decoder else 0 # voided, mask, harmonic fill, conditions.
 
         enc = [torch.nn.Conv3d(img_channels, channels[0], 3, padding=1)]
         for level, ch in enumerate(channels):
@@ -73,14 +90,21 @@ class KLAutoencoder3D(torch.nn.Module):
         self.enc = torch.nn.Sequential(*enc)
 
         dec = [torch.nn.Conv3d(latent_channels, channels[-1], 3, padding=1), ResBlock3D(channels[-1], channels[-1])]
+        self.cond_at = {}               # Index of a decoder module -> (pooling factor, channels): the condition is added before it.
         for level in reversed(range(len(channels))):
             cin = channels[min(level + 1, len(channels) - 1)] if level < len(channels) - 1 else channels[-1]
+            self.cond_at[len(dec)] = (1 << level, cin)
             for b in range(num_blocks):
                 dec.append(ResBlock3D(cin if b == 0 else channels[level], channels[level]))
             if level > 0:
                 dec += [torch.nn.Upsample(scale_factor=2, mode='nearest'), torch.nn.Conv3d(channels[level], channels[level], 3, padding=1)]
         dec += [_norm(channels[0]), torch.nn.SiLU(), torch.nn.Conv3d(channels[0], img_channels, 3, padding=1)]
         self.dec = torch.nn.Sequential(*dec)
+        if self.cond_channels: # A correction to the harmonic fill, zero at the start.
+            torch.nn.init.zeros_(self.dec[-1].weight)
+            torch.nn.init.zeros_(self.dec[-1].bias)
+        self.dec_cond = torch.nn.ModuleDict({str(i): torch.nn.Conv3d(self.cond_channels, ch, 3, padding=1)
+            for i, (_, ch) in self.cond_at.items()}) if self.cond_channels else None
 
         # Running moments of the posterior means (scale factor), updated by AutoencoderKLLoss.
         self.register_buffer('latent_m1', torch.zeros([], dtype=torch.float64))
@@ -94,14 +118,27 @@ class KLAutoencoder3D(torch.nn.Module):
         mean, logvar = self.enc(x).chunk(2, dim=1)
         return mean, logvar.clamp(self.logvar_min, 20.0)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.dec(z)
+    def decode(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent -> volume; `cond` (N, cond_channels, D, H, W) is the decoder's condition (decoder_condition)."""
+        if not self.cond_channels:
+            return self.dec(z)
+        if cond is None or cond.shape[1] != self.cond_channels:
+            raise ValueError(f'KLAutoencoder3D.decode: the decoder needs a condition of {self.cond_channels} channels '
+                f'(decoder_condition), got {None if cond is None else list(cond.shape)}')
+        h = z
+        for i, module in enumerate(self.dec):
+            if i in self.cond_at:
+                f = self.cond_at[i][0]
+                c = torch.nn.functional.avg_pool3d(cond, f) if f > 1 else cond
+                h = h + self.dec_cond[str(i)](c.to(h.dtype))
+            h = module(h)
+        return cond[:, HARMONIC_CHANNEL:HARMONIC_CHANNEL + 1].to(h.dtype) + h
 
-    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, sample: bool = True, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(reconstruction, posterior mean, posterior log-variance); z ~ q(z|x) when sample."""
         mean, logvar = self.posterior(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
-        return self.decode(z), mean, logvar
+        return self.decode(z, cond), mean, logvar
 
     # Scaled latents of stage 2. -------------------------------------------
 
@@ -117,8 +154,33 @@ class KLAutoencoder3D(torch.nn.Module):
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         return (self.posterior(x)[0] - self.latent_shift) * self.scale_factor
 
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z / self.scale_factor + self.latent_shift)
+    def decode_latent(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(z / self.scale_factor + self.latent_shift, cond)
+
+#----------------------------------------------------------------------------
+# The decoder's condition: what inference knows, at full resolution.
+
+HARMONIC_CHANNEL = 2                    # Channel of the harmonic fill in decoder_condition.
+
+def decoder_condition(ae: KLAutoencoder3D, voided: torch.Tensor, mask: torch.Tensor, harmonic: torch.Tensor,
+        cond: torch.Tensor) -> torch.Tensor | None:
+    """[voided, mask, harmonic fill, condition channels] for a conditional decoder; None for an unconditional one."""
+    if not ae.cond_channels:
+        return None
+    c = torch.cat([voided.float(), mask.float(), harmonic.float(), cond.float()], dim=1)
+    if c.shape[1] != ae.cond_channels:
+        raise ValueError(f'the conditional decoder takes {ae.cond_channels} channels, but the decoder condition (voided, mask, '
+            f'harmonic fill, {cond.shape[1]} condition channels) has {c.shape[1]}')
+    return c
+
+def batch_condition(ae: KLAutoencoder3D, batch: dict) -> torch.Tensor | None:
+    """decoder_condition of a BratsInpaintDataset batch."""
+    if not ae.cond_channels:
+        return None
+    for key in ('voided', 'mask', 'harmonic', 'cond'):
+        if not isinstance(batch.get(key), torch.Tensor):
+            raise ValueError(f'training.network.cond_decoder: the batch has no tensor {key!r} (use training.ldm3d.data.BratsInpaintDataset)')
+    return decoder_condition(ae, batch['voided'], batch['mask'], batch['harmonic'], batch['cond'])
 
 #----------------------------------------------------------------------------
 # 3-D SSIM map (Wang et al. 2004) with a separable Gaussian window, for the
@@ -162,10 +224,13 @@ class AutoencoderKLLoss:
 
     def __call__(self, net, batch, augment_pipe=None):
         x = batch['image']
-        recon, mean, logvar = net(x)
+        cond = batch_condition(getattr(net, 'module', net), batch)
+        recon, mean, logvar = net(x, cond=cond)
         loss = (recon - x).abs()
         if self.ssim_weight:
             loss = loss + self.ssim_weight * (1 - ssim3d_map(recon.float(), x.float()))
+        if cond is not None: # Conditional decoder: only the inside of the mask is ever used (paste-back); the sign noise
+            loss = loss * batch['mask'] # of L1 on the trivially copied outside would swamp its gradient.
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1)
         loss = loss + (self.beta * kl / x[0].numel()).reshape(-1, *[1] * (x.ndim - 1))
         self.update_stats(getattr(net, 'module', net), mean.detach())
@@ -185,7 +250,7 @@ class AutoencoderKLLoss:
 
     def grid(self, net, batch, frozen):
         x = batch['image']
-        recon = net(x, sample=False)[0]
+        recon = net(x, sample=False, cond=batch_condition(net, batch))[0]
         return torch.cat([x, recon.clamp(-1, 1)]) # Originals, then their reconstructions (three mid-slices each).
 
 #----------------------------------------------------------------------------

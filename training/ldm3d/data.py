@@ -27,6 +27,8 @@ import os
 import re
 
 import numpy as np
+from scipy import sparse
+from scipy.sparse import linalg as sparse_linalg
 
 from training.dataset import Dataset
 
@@ -142,6 +144,39 @@ def conditions(growth: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     return np.stack(channels).astype(np.float32)
 
 #----------------------------------------------------------------------------
+# The harmonic fill of the mask from its border (Laplace's equation,
+# 6-neighbour, Dirichlet values = the voided image): parameter-free, a
+# deterministic function of what inference sees. It is the `diffusion_fill`
+# baseline, and, with `ae_cond`, an input of the autoencoder's decoder.
+
+def harmonic_fill(voided: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """float32 volume: the harmonic function inside `mask` with the voided image's values on its border, voided outside."""
+    idx = -np.ones(mask.shape, dtype=np.int64)
+    pts = np.argwhere(mask)
+    idx[tuple(pts.T)] = np.arange(len(pts))
+    rows, cols, vals = [], [], []
+    rhs = np.zeros(len(pts))
+    degree = np.zeros(len(pts))
+    for axis in range(3):
+        for step in (-1, 1):
+            q = pts.copy()
+            q[:, axis] += step
+            inside = (q[:, axis] >= 0) & (q[:, axis] < mask.shape[axis])
+            p_in, q_in = np.nonzero(inside)[0], q[inside]
+            degree[p_in] += 1
+            nb = idx[tuple(q_in.T)]
+            unknown = nb >= 0
+            rows.append(p_in[unknown])
+            cols.append(nb[unknown])
+            vals.append(-np.ones(unknown.sum()))
+            rhs[p_in[~unknown]] += voided[tuple(q_in[~unknown].T)]
+    A = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(pts), len(pts)))
+    A = A + sparse.diags(degree)
+    out = np.asarray(voided, dtype=np.float32).copy()
+    out[tuple(pts.T)] = sparse_linalg.spsolve(A.tocsc(), rhs)
+    return out
+
+#----------------------------------------------------------------------------
 # Padding to a multiple of the downsampling factor, undone on output.
 
 def padded_shape(shape, multiple: int) -> list[int]:
@@ -196,11 +231,14 @@ def load_case(root: str, case: str, k: int, growth_path: str, tissue_path: str, 
     return out
 
 def network_inputs(case: dict, shape) -> dict:
-    """Normalised, padded arrays of one case: voided (1, ...), mask (1, ...), cond (4, ...) [, image (1, ...)] and the undo slices."""
+    """Normalised, padded arrays of one case: voided (1, ...), mask (1, ...), cond (4, ...), harmonic (1, ...: the
+    harmonic fill of the voided image) [, image (1, ...)] and the undo slices."""
     s = case['scale']
     voided, crop = pad_to(normalize(case['voided'], s)[None], shape, value=-1)
+    harmonic = case['harmonic'] if 'harmonic' in case else harmonic_fill(case['voided'], case['mask'])
     out = dict(voided=voided, mask=pad_to(case['mask'][None].astype(np.float32), shape)[0],
-        cond=pad_to(conditions(case['growth'], case['tissue']), shape)[0], crop=crop)
+        cond=pad_to(conditions(case['growth'], case['tissue']), shape)[0], crop=crop,
+        harmonic=pad_to(normalize(harmonic, s)[None], shape, value=-1)[0])
     if 't1n' in case:
         out['image'] = pad_to(normalize(case['t1n'], s)[None], shape, value=-1)[0]
     return out
@@ -241,7 +279,7 @@ class BratsInpaintDataset(Dataset):
         if list(case['voided'].shape) != self._native:
             raise ValueError(f'{case["voided_path"]} has size {list(case["voided"].shape)}, the first case {self._native}')
         arrays = network_inputs(case, self._shape)
-        item = dict(image=arrays['image'], voided=arrays['voided'], mask=arrays['mask'], cond=arrays['cond'])
+        item = {key: arrays[key] for key in ('image', 'voided', 'mask', 'cond', 'harmonic')}
         if self._cache is not None:
             self._cache[idx] = item
         return item
@@ -252,7 +290,7 @@ class BratsInpaintDataset(Dataset):
     def __getitem__(self, idx: int) -> dict:
         item = super().__getitem__(idx) # image, idx (no intensity map: the item is normalised already).
         extra = self._item(item['idx'])
-        return dict(item, voided=extra['voided'].copy(), mask=extra['mask'].copy(), cond=extra['cond'].copy())
+        return dict(item, **{key: extra[key].copy() for key in ('voided', 'mask', 'cond', 'harmonic')})
 
     @property
     def items(self) -> list[tuple[str, int]]:

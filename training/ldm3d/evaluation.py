@@ -10,7 +10,12 @@ mean is the prediction <case>-t1n-inference-XXXX.nii.gz, their voxel-wise
 standard deviation <case>-t1n-inference-std-XXXX.nii.gz (float32, the
 voided input's header). Baselines: `mean_fill` (the mean of the known brain
 voxels) and `diffusion_fill` (the harmonic function inside the mask with the
-voided image's values on its border: Laplace's equation, 6-neighbour).
+voided image's values on its border: Laplace's equation, 6-neighbour). A
+reference row, `ae_bound`, is the autoencoder's own reconstruction of the
+ground truth pasted into the voided input: it uses the ground truth, so it
+is no method but the bound of stage 1 on what any latent model can reach.
+With a conditional decoder, `decoder_only` decodes the voided image's own
+latent with the decoder's condition (no diffusion): what stage 2 adds.
 
 Metrics: inpainting.challenge_metrics_2023.generate_metrics, fed exactly as
 its compute_image_quality_metrics does, from the NIfTI files written
@@ -18,15 +23,14 @@ its compute_image_quality_metrics does, from the NIfTI files written
 package's: SSIM, PSNR, MSE (and RMSE, MAE, MSLE, PSNR variants) inside the
 mask after its percentile normalisation by the voided image. The summary
 holds each method's mean and standard deviation and the paired difference
-model - baseline with its standard error (std / sqrt(n))."""
+model - baseline with its standard error (std / sqrt(n)), ae_bound -
+diffusion_fill and ldm - decoder_only."""
 
 import os
 
 import click
 import numpy as np
 import torch
-from scipy import sparse
-from scipy.sparse import linalg as sparse_linalg
 
 from training import evaluation
 from training import image_io
@@ -37,6 +41,9 @@ from training.ldm3d import latent as ldm_latent
 from training.ldm3d import nifti
 
 METHODS = ('ldm', 'mean_fill', 'diffusion_fill')
+AE_BOUND = 'ae_bound'                   # The autoencoder's reconstruction of the ground truth, pasted: a bound, not a method.
+DECODER_ONLY = 'decoder_only'           # The voided image's latent decoded (no diffusion): what stage 2 adds.
+REFERENCES = (AE_BOUND, DECODER_ONLY)
 REPORTED = ('ssim', 'psnr', 'mse')
 ALL_METRICS = ('ssim', 'psnr', 'mse', 'rmse', 'mae', 'msle', 'psnr_eps', 'psnr_01', 'psnr_01_eps')
 
@@ -56,32 +63,8 @@ def mean_fill(voided: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return ldm_latent.paste(voided, mask, np.full(voided.shape, known.mean() if known.size else 0, dtype=np.float32))
 
 def diffusion_fill(voided: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Harmonic fill: sum over the 6 neighbours (u_n - u_p) = 0 inside the mask, u = voided outside (Dirichlet)."""
-    idx = -np.ones(mask.shape, dtype=np.int64)
-    pts = np.argwhere(mask)
-    idx[tuple(pts.T)] = np.arange(len(pts))
-    rows, cols, vals = [], [], []
-    rhs = np.zeros(len(pts))
-    degree = np.zeros(len(pts))
-    for axis in range(3):
-        for step in (-1, 1):
-            q = pts.copy()
-            q[:, axis] += step
-            inside = (q[:, axis] >= 0) & (q[:, axis] < mask.shape[axis])
-            p_in, q_in = np.nonzero(inside)[0], q[inside]
-            degree[p_in] += 1
-            nb = idx[tuple(q_in.T)]
-            unknown = nb >= 0
-            rows.append(p_in[unknown])
-            cols.append(nb[unknown])
-            vals.append(-np.ones(unknown.sum()))
-            rhs[p_in[~unknown]] += voided[tuple(q_in[~unknown].T)]
-    A = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(pts), len(pts)))
-    A = A + sparse.diags(degree)
-    u = sparse_linalg.spsolve(A.tocsc(), rhs)
-    fill = np.zeros(voided.shape, dtype=np.float32)
-    fill[tuple(pts.T)] = u
-    return ldm_latent.paste(voided, mask, fill)
+    """Harmonic fill (ldm_data.harmonic_fill): sum over the 6 neighbours (u_n - u_p) = 0 inside the mask, u = voided outside."""
+    return ldm_latent.paste(voided, mask, ldm_data.harmonic_fill(voided, mask))
 
 #----------------------------------------------------------------------------
 # Panel: three orthogonal slices through the mask centre; columns voided /
@@ -107,22 +90,22 @@ def write_panel(path: str, case: dict, pred: np.ndarray, spread: np.ndarray) -> 
 
 def summarize(rows: list[dict]) -> dict:
     out = {}
-    for method in METHODS:
+    for method in METHODS + REFERENCES:
         r = [row for row in rows if row['method'] == method]
         if r:
             out[method] = {m: dict(mean=float(np.mean([x[m] for x in r])), std=float(np.std([x[m] for x in r]))) for m in ALL_METRICS}
-    model = {(row['case'], row['mask']): row for row in rows if row['method'] == 'ldm'}
     paired = {}
-    for base in METHODS[1:]:
+    for first, base in [('ldm', b) for b in METHODS[1:]] + [(AE_BOUND, 'diffusion_fill'), ('ldm', DECODER_ONLY)]:
+        model = {(row['case'], row['mask']): row for row in rows if row['method'] == first}
         pairs = [(model[(row['case'], row['mask'])], row) for row in rows if row['method'] == base and (row['case'], row['mask']) in model]
         if not pairs:
             continue
-        paired[f'ldm-{base}'] = {}
+        paired[f'{first}-{base}'] = {}
         for m in REPORTED:
             d = np.array([a[m] - b[m] for a, b in pairs], dtype=np.float64)
             d = d[np.isfinite(d)]
             se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float('nan')
-            paired[f'ldm-{base}'][m] = dict(mean_diff=float(d.mean()) if len(d) else float('nan'), se=se, n=int(len(d)),
+            paired[f'{first}-{base}'][m] = dict(mean_diff=float(d.mean()) if len(d) else float('nan'), se=se, n=int(len(d)),
                 wins=int((d > 0).sum() if m != 'mse' else (d < 0).sum()))
     out['paired'] = paired
     return out
@@ -192,7 +175,12 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, growth, ti
         pred = ldm_latent.paste(c['voided'], c['mask'], pred) # Bit-exact outside the mask (the mean of equal values may round).
         preds = dict(ldm=pred)
         if not infer_only:
-            preds.update(mean_fill=mean_fill(c['voided'], c['mask']), diffusion_fill=diffusion_fill(c['voided'], c['mask']))
+            recon = ldm_data.denormalize(ldm_data.unpad(ldm_latent.reconstruct_case(ae, inputs), inputs['crop']), c['scale'])
+            preds.update(mean_fill=mean_fill(c['voided'], c['mask']), diffusion_fill=diffusion_fill(c['voided'], c['mask']),
+                **{AE_BOUND: ldm_latent.paste(c['voided'], c['mask'], recon)})
+            if ae.cond_channels:
+                alone = ldm_data.denormalize(ldm_data.unpad(ldm_latent.decode_voided_case(ae, inputs), inputs['crop']), c['scale'])
+                preds[DECODER_ONLY] = ldm_latent.paste(c['voided'], c['mask'], alone)
         for method, volume in preds.items():
             folder = os.path.join(outdir, method, case)
             os.makedirs(folder, exist_ok=True)
@@ -211,7 +199,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, growth, ti
     summary = dict(network=network_pkl, data=data, split=split, items=len(items), samples=samples, sampler=sampler,
         scale_factor=ae.scale_factor, **summarize(rows))
     json_path, csv_path = metrics.write_metrics(outdir, summary, rows)
-    for method in METHODS:
+    for method in [m for m in METHODS + REFERENCES if m in summary]:
         s = summary[method]
         print(f'{method:15s} ' + '  '.join(f'{m.upper()} {s[m]["mean"]:.4f} +- {s[m]["std"]:.4f}' for m in REPORTED))
     for name, p in summary['paired'].items():

@@ -22,6 +22,7 @@ import torch
 from torch_utils import persistence
 from training import sampling
 from training.loss import EDMLoss
+from training.ldm3d import autoencoder as ldm_ae
 
 #----------------------------------------------------------------------------
 
@@ -72,29 +73,41 @@ class LatentInpaintLoss(EDMLoss):
         return super().__call__(net, self.latent_batch(batch, frozen), augment_pipe)
 
     def decode(self, x, frozen):
-        return self._autoencoder(frozen).decode_latent(x)
+        ae = self._autoencoder(frozen)
+        if ae.cond_channels:
+            raise ValueError('the autoencoder\'s decoder is conditioned on the known region (cond_decoder): '
+                'inpaint with `evaluate.py inpaint`, not generate.py')
+        return ae.decode_latent(x)
 
     def grid(self, net, batch, frozen):
         """Voided inputs | inpainted (one seed, grid_steps Heun steps) | ground truth."""
         ae = self._autoencoder(frozen)
         seeds = list(range(batch['image'].shape[0]))
-        out = inpaint_batch(net, ae, batch['voided'], batch['mask'], batch[self.cond_key], seeds, dict(num_steps=self.grid_steps))
+        out = inpaint_batch(net, ae, batch['voided'], batch['mask'], batch[self.cond_key], seeds, dict(num_steps=self.grid_steps),
+            harmonic=batch.get('harmonic'))
         return torch.cat([batch['voided'], out.to(batch['image'].device), batch['image']])
 
 #----------------------------------------------------------------------------
 # Inference.
 
 @torch.no_grad()
-def inpaint_batch(net, ae, voided: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor, seeds, sampler_kwargs: dict) -> torch.Tensor:
-    """Normalised voided (N, 1, ...), mask, cond -> inpainted (N, 1, ...), one seed per volume, float32;
-    equal to `voided` wherever mask == 0."""
+def inpaint_batch(net, ae, voided: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor, seeds, sampler_kwargs: dict,
+        harmonic: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised voided (N, 1, ...), mask, cond [, harmonic fill: needed by a conditional decoder] -> inpainted
+    (N, 1, ...), one seed per volume, float32; equal to `voided` wherever mask == 0."""
     device = next(net.parameters()).device
     voided, mask, cond = voided.to(device).float(), mask.to(device).float(), cond.to(device).float()
     zv, lmask, c = latent_conditions(ae, voided, mask, cond)
+    dcond = None
+    if ae.cond_channels:
+        if harmonic is None:
+            raise ValueError('inpaint_batch: the conditional decoder needs the harmonic fill (data.network_inputs)')
+        dcond = ldm_ae.decoder_condition(ae, voided, mask, harmonic.to(device), cond)
     rnd = sampling.StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), *zv.shape[1:]], device=device)
     z = sampling.inpaint(net, latents, known=zv, mask=lmask, cond=c, randn_like=rnd.randn_like, **sampler_kwargs)
-    x = torch.cat([ae.decode_latent(z[i:i + 1].float()) for i in range(len(seeds))]) # Per volume: independent of the batch.
+    x = torch.cat([ae.decode_latent(z[i:i + 1].float(), None if dcond is None else dcond[i:i + 1]) # Per volume: independent of the batch.
+        for i in range(len(seeds))])
     return torch.where(mask > 0, x, voided)
 
 def inpaint_case(net, ae, inputs: dict, seeds, sampler_kwargs: dict, batch: int = 4) -> np.ndarray:
@@ -103,8 +116,27 @@ def inpaint_case(net, ae, inputs: dict, seeds, sampler_kwargs: dict, batch: int 
     for i in range(0, len(seeds), batch):
         s = list(seeds[i:i + batch])
         rep = lambda a: torch.as_tensor(a)[None].expand(len(s), *a.shape) # pylint: disable=unnecessary-lambda-assignment
-        out.append(inpaint_batch(net, ae, rep(inputs['voided']), rep(inputs['mask']), rep(inputs['cond']), s, sampler_kwargs)[:, 0].cpu().numpy())
+        out.append(inpaint_batch(net, ae, rep(inputs['voided']), rep(inputs['mask']), rep(inputs['cond']), s, sampler_kwargs,
+            harmonic=rep(inputs['harmonic']))[:, 0].cpu().numpy())
     return np.concatenate(out)
+
+@torch.no_grad()
+def reconstruct_case(ae, inputs: dict) -> np.ndarray:
+    """The autoencoder's own reconstruction of the ground truth `image` (posterior mean, the decoder's condition from the
+    voided inputs), normalised space, padded: what a perfect latent model would decode to (the stage-1 bound)."""
+    device = next(ae.parameters()).device
+    t = lambda key: torch.as_tensor(inputs[key])[None].to(device).float() # pylint: disable=unnecessary-lambda-assignment
+    dcond = ldm_ae.decoder_condition(ae, t('voided'), t('mask'), t('harmonic'), t('cond'))
+    return ae.decode_latent(ae.encode_latent(t('image')), dcond)[0, 0].cpu().numpy()
+
+@torch.no_grad()
+def decode_voided_case(ae, inputs: dict) -> np.ndarray:
+    """The decoder alone, no diffusion: the voided image's own latent decoded with the decoder's condition
+    (normalised, padded). Beside the model it shows what stage 2 adds."""
+    device = next(ae.parameters()).device
+    t = lambda key: torch.as_tensor(inputs[key])[None].to(device).float() # pylint: disable=unnecessary-lambda-assignment
+    dcond = ldm_ae.decoder_condition(ae, t('voided'), t('mask'), t('harmonic'), t('cond'))
+    return ae.decode_latent(ae.encode_latent(t('voided')), dcond)[0, 0].cpu().numpy()
 
 def paste(voided: np.ndarray, mask: np.ndarray, fill: np.ndarray) -> np.ndarray:
     """The output volume: `fill` inside the mask, the voided input's exact values outside (float32)."""
