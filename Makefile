@@ -57,7 +57,7 @@ demo-pet: venv demo-pet-data
 # 2 processes; inpaint the held-out 20 % of patients, official BraTS 2023
 # metrics for the model and two baselines, NIfTI outputs and PNG panels.
 LDM_DIR := datasets/brats-inpaint-6mm
-$(LDM_DIR)/.built: venv
+$(LDM_DIR)/.built: | venv
 	$(PY) dataset_tool.py brats-inpaint --dest $(LDM_DIR) --cases 40 --masks-per-case 2 --voxel-mm 6 --seed 0
 	touch $@
 
@@ -98,7 +98,7 @@ bench-diffmic: venv
 # synthetic lesions, the patched DDPM and the cDDPM trained with 2 processes,
 # evaluated with the reference's pipeline against two baselines.
 ANOMALY_DATA := datasets/anomaly-32/splits/MSLUB_test.csv
-$(ANOMALY_DATA): venv
+$(ANOMALY_DATA): | venv
 	$(PY) dataset_tool.py anomaly-data --dest datasets/anomaly-32 --resolution 32 --slices 20 --seed 0
 
 demo-anomaly-data: $(ANOMALY_DATA)
