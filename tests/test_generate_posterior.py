@@ -158,7 +158,7 @@ class VolumeDataset:
         return dict(cond=self.conds[i], idx=i, affine=self.affine, header=self.header)
 
 def _scfg(**kw):
-    scfg = dict(cond_dataset=None, cond_indices=None, samples_per_cond=4, cond_seed=7, batch=3, class_idx=None,
+    scfg = dict(preset=None, cond_dataset=None, cond_indices=None, samples_per_cond=4, cond_seed=7, batch=3, class_idx=None,
         solver='dpmpp_3m', discretization='edm', corrector='none', afs=False, sigma_c=None, warp_k=0.3, num_steps=12,
         sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1, format='nifti')
     scfg.update(kw)

@@ -232,7 +232,7 @@ def test_nifti_volume_dataset_crop_pad_affine_and_collate(tmp_path):
 # generate.py's per-seed NIfTI output (in-process; tests/test_volumes_e2e.py runs it with torchrun).
 
 def _scfg(**kwargs):
-    scfg = dict(batch=2, format='nifti', subdirs=False, class_idx=None, affine_from=None, solver='euler', discretization='edm',
+    scfg = dict(preset=None, batch=2, format='nifti', subdirs=False, class_idx=None, affine_from=None, solver='euler', discretization='edm',
         corrector='none', afs=False, sigma_c=None, warp_k=0.3, num_steps=2, sigma_min=0.002, sigma_max=80, rho=7,
         S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, guidance=1)
     return dict(scfg, **kwargs)
