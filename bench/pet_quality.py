@@ -62,7 +62,8 @@ def headline(result: dict) -> None:
     for key in ('vs_full_dose_mlem/brain', 'vs_phantom/brain'):
         c = result['calibration'][key]
         print(f'  posterior calibration {key}: corr(std, |error|) {c["std_error_correlation"]:.3f}, '
-            f'coverage +-1 std {c["coverage_1sigma"]:.3f} (0.683 if calibrated), +-2 std {c["coverage_2sigma"]:.3f} (0.954)')
+            f'coverage +-1 std {c["coverage_1sigma"]:.3f} (calibrated: {c["calibrated_coverage_1sigma"]:.3f}), '
+            f'+-2 std {c["coverage_2sigma"]:.3f} (calibrated: {c["calibrated_coverage_2sigma"]:.3f})')
 
 @click.command()
 @click.option('--kimg',       help='Training length of each model', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=16, show_default=True)

@@ -133,3 +133,12 @@ def test_bad_cases_raise_messages_naming_the_file(built, tmp_path):
         load()
     with pytest.raises(ValueError, match='not a folder of BraTS inpainting cases'):
         ldm_data.find_items(str(tmp_path / 'nowhere'))
+
+def test_harmonic_fill_refuses_a_mask_part_with_no_known_neighbour():
+    from training.ldm3d.data import harmonic_fill
+    v = np.random.default_rng(0).random((6, 6, 6)).astype(np.float32)
+    m = np.zeros((6, 6, 6), bool)
+    m[2:4, 2:4, 2:4] = True
+    assert np.isfinite(harmonic_fill(v, m)).all()
+    with pytest.raises(ValueError, match=r'the mask has 1 connected part\(s\) with no known voxel next to them'):
+        harmonic_fill(v, np.ones((6, 6, 6), bool))

@@ -110,3 +110,13 @@ def test_calibration_known_answers():
     assert abs(cal['coverage_1sigma'] - 0.6827) < 0.005 and abs(cal['coverage_2sigma'] - 0.9545) < 0.003
     assert 0.3 < cal['std_error_correlation'] < 0.6                         # |N(0, s^2)| grows with s.
     assert metrics.calibration(mean, sd * 1e-3, torch.zeros_like(sd))['coverage_2sigma'] < 0.01
+
+def test_expected_coverage_of_a_calibrated_posterior_with_few_samples():
+    assert abs(metrics.expected_coverage(1) - 0.682689) < 1e-6 and abs(metrics.expected_coverage(2) - 0.954500) < 1e-6
+    assert abs(metrics.expected_coverage(1, 8) - 0.5930) < 5e-4 and abs(metrics.expected_coverage(2, 8) - 0.8790) < 5e-4
+    assert abs(metrics.expected_coverage(1, 10**6) - metrics.expected_coverage(1)) < 1e-5
+    gen = np.random.default_rng(0)                                          # Simulated: ref and 8 draws from one Gaussian.
+    draws, ref = gen.standard_normal((8, 1, 1, 100, 100)) * 0.7, gen.standard_normal((1, 1, 100, 100)) * 0.7
+    cal = metrics.calibration(draws.mean(0), draws.std(0), ref, samples=8)
+    assert abs(cal['coverage_1sigma'] - cal['calibrated_coverage_1sigma']) < 0.015
+    assert abs(cal['coverage_2sigma'] - cal['calibrated_coverage_2sigma']) < 0.01

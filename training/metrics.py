@@ -124,10 +124,22 @@ def ssim(x, ref, data_range: float, win_size: int = 11, sigma: float = 1.5, K1: 
 # Calibration of a posterior: does its standard deviation predict the error of
 # its mean? Pixels pooled over the batch (inside `mask` if given).
 
-def calibration(mean, std, ref, mask=None) -> dict:
+def expected_coverage(k: float, samples: int | None = None) -> float:
+    """Coverage of mean +- k std that a calibrated Gaussian posterior gives when mean and std
+    (population std, ddof = 0) come from `samples` draws and ref is one more independent draw:
+    (ref - mean) / std = t_{S-1} sqrt((S+1)/(S-1)), so 2 F_t(k sqrt((S-1)/(S+1))) - 1
+    (S = 8: 0.593 and 0.879 for k = 1, 2); None = infinitely many (0.683, 0.954)."""
+    from scipy import stats
+    if samples is None:
+        return float(2 * stats.norm.cdf(k) - 1)
+    if samples < 2:
+        raise ValueError(f'metrics: expected_coverage needs at least 2 samples, got {samples}')
+    return float(2 * stats.t.cdf(k * math.sqrt((samples - 1) / (samples + 1)), df=samples - 1) - 1)
+
+def calibration(mean, std, ref, mask=None, samples: int | None = None) -> dict:
     """Pearson correlation of std and |mean - ref| over the pixels, and the coverage of the
-    intervals mean +- std and mean +- 2 std (fractions of pixels whose ref lies inside;
-    a Gaussian posterior that is calibrated gives 0.683 and 0.954)."""
+    intervals mean +- std and mean +- 2 std (fractions of pixels whose ref lies inside),
+    beside what a calibrated Gaussian posterior gives with `samples` draws (expected_coverage)."""
     mean, ref = _check_pair(mean, ref)
     std, _ = _check_pair(std, ref)
     if bool((std < 0).any()) or not bool(torch.isfinite(std).all()):
@@ -141,6 +153,7 @@ def calibration(mean, std, ref, mask=None) -> dict:
     denom = float(e.norm() * d.norm())
     return dict(std_error_correlation=float((e * d).sum()) / denom if denom > 0 else float('nan'),
         coverage_1sigma=float((err <= sd).double().mean()), coverage_2sigma=float((err <= 2 * sd).double().mean()),
+        calibrated_coverage_1sigma=expected_coverage(1, samples), calibrated_coverage_2sigma=expected_coverage(2, samples),
         mean_std=float(sd.mean()), rmse=float(err.square().mean().sqrt()))
 
 #----------------------------------------------------------------------------

@@ -226,6 +226,8 @@ class AutoencoderKLLoss:
         x = batch['image']
         cond = batch_condition(getattr(net, 'module', net), batch)
         recon, mean, logvar = net(x, cond=cond)
+        if cond is not None: # Conditional decoder: the outside is pasted back at inference, so the SSIM windows that
+            recon = torch.where(batch['mask'] > 0, recon, x) # straddle the mask border see the input there too.
         loss = (recon - x).abs()
         if self.ssim_weight:
             loss = loss + self.ssim_weight * (1 - ssim3d_map(recon.float(), x.float()))

@@ -27,7 +27,7 @@ import os
 import re
 
 import numpy as np
-from scipy import sparse
+from scipy import ndimage, sparse
 from scipy.sparse import linalg as sparse_linalg
 
 from training.dataset import Dataset
@@ -170,6 +170,18 @@ def harmonic_fill(voided: np.ndarray, mask: np.ndarray) -> np.ndarray:
             cols.append(nb[unknown])
             vals.append(-np.ones(unknown.sum()))
             rhs[p_in[~unknown]] += voided[tuple(q_in[~unknown].T)]
+    known = np.zeros(len(pts), dtype=bool)                                  # Voxels next to a known one: every part of
+    for axis in range(3):                                                   # the mask needs one, else the system is singular.
+        for step in (-1, 1):
+            q = pts.copy()
+            q[:, axis] += step
+            inside = (q[:, axis] >= 0) & (q[:, axis] < mask.shape[axis])
+            known[np.nonzero(inside)[0][idx[tuple(q[inside].T)] < 0]] = True
+    parts, n_parts = ndimage.label(mask)                                    # 6-connected, as the Laplacian.
+    touching = np.unique(parts[tuple(pts[known].T)])
+    if len(touching) < n_parts:
+        raise ValueError(f'the mask has {n_parts - len(touching)} connected part(s) with no known voxel next to them '
+            f'(e.g. it covers the whole volume): the diffusion fill is undefined there')
     A = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(pts), len(pts)))
     A = A + sparse.diags(degree)
     out = np.asarray(voided, dtype=np.float32).copy()
@@ -235,7 +247,10 @@ def network_inputs(case: dict, shape) -> dict:
     harmonic fill of the voided image) [, image (1, ...)] and the undo slices."""
     s = case['scale']
     voided, crop = pad_to(normalize(case['voided'], s)[None], shape, value=-1)
-    harmonic = case['harmonic'] if 'harmonic' in case else harmonic_fill(case['voided'], case['mask'])
+    try:
+        harmonic = case['harmonic'] if 'harmonic' in case else harmonic_fill(case['voided'], case['mask'])
+    except ValueError as err:
+        raise ValueError(f'{case.get("mask_path", "mask")}: {err}') from None
     out = dict(voided=voided, mask=pad_to(case['mask'][None].astype(np.float32), shape)[0],
         cond=pad_to(conditions(case['growth'], case['tissue']), shape)[0], crop=crop,
         harmonic=pad_to(normalize(harmonic, s)[None], shape, value=-1)[0])

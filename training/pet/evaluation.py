@@ -303,6 +303,10 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     if min(shape[1:]) < 11: # SSIM's 11 x 11 window would refuse them after sampling.
         raise ValueError(f'{data}: images of {shape[-2]}x{shape[-1]} are smaller than the SSIM window (11)')
     sampling.check_guidance(net, sampler['guidance'], key='--guidance')
+    for key in ('n_iter', 'dose_fraction'):                            # Candidates of both splits must be comparable.
+        if key in val and key in test and val[key] != test[key]:
+            raise ValueError(f'--val-data: {val_data} was built with {key}={val[key]}, --data {data} with {key}={test[key]}; '
+                f'build both with the same dataset_tool.py pet-data settings')
     sup = load_supervised(supervised, trust_edm_pickle, device, shape) if supervised is not None else None
     evaluation.make_outdir(outdir)
 
@@ -331,7 +335,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         for name, (_, _, test_c) in cands.items()})
     shown['edm_posterior_sample'] = sample
     detail = lesions_and_sharpness(shown, test)
-    cal = {f'vs_{ref}/{region}': metrics.calibration(mean, std, references(test)[ref], mask=region_mask(test, region))
+    cal = {f'vs_{ref}/{region}': metrics.calibration(mean, std, references(test)[ref], mask=region_mask(test, region), samples=samples)
         for ref in REFERENCES for region in REGIONS}
 
     # Results.
@@ -354,7 +358,8 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         print(f'{name:<22s} ' + ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}' for k, v in d.items()))
     c = cal['vs_full_dose_mlem/brain']
     print(f'Posterior std vs error (brain, vs full-dose MLEM): correlation {c["std_error_correlation"]:.3f}, '
-        f'coverage +-1 std {c["coverage_1sigma"]:.3f}, +-2 std {c["coverage_2sigma"]:.3f}')
+        f'coverage +-1 std {c["coverage_1sigma"]:.3f} (calibrated: {c["calibrated_coverage_1sigma"]:.3f}), '
+        f'+-2 std {c["coverage_2sigma"]:.3f} (calibrated: {c["calibrated_coverage_2sigma"]:.3f})')
     print(f'Wrote {outdir}/metrics.json, metrics.csv, panel.png (rows: phantom, low-dose MLEM, EDM mean, EDM std x4, full-dose MLEM)')
 
 #----------------------------------------------------------------------------
