@@ -108,6 +108,10 @@ class DiffusionLoss:
         """Per-sample weights (N,), e.g. a focal weight; None = 1."""
         return None
 
+    def noisy(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The network's input for target y at noise level sigma: y + n, n = unit noise * sigma."""
+        return y + self.sample_noise(y) * sigma
+
     # The loss. ---------------------------------------------------------------
 
     def __call__(self, net, batch: dict, augment_pipe=None) -> torch.Tensor:
@@ -120,11 +124,11 @@ class DiffusionLoss:
         M = self.sigma_map(batch, y)
         if M is not None:
             sigma = sigma * self._broadcastable(M, y, 'the sigma map')
-        n = self.sample_noise(y) * sigma
+        x = self.noisy(y, sigma)
         kwargs = self.condition(net, batch)
         if augment_labels is not None:
             kwargs['augment_labels'] = augment_labels
-        D_yn = net(y + n, sigma, **kwargs)
+        D_yn = net(x, sigma, **kwargs)
         return self.compare(D_yn, y, sigma, batch)
 
     def compare(self, D_yn: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -236,7 +240,8 @@ class EDMLoss(DiffusionLoss):
 # conditioning; trained with L2 against the target it is the MMSE regressor
 # E[y | cond], the estimate a posterior mean approaches (the supervised
 # U-Net baseline of PET dose enhancement: same network, data and budget).
-# `predict` is the one way to call it, in training and in evaluation.
+# Training is DiffusionLoss's step with `noisy` returning 0; `predict` is the
+# same call for evaluation.
 
 @persistence.persistent_class
 class RegressionLoss(DiffusionLoss):
@@ -255,22 +260,13 @@ class RegressionLoss(DiffusionLoss):
     def weight(self, sigma):
         return torch.ones_like(sigma)
 
+    def noisy(self, y, sigma):
+        return torch.zeros_like(y)
+
     def predict(self, net, like: torch.Tensor, **kwargs) -> torch.Tensor:
         """The regressor's output for targets shaped like `like`, given the network's conditioning kwargs."""
-        sigma = torch.full([like.shape[0]] + [1] * (like.ndim - 1), self.sigma, device=like.device, dtype=like.dtype)
-        return net(torch.zeros_like(like), sigma, **kwargs)
-
-    def __call__(self, net, batch: dict, augment_pipe=None) -> torch.Tensor:
-        self._batch_tensor(batch, self.target_key, 'target_key')
-        augment_labels = None
-        if augment_pipe is not None:
-            batch, augment_labels = augment_pipe(batch)
-        y = batch[self.target_key]
-        kwargs = self.condition(net, batch)
-        if augment_labels is not None:
-            kwargs['augment_labels'] = augment_labels
-        sigma = self.sample_sigma([y.shape[0]] + [1] * (y.ndim - 1), y.device)
-        return self.compare(self.predict(net, y, **kwargs), y, sigma, batch)
+        sigma = self.sample_sigma([like.shape[0]] + [1] * (like.ndim - 1), like.device).to(like.dtype)
+        return net(self.noisy(like, sigma), sigma, **kwargs)
 
     @torch.no_grad()
     def grid(self, net, batch: dict, frozen=None) -> torch.Tensor:
