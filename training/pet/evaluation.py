@@ -30,6 +30,7 @@ from training.pet import baselines
 from training.pet.dataset import pet_denormalize, pet_normalize, pet_scale
 
 SPLIT_ARRAYS = ('full', 'low', 'phantom_counts')
+OPTIONAL_ARRAYS = ('lesions', 'low_counts', 'dose_fraction', 'n_iter') # Newer pet-data splits: lesion contrast, reconstruction baselines.
 METRICS      = dict(psnr=True, ssim=True, nrmse=False)               # Metric: higher is better.
 REFERENCES   = ('full_dose_mlem', 'phantom')
 REGIONS      = ('image', 'brain')
@@ -45,7 +46,7 @@ def load_split(path: str, max_images: int | None, option: str = '--data') -> dic
         raise ValueError(f'{option}: {path} is not an .npz archive (or it is truncated); build it with dataset_tool.py pet-data')
     try:
         with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in SPLIT_ARRAYS if k in npz.files}
+            data = {k: npz[k] for k in SPLIT_ARRAYS + OPTIONAL_ARRAYS if k in npz.files}
     except Exception as err: # pylint: disable=broad-except # Bad CRC, damaged members, pickled arrays: never a traceback.
         raise ValueError(f'{option}: cannot read {path}: damaged archive ({type(err).__name__}: {err})') from None
     missing = [k for k in SPLIT_ARRAYS if k not in data]
@@ -59,18 +60,16 @@ def load_split(path: str, max_images: int | None, option: str = '--data') -> dic
             raise ValueError(f'{option}: {k} {data[k].shape} does not match full {full.shape} in {path} (image count and size must agree)')
     n = len(full) if max_images is None else min(max_images, len(full))
     out = {}
-    if 'lesions' in npz_keys(path):                                     # Lesion labels (0 none, 1 hot, 2 cold).
-        with np.load(path, allow_pickle=False) as npz:
-            if npz['lesions'].shape != full.shape:
-                raise ValueError(f'{option}: lesions {npz["lesions"].shape} do not match full {full.shape} in {path}')
-            out['lesions'] = npz['lesions'][:n]
-    if 'low_counts' in npz_keys(path):                                  # The reconstruction baselines' input.
-        with np.load(path, allow_pickle=False) as npz:
-            counts = npz['low_counts']
-            if counts.ndim != 3 or len(counts) != len(full) or 'dose_fraction' not in npz.files or 'n_iter' not in npz.files:
-                raise ValueError(f'{option}: low_counts {counts.shape} in {path} must be [N, angles, bins] with N = {len(full)}, '
-                    f'beside dose_fraction and n_iter; rebuild it with dataset_tool.py pet-data')
-            out.update(low_counts=counts[:n].astype(np.float64), dose_fraction=float(npz['dose_fraction']), n_iter=int(npz['n_iter']))
+    if 'lesions' in data:                                               # Lesion labels (0 none, 1 hot, 2 cold).
+        if data['lesions'].shape != full.shape:
+            raise ValueError(f'{option}: lesions {data["lesions"].shape} do not match full {full.shape} in {path}')
+        out['lesions'] = data['lesions'][:n]
+    if 'low_counts' in data:                                            # The reconstruction baselines' input.
+        counts = data['low_counts']
+        if counts.ndim != 3 or len(counts) != len(full) or 'dose_fraction' not in data or 'n_iter' not in data:
+            raise ValueError(f'{option}: low_counts {counts.shape} in {path} must be [N, angles, bins] with N = {len(full)}, '
+                f'beside dose_fraction and n_iter; rebuild it with dataset_tool.py pet-data')
+        out.update(low_counts=counts[:n].astype(np.float64), dose_fraction=float(data['dose_fraction']), n_iter=int(data['n_iter']))
     for k in SPLIT_ARRAYS:
         if not np.issubdtype(data[k].dtype, np.number):
             raise ValueError(f'{option}: {k} in {path} must be numeric, got {data[k].dtype}')
@@ -79,10 +78,6 @@ def load_split(path: str, max_images: int | None, option: str = '--data') -> dic
         if len(bad):
             raise ValueError(f'{option}: {k} in {path} holds NaN or Inf values (image {int(bad[0])}); rebuild it with dataset_tool.py pet-data')
     return out
-
-def npz_keys(path: str) -> list[str]:
-    with np.load(path, allow_pickle=False) as npz:
-        return list(npz.files)
 
 #----------------------------------------------------------------------------
 # Per-image scores: every metric, against one reference, over one region.
@@ -124,7 +119,7 @@ def baseline_candidates(val: dict, test: dict, cache_dir: str) -> dict:
 
 def tuned_scores(val: dict, test: dict, val_cands: dict, test_cands: dict) -> tuple[dict, dict]:
     """Test scores {(ref, region): {metric: [N]}} at the parameters chosen on validation, and those choices."""
-    out, chosen = {}, {}
+    out, chosen, test_scores = {}, {}, {}
     val_scores = {p: {(ref, region): scores(img, references(val)[ref], region_mask(val, region)) for ref in REFERENCES for region in REGIONS}
         for p, img in val_cands.items()}
     for ref in REFERENCES:
@@ -135,7 +130,9 @@ def tuned_scores(val: dict, test: dict, val_cands: dict, test_cands: dict) -> tu
                 chosen[f'{ref}/{region}/{metric}'] = p
                 if at_edge:
                     print(f'Note: the parameter chosen for {ref}/{region}/{metric}, {p}, is at an end of its grid')
-                out[(ref, region)][metric] = scores(test_cands[p], references(test)[ref], region_mask(test, region))[metric]
+                if (p, ref, region) not in test_scores:                     # Every metric at once, once per parameter.
+                    test_scores[(p, ref, region)] = scores(test_cands[p], references(test)[ref], region_mask(test, region))
+                out[(ref, region)][metric] = test_scores[(p, ref, region)][metric]
     return out, chosen
 
 #----------------------------------------------------------------------------
