@@ -26,16 +26,24 @@ def test_tune_picks_the_best_and_flags_the_grid_ends():
 
 def test_early_mlem_candidates_are_mlem_stopped_there(split):
     sm, data = split
-    cands = baselines.mlem_early_candidates(data, sm, 6)
-    assert sorted(cands) == list(range(1, 7))
+    seen = []
+    baselines.mlem_early_candidates(data, sm, lambda it, x: seen.append(it), range(1, 7))
+    assert seen == list(range(1, 7))                                        # In grid order, one at a time.
+    cands = {}
+    baselines.mlem_early_candidates(data, sm, cands.__setitem__, [4, 1, 6])
+    assert sorted(cands) == [1, 4, 6]
     for it in (1, 4, 6):
         direct = mlem(torch.as_tensor(data['low_counts'], dtype=sm.dtype), sm, n_iter=it)[:, None].double().numpy() / 0.25
         np.testing.assert_array_equal(cands[it], direct)
 
-def test_map_em_candidates_batch_betas_and_images_consistently(split):
+@pytest.mark.parametrize('batch', [4, 3, 2, 512])
+def test_map_em_candidates_batch_betas_and_images_consistently(split, batch):
     sm, data = split
     betas = (0.0, 1e-3, 1e-2)
-    a = baselines.map_em_candidates(data, sm, 5, betas=betas, batch=4)    # Batches mixing betas and images.
+    seen = []
+    a = {}
+    baselines.map_em_candidates(data, sm, 5, lambda b, x: (seen.append(b), a.__setitem__(b, x)), betas=betas, batch=batch)
+    assert seen == list(betas)                                              # Each beta once, complete, in grid order.
     for beta in betas:
         direct = mapem.map_em(torch.as_tensor(data['low_counts'], dtype=sm.dtype), sm, beta, n_iter=5)[:, None].double().numpy() / 0.25
         np.testing.assert_allclose(a[beta], direct, rtol=1e-5, atol=1e-6)

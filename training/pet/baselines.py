@@ -9,9 +9,12 @@ reference and region (the most favourable choice for the baseline):
   map_em     MAP-EM with a quadratic prior (tomography_utils/mapem.py), strength beta
              (in the units of the low-dose counts per pixel of a column-normalised A).
 
-Every candidate is computed for the validation and the test split alike,
-in full-dose counts per pixel (reconstructions of the low-dose counts are
-divided by the dose fraction, as `low` in the npz)."""
+Candidates are scored on the validation split; on the test split only the
+chosen parameters are computed. Both in full-dose counts per pixel
+(reconstructions of the low-dose counts are divided by the dose fraction, as
+`low` in the npz)."""
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,35 +27,46 @@ GAUSS_SIGMAS = tuple(round(0.05 * i, 2) for i in range(61))          # 0, 0.05, 
 MAP_BETAS    = tuple(float(10 ** (0.1 * e)) for e in range(-75, -4))  # 3e-8 ... 0.3, 10 per decade (the demo's optimum: 3e-5).
 
 #----------------------------------------------------------------------------
-# Candidates: {parameter: images [N, 1, R, R]} of one split.
+# Candidates of one split, one parameter at a time: consume(parameter, images
+# [N, 1, R, R]) in grid order. The caller keeps what it needs (the scores of the
+# validation candidates, the test images of the chosen parameters), so memory
+# holds one or two candidates, not the whole grid (71 MAP-EM strengths of 200
+# images at 128 x 128 are 1.9 GB in float64).
+
+Consume = Callable[[object, np.ndarray], None]
 
 def gaussian(images: np.ndarray, sigma: float) -> np.ndarray:
     return images if sigma == 0 else ndimage.gaussian_filter(images, sigma=(0, 0, sigma, sigma))
 
-def gauss_candidates(split: dict, sigmas=GAUSS_SIGMAS) -> dict:
-    return {s: gaussian(split['low'], s) for s in sigmas}
+def gauss_candidates(split: dict, consume: Consume, sigmas=GAUSS_SIGMAS) -> None:
+    for s in sigmas:
+        consume(s, gaussian(split['low'], s))
 
-def mlem_early_candidates(split: dict, system_matrix, n_iter: int) -> dict:
-    """MLEM of the low-dose counts after 1..n_iter iterations (one run, read by a callback)."""
-    out = {}
+def mlem_early_candidates(split: dict, system_matrix, consume: Consume, iterations) -> None:
+    """MLEM of the low-dose counts stopped after each of `iterations` (one run up to the last, read by a callback)."""
+    keep = sorted(set(int(i) for i in iterations))
     y = torch.as_tensor(split['low_counts'], dtype=system_matrix.dtype)
-    mlem(y, system_matrix, n_iter=n_iter, callback=lambda it, x: out.__setitem__(it, x[:, None].double().numpy() / split['dose_fraction']))
-    return out
+    def callback(it, x):
+        if it in keep:
+            consume(it, x[:, None].double().numpy() / split['dose_fraction'])
+    mlem(y, system_matrix, n_iter=keep[-1], callback=callback)
 
-def map_em_candidates(split: dict, system_matrix, n_iter: int, betas=MAP_BETAS, batch: int = 512) -> dict:
-    """MAP-EM images for every beta of the grid (images x betas in batches of `batch`)."""
+def map_em_candidates(split: dict, system_matrix, n_iter: int, consume: Consume, betas=MAP_BETAS, batch: int = 512) -> None:
+    """MAP-EM images for every beta of `betas` (images x betas in batches of `batch`; a beta is handed on once all its images are done)."""
     y = torch.as_tensor(split['low_counts'], dtype=system_matrix.dtype)
     n = len(y)
     pairs = [(b, i) for b in range(len(betas)) for i in range(n)]
-    images = np.empty((len(betas), n, 1, *split['low'].shape[-2:]))
+    pending = {}
     for start in range(0, len(pairs), batch):
         chunk = pairs[start:start + batch]
         idx = torch.as_tensor([i for _, i in chunk])
         beta = torch.as_tensor([betas[b] for b, _ in chunk], dtype=torch.float64)
         x = mapem.map_em(y[idx], system_matrix, beta, n_iter=n_iter).double().numpy() / split['dose_fraction']
         for (b, i), img in zip(chunk, x):
-            images[b, i, 0] = img
-    return {beta: images[b] for b, beta in enumerate(betas)}
+            pending.setdefault(b, np.empty((n, 1, *split['low'].shape[-2:])))[i, 0] = img
+        for b in sorted(pending):
+            if b < chunk[-1][0] or chunk[-1] == (b, n - 1):                 # Every image of this beta is done.
+                consume(betas[b], pending.pop(b))
 
 #----------------------------------------------------------------------------
 # Tuning: the parameter with the best mean validation score, per key.

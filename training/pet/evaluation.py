@@ -103,37 +103,44 @@ def scores(images: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> dict
     return {k: np.array(v) for k, v in out.items()}
 
 #----------------------------------------------------------------------------
-# The baselines: candidates on both splits, the parameter tuned on validation
-# per (reference, region, metric), the test scores at that parameter.
+# The baselines: each parameter scored on validation, the parameter tuned per
+# (reference, region, metric), the test images and scores at the chosen ones.
 
-def baseline_candidates(val: dict, test: dict, cache_dir: str) -> dict:
-    """{name: (parameter name, val candidates, test candidates)}."""
-    out = {'low_dose_mlem_gauss': ('sigma_px', baselines.gauss_candidates(val), baselines.gauss_candidates(test))}
+def baseline_runs(val: dict, test: dict, cache_dir: str) -> dict:
+    """{name: (parameter name, run(split, consume, params=None))}: params None = the whole grid (baselines.py)."""
+    out = {'low_dose_mlem_gauss': ('sigma_px', lambda split, consume, params=None:
+        baselines.gauss_candidates(split, consume, baselines.GAUSS_SIGMAS if params is None else sorted(params)))}
     if 'low_counts' in val and 'low_counts' in test:
         from tomography_utils.projector import get_system_matrix
         sm = get_system_matrix(test['low'].shape[-1], cache_dir=cache_dir)
-        out['low_dose_mlem_early'] = ('iterations', baselines.mlem_early_candidates(val, sm, val['n_iter']),
-            baselines.mlem_early_candidates(test, sm, test['n_iter']))
-        out['low_dose_map_em'] = ('beta', baselines.map_em_candidates(val, sm, val['n_iter']), baselines.map_em_candidates(test, sm, test['n_iter']))
+        out['low_dose_mlem_early'] = ('iterations', lambda split, consume, params=None:
+            baselines.mlem_early_candidates(split, sm, consume, range(1, split['n_iter'] + 1) if params is None else params))
+        out['low_dose_map_em'] = ('beta', lambda split, consume, params=None:
+            baselines.map_em_candidates(split, sm, split['n_iter'], consume, baselines.MAP_BETAS if params is None else sorted(params)))
     return out
 
-def tuned_scores(val: dict, test: dict, val_cands: dict, test_cands: dict) -> tuple[dict, dict]:
-    """Test scores {(ref, region): {metric: [N]}} at the parameters chosen on validation, and those choices."""
-    out, chosen, test_scores = {}, {}, {}
-    val_scores = {p: {(ref, region): scores(img, references(val)[ref], region_mask(val, region)) for ref in REFERENCES for region in REGIONS}
-        for p, img in val_cands.items()}
+def tuned_scores(val: dict, test: dict, run) -> tuple[dict, dict, dict]:
+    """Test scores {(ref, region): {metric: [N]}} at the parameters chosen on validation, those choices,
+    and the test images {parameter: images} of the chosen parameters."""
+    val_scores = {}
+    run(val, lambda p, img: val_scores.__setitem__(p, {(ref, region): scores(img, references(val)[ref], region_mask(val, region))
+        for ref in REFERENCES for region in REGIONS}))
+    chosen = {}
     for ref in REFERENCES:
         for region in REGIONS:
-            out[(ref, region)] = {}
             for metric, higher in METRICS.items():
                 p, at_edge = baselines.tune({q: float(v[(ref, region)][metric].mean()) for q, v in val_scores.items()}, higher)
                 chosen[f'{ref}/{region}/{metric}'] = p
                 if at_edge:
                     print(f'Note: the parameter chosen for {ref}/{region}/{metric}, {p}, is at an end of its grid')
-                if (p, ref, region) not in test_scores:                     # Every metric at once, once per parameter.
-                    test_scores[(p, ref, region)] = scores(test_cands[p], references(test)[ref], region_mask(test, region))
-                out[(ref, region)][metric] = test_scores[(p, ref, region)][metric]
-    return out, chosen
+    test_images = {}
+    run(test, test_images.__setitem__, params=set(chosen.values()))
+    needed = {(chosen[f'{ref}/{region}/{metric}'], ref, region) for ref in REFERENCES for region in REGIONS for metric in METRICS}
+    test_scores = {(p, ref, region): scores(test_images[p], references(test)[ref], region_mask(test, region))  # Every metric
+        for p, ref, region in needed}                                                                          # at once.
+    out = {(ref, region): {metric: test_scores[(chosen[f'{ref}/{region}/{metric}'], ref, region)][metric] for metric in METRICS}
+        for ref in REFERENCES for region in REGIONS}
+    return out, chosen, test_images
 
 #----------------------------------------------------------------------------
 # Paired differences over test images: mean and standard error of the mean.
@@ -267,7 +274,7 @@ def write_panel(path: str, test: dict, mean: np.ndarray, std: np.ndarray, cases:
 @evaluation.common_options
 @click.option('--data',                  help='Test split (dataset_tool.py pet-data)', metavar='NPZ',       type=str, required=True)
 @click.option('--val-data',              help='Validation split, to choose the Gaussian filter width', metavar='NPZ', type=str, required=True)
-@click.option('--samples',               help='Posterior samples per condition', metavar='INT',             type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--samples',               help='Posterior samples per condition (2 or more: the posterior std)', metavar='INT', type=click.IntRange(min=2), default=8, show_default=True)
 @click.option('--max-images',            help='Evaluate at most this many test images', metavar='INT',      type=click.IntRange(min=1), default=None)
 @click.option('--panel-images',          help='Cases shown in panel.png', metavar='INT',                    type=click.IntRange(min=1), default=6, show_default=True)
 @click.option('--supervised',            help='Snapshot of the supervised U-Net baseline (-cn=pet_supervised)', metavar='PKL', type=str, default=None)
@@ -312,12 +319,12 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         f'({sampler["solver"]}, {sampler["discretization"]}, {sampler["num_steps"]} steps)...')
     mean, std, sample = pet_posterior(net, test['low'], samples, batch, device, seed=seed, **sampler)
     print('Tuning the baselines on the validation split (per metric, reference and region)...')
-    cands = baseline_candidates(val, test, cache_dir)
-    if 'low_dose_mlem_early' not in cands:
+    runs = baseline_runs(val, test, cache_dir)
+    if 'low_dose_mlem_early' not in runs:
         print('No low_counts in the splits (built before they were stored): early-stopped MLEM and MAP-EM are skipped')
-    per_method, chosen = {}, {}
-    for name, (param, val_c, test_c) in cands.items():
-        tuned, picks = tuned_scores(val, test, val_c, test_c)
+    per_method, chosen, test_images = {}, {}, {}
+    for name, (param, run) in runs.items():
+        tuned, picks, test_images[name] = tuned_scores(val, test, run)
         chosen[name] = dict(parameter=param, chosen=picks)
         per_method.update({(name, ref, region): sc for (ref, region), sc in tuned.items()})
     fixed = [('low_dose_mlem', test['low']), ('edm_posterior_mean', mean)]
@@ -328,8 +335,8 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
             for ref in REFERENCES for region in REGIONS})
     summary, rows, diffs = compare(per_method, len(test['low']))
     shown = dict(fixed)                                                     # Lesions and sharpness: the baselines at their
-    shown.update({name: test_c[chosen[name]['chosen']['full_dose_mlem/image/psnr']]   # PSNR-optimal parameter.
-        for name, (_, _, test_c) in cands.items()})
+    shown.update({name: images[chosen[name]['chosen']['full_dose_mlem/image/psnr']]   # PSNR-optimal parameter.
+        for name, images in test_images.items()})
     shown['edm_posterior_sample'] = sample
     detail = lesions_and_sharpness(shown, test)
     cal = {f'vs_{ref}/{region}': metrics.calibration(mean, std, references(test)[ref], mask=region_mask(test, region), samples=samples)
@@ -345,7 +352,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         paired_note='edm minus baseline; for nrmse the sign is flipped so that positive = the EDM mean is better; se = standard error of the mean')
     metrics.write_metrics(outdir, result, rows)
     write_panel(os.path.join(outdir, 'panel.png'), test, mean, std, panel_images)
-    for key in ['low_dose_mlem', *cands, *(['supervised_unet'] if sup is not None else []), 'edm_posterior_mean']:
+    for key in ['low_dose_mlem', *runs, *(['supervised_unet'] if sup is not None else []), 'edm_posterior_mean']:
         m = summary['image'][f'{key}_vs_full_dose_mlem']
         print(f'{key:<22s} vs full-dose MLEM: PSNR {m["psnr"]["mean"]:6.2f} dB  SSIM {m["ssim"]["mean"]:.4f}  NRMSE {m["nrmse"]["mean"]:.4f}')
     for ref in REFERENCES:
