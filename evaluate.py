@@ -5,9 +5,10 @@
 Examples:
 
 \b
-# PET dose enhancement: EDM posterior mean vs low-dose MLEM and a Gaussian-filtered
-# low-dose MLEM (filter width chosen on the validation split), against the
-# full-dose MLEM and against the phantom:
+# PET dose enhancement: EDM posterior mean vs low-dose MLEM and three classical
+# baselines tuned on the validation split (Gaussian post-filter, early-stopped
+# MLEM, MAP-EM; add --supervised PKL for the U-Net), against the full-dose MLEM
+# and against the phantom:
 python evaluate.py pet --network demo-runs/00000-pet64-cond-edm/network-snapshot-000008.pkl \\
     --data datasets/pet-64-test.npz --val-data datasets/pet-64-val.npz --outdir demo-runs/pet-eval
 
