@@ -52,7 +52,10 @@ def train(config: str, kimg: float, nproc: int, outdir: str, data: str, extra: l
 def headline(result: dict) -> None:
     for region in ('image', 'brain'):
         for ref in ('full_dose_mlem', 'phantom'):
-            for name, key in (('best classical', f'edm_minus_best_baseline_vs_{ref}'), ('supervised U-Net', f'edm_minus_supervised_unet_vs_{ref}')):
+            pairs = [('best classical', f'edm_minus_best_baseline_vs_{ref}'), ('supervised U-Net', f'edm_minus_supervised_unet_vs_{ref}')]
+            if ref == 'full_dose_mlem':                                     # The ceiling (knows the phantom): how far from it.
+                pairs.append(('oracle bound', 'edm_minus_oracle_bound_vs_full_dose_mlem'))
+            for name, key in pairs:
                 d = result['paired'][region].get(key)
                 if d is None:
                     continue

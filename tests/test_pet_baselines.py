@@ -48,3 +48,18 @@ def test_map_em_candidates_batch_betas_and_images_consistently(split, batch):
         direct = mapem.map_em(torch.as_tensor(data['low_counts'], dtype=sm.dtype), sm, beta, n_iter=5)[:, None].double().numpy() / 0.25
         np.testing.assert_allclose(a[beta], direct, rtol=1e-5, atol=1e-6)
     assert not np.allclose(a[0.0], a[1e-2])
+
+def test_oracle_bound_is_mlem_of_the_counts_when_nothing_is_missing(split):
+    sm, data = split
+    full = dict(data, dose_fraction=1.0, n_iter=4, phantom_counts=np.ones((3, 1, 16, 16)))  # f = 1: y_full = y_low, no draw adds counts.
+    direct = mlem(torch.as_tensor(data['low_counts'], dtype=sm.dtype), sm, n_iter=4)[:, None].double().numpy()
+    np.testing.assert_array_equal(baselines.oracle_full_dose_mean(full, sm, draws=3), direct)
+
+def test_oracle_bound_draws_do_not_depend_on_the_batching(split):
+    sm, data = split
+    part = dict(data, n_iter=3, phantom_counts=np.full((3, 1, 16, 16), 2.0))
+    a = baselines.oracle_full_dose_mean(part, sm, draws=5, seed=1, batch=512)   # All draws in one call.
+    b = baselines.oracle_full_dose_mean(part, sm, draws=5, seed=1, batch=6)     # Two draws per call.
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    c = baselines.oracle_full_dose_mean(part, sm, draws=5, seed=2)
+    assert not np.allclose(a, c)                                                # The draws are random.

@@ -34,6 +34,7 @@ OPTIONAL_ARRAYS = ('lesions', 'low_counts', 'dose_fraction', 'n_iter') # Newer p
 METRICS      = dict(psnr=True, ssim=True, nrmse=False)               # Metric: higher is better.
 REFERENCES   = ('full_dose_mlem', 'phantom')
 REGIONS      = ('image', 'brain')
+NOT_BASELINES = ('low_dose_mlem', 'supervised_unet', 'oracle_bound') # Rows never picked as "the best classical baseline".
 
 #----------------------------------------------------------------------------
 # Read a pet-data npz split: `full`, `low`, `phantom_counts`, all [N, 1, R, R],
@@ -255,7 +256,7 @@ def compare(per_method: dict, images: int) -> tuple[dict, list[dict], dict]:
                 sign = 1 if higher else -1                                  # Positive = the EDM mean is better.
                 for m in methods:
                     diffs[region].setdefault(f'edm_minus_{m}_vs_{ref}', {})[metric] = paired(sign * edm[metric], sign * per_method[(m, ref, region)][metric])
-                best = max((m for m in methods if m not in ('low_dose_mlem', 'supervised_unet')), key=lambda m: sign * per_method[(m, ref, region)][metric].mean())
+                best = max((m for m in methods if m not in NOT_BASELINES), key=lambda m: sign * per_method[(m, ref, region)][metric].mean())
                 diffs[region].setdefault(f'edm_minus_best_baseline_vs_{ref}', {})[metric] = dict(
                     paired(sign * edm[metric], sign * per_method[(best, ref, region)][metric]), baseline=best)
     return summary, rows, diffs
@@ -278,13 +279,18 @@ def write_panel(path: str, test: dict, mean: np.ndarray, std: np.ndarray, cases:
 @click.option('--max-images',            help='Evaluate at most this many test images', metavar='INT',      type=click.IntRange(min=1), default=None)
 @click.option('--panel-images',          help='Cases shown in panel.png', metavar='INT',                    type=click.IntRange(min=1), default=6, show_default=True)
 @click.option('--supervised',            help='Snapshot of the supervised U-Net baseline (-cn=pet_supervised)', metavar='PKL', type=str, default=None)
+@click.option('--oracle-draws',          help='Draws of the oracle bound (needs low_counts; 0 = none)', metavar='INT', type=click.IntRange(min=0), default=32, show_default=True)
 @click.option('--cache-dir',             help='Projector cache folder (MLEM and MAP-EM baselines)', metavar='PATH', type=str, default='projector_matrices', show_default=True)
 @evaluation.sampler_options
-def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, samples, max_images, panel_images, supervised, cache_dir, sampler):
+def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, samples, max_images, panel_images, supervised, oracle_draws, cache_dir, sampler):
     """PET dose enhancement: PSNR, SSIM and NRMSE of the EDM posterior mean,
     the low-dose MLEM and three baselines tuned on --val-data (Gaussian filter,
     early-stopped MLEM, MAP-EM), against the full-dose MLEM and the phantom,
     whole image and brain, with paired differences and posterior calibration.
+
+    With low_counts in the splits, also the oracle bound (--oracle-draws): the
+    conditional mean of the full-dose MLEM given the low-dose counts and the
+    phantom, the ceiling of any method against the full-dose MLEM.
 
     Data range (PSNR and SSIM): per image, max - min of the reference image
     (full-dose MLEM or phantom, in counts per pixel); whole image. Writes
@@ -330,6 +336,11 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     fixed = [('low_dose_mlem', test['low']), ('edm_posterior_mean', mean)]
     if sup is not None:
         fixed.append(('supervised_unet', pet_supervised(*sup, test['low'], batch, device)))
+    if oracle_draws and 'low_counts' in test:                               # The ceiling vs the full-dose MLEM (baselines.py).
+        from tomography_utils.projector import get_system_matrix
+        print(f'Oracle bound: {oracle_draws} full-dose draws given the low-dose counts and the phantom...')
+        oracle = baselines.oracle_full_dose_mean(test, get_system_matrix(test['low'].shape[-1], cache_dir=cache_dir), oracle_draws, seed=seed)
+        fixed.append(('oracle_bound', oracle))
     for method, images in fixed:
         per_method.update({(method, ref, region): scores(images, references(test)[ref], region_mask(test, region))
             for ref in REFERENCES for region in REGIONS})
@@ -349,10 +360,13 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         metrics=summary['image'], metrics_brain=summary['brain'], paired=diffs, calibration=cal, lesions_and_sharpness=detail,
         lesions_note='contrast recovery (C - 1) / (C_phantom - 1) against a 2 px ring; high_frequency_ratio = HF(x) / HF(full-dose MLEM) '
             'in the brain; baselines at their PSNR-optimal parameter (vs full-dose MLEM, whole image)',
+        oracle_note=f'oracle_bound: mean of {oracle_draws} full-dose MLEMs of the low-dose counts plus fresh Poisson((1 - f) A phantom) '
+            'counts; it knows the phantom: a ceiling against the full-dose MLEM, not a method (training/pet/baselines.py)',
         paired_note='edm minus baseline; for nrmse the sign is flipped so that positive = the EDM mean is better; se = standard error of the mean')
     metrics.write_metrics(outdir, result, rows)
     write_panel(os.path.join(outdir, 'panel.png'), test, mean, std, panel_images)
-    for key in ['low_dose_mlem', *runs, *(['supervised_unet'] if sup is not None else []), 'edm_posterior_mean']:
+    for key in ['low_dose_mlem', *runs, *(['supervised_unet'] if sup is not None else []), 'edm_posterior_mean',
+            *(['oracle_bound'] if 'oracle_bound' in dict(fixed) else [])]:
         m = summary['image'][f'{key}_vs_full_dose_mlem']
         print(f'{key:<22s} vs full-dose MLEM: PSNR {m["psnr"]["mean"]:6.2f} dB  SSIM {m["ssim"]["mean"]:.4f}  NRMSE {m["nrmse"]["mean"]:.4f}')
     for ref in REFERENCES:
