@@ -177,3 +177,31 @@ def test_load_network_moves_the_frozen_networks_with_the_network(tmp_path):
     assert next(net.parameters()).device.type == 'meta'
     assert sorted(snapshot['frozen']) == ['ae'] and next(snapshot['frozen']['ae'].parameters()).device.type == 'meta'
     assert not any(p.requires_grad for p in snapshot['frozen']['ae'].parameters())
+
+def test_pet_partial_noise_start(setup, tmp_path):
+    assert _error(_run(setup, tmp_path / 'out', '--sigma-start', '0.001')) == '--sigma-start: expected a noise level in (0.002, inf] (above --sigma-min), got 0.001'
+    assert _error(_run(setup, tmp_path / 'out', '--sigma-start', '0.5', '--sigma-min', '0.6')) == \
+        '--sigma-start: expected a noise level in (0.6, inf] (above --sigma-min), got 0.5'
+    assert _error(_run(setup, tmp_path / 'out', '--sigma-start', '0.5', '--preset', 'fast')) == ('--sigma-start: the analytic first step '
+        '(--afs, and --preset fast, which sets it) assumes pure noise; partial-noise starts need --no-afs without --preset')
+    assert not (tmp_path / 'out').exists()
+    from training.pet import evaluation as pet_evaluation
+    net, _ = evaluation.load_network(setup['net'], False, 'cpu')
+    low = np.load(setup['test'])['low']
+    a = pet_evaluation.pet_posterior(net, low, 2, 4, 'cpu', seed=5, num_steps=3, sigma_start=0.5)
+    b = pet_evaluation.pet_posterior(net, low, 2, 4, 'cpu', seed=5, num_steps=3)
+    with torch.no_grad():                                             # One step from sigma_start is D(cond + sigma_start n; sigma_start).
+        low_t = torch.as_tensor(low, dtype=torch.float32)
+        from training.pet.dataset import pet_normalize, pet_scale, pet_denormalize
+        scale = pet_scale(low_t)
+        cond = pet_normalize(low_t, scale)
+        rnd = sampling.StackedRandomGenerator('cpu', [5 + 0 * 2])
+        n = rnd.randn([1, 1, 16, 16])
+        x = cond[:1].double() + 0.5 * n.double()
+        d = net(x.float(), torch.tensor([0.5]), cond=cond[:1]).double()
+    c = pet_evaluation.pet_posterior(net, low[:1], 2, 4, 'cpu', seed=5, solver='euler', num_steps=1, sigma_start=0.5)
+    np.testing.assert_allclose(c[2][0], pet_denormalize(d, scale[:1].double()).numpy()[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a[0], b[0])
+    result = _run(setup, tmp_path / 'ok', '--sigma-start', '0.5')
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / 'ok' / 'metrics.json').read_text())['sigma_start'] == 0.5

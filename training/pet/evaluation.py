@@ -155,8 +155,11 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
 # Posterior samples of the conditional EDM: S seeds per condition, batched.
 
 @torch.no_grad()
-def pet_posterior(net, low: np.ndarray, samples: int, batch: int, device, seed: int = 0, **sampler_kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Return the posterior mean, std and the first sample of each condition [N,1,R,R], in counts per pixel."""
+def pet_posterior(net, low: np.ndarray, samples: int, batch: int, device, seed: int = 0, sigma_start: float | None = None,
+        **sampler_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Return the posterior mean, std and the first sample of each condition [N,1,R,R], in counts per pixel.
+    sigma_start: start at the condition noised to this level (partial-noise reconstruction,
+    sampling.reconstruct) instead of at pure noise; None = pure noise."""
     low_t = torch.as_tensor(low, dtype=torch.float32)
     scale = pet_scale(low_t)
     cond = pet_normalize(low_t, scale)
@@ -167,7 +170,10 @@ def pet_posterior(net, low: np.ndarray, samples: int, batch: int, device, seed: 
         idx = torch.as_tensor(items[start:start + batch])
         rnd = sampling.StackedRandomGenerator(device, seeds[start:start + batch].tolist())
         latents = rnd.randn([len(idx), *sampling.sample_shape(net)], device=device)
-        x = sampling.sample(net, latents, cond=cond[idx].to(device), randn_like=rnd.randn_like, **sampler_kwargs)
+        if sigma_start is None:
+            x = sampling.sample(net, latents, cond=cond[idx].to(device), randn_like=rnd.randn_like, **sampler_kwargs)
+        else:
+            x = sampling.reconstruct(net, cond[idx].to(device), latents, sigma_start, cond=cond[idx].to(device), randn_like=rnd.randn_like, **sampler_kwargs)
         out.append(pet_denormalize(x.cpu().double(), scale[idx].double()).numpy())
     draws = np.concatenate(out).reshape(len(low), samples, *low.shape[1:])
     return (*sampling.posterior_stats(draws, axis=1), draws[:, 0])
@@ -279,10 +285,11 @@ def write_panel(path: str, test: dict, mean: np.ndarray, std: np.ndarray, cases:
 @click.option('--max-images',            help='Evaluate at most this many test images', metavar='INT',      type=click.IntRange(min=1), default=None)
 @click.option('--panel-images',          help='Cases shown in panel.png', metavar='INT',                    type=click.IntRange(min=1), default=6, show_default=True)
 @click.option('--supervised',            help='Snapshot of the supervised U-Net baseline (-cn=pet_supervised)', metavar='PKL', type=str, default=None)
+@click.option('--sigma-start',           help='Start the sampler at the condition noised to this sigma (partial noise); default: pure noise', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--oracle-draws',          help='Draws of the oracle bound (needs low_counts; 0 = none)', metavar='INT', type=click.IntRange(min=0), default=32, show_default=True)
 @click.option('--cache-dir',             help='Projector cache folder (MLEM and MAP-EM baselines)', metavar='PATH', type=str, default='projector_matrices', show_default=True)
 @evaluation.sampler_options
-def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, samples, max_images, panel_images, supervised, oracle_draws, cache_dir, sampler):
+def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, samples, max_images, panel_images, supervised, sigma_start, oracle_draws, cache_dir, sampler):
     """PET dose enhancement: PSNR, SSIM and NRMSE of the EDM posterior mean,
     the low-dose MLEM and three baselines tuned on --val-data (Gaussian filter,
     early-stopped MLEM, MAP-EM), against the full-dose MLEM and the phantom,
@@ -313,6 +320,13 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     if min(shape[1:]) < 11: # SSIM's 11 x 11 window would refuse them after sampling.
         raise ValueError(f'{data}: images of {shape[-2]}x{shape[-1]} are smaller than the SSIM window (11)')
     sampling.check_guidance(net, sampler['guidance'], key='--guidance')
+    if sigma_start is not None:                                         # sampling.sample's checks, before anything is written.
+        lo = max(float(sampler['sigma_min']), float(net.sigma_min))
+        if not lo < sigma_start <= float(net.sigma_max):
+            raise ValueError(f'--sigma-start: expected a noise level in ({lo}, {float(net.sigma_max)}] (above --sigma-min), got {sigma_start}')
+        if sampler['afs'] or sampler.get('preset') is not None:
+            raise ValueError('--sigma-start: the analytic first step (--afs, and --preset fast, which sets it) assumes pure noise; '
+                'partial-noise starts need --no-afs without --preset')
     for key in ('n_iter', 'dose_fraction'):                            # Candidates of both splits must be comparable.
         if key in val and key in test and val[key] != test[key]:
             raise ValueError(f'--val-data: {val_data} was built with {key}={val[key]}, --data {data} with {key}={test[key]}; '
@@ -323,7 +337,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     # Methods.
     print(f'Sampling {samples} posterior samples for each of {len(test["low"])} conditions '
         f'({sampler["solver"]}, {sampler["discretization"]}, {sampler["num_steps"]} steps)...')
-    mean, std, sample = pet_posterior(net, test['low'], samples, batch, device, seed=seed, **sampler)
+    mean, std, sample = pet_posterior(net, test['low'], samples, batch, device, seed=seed, sigma_start=sigma_start, **sampler)
     print('Tuning the baselines on the validation split (per metric, reference and region)...')
     runs = baseline_runs(val, test, cache_dir)
     if 'low_dose_mlem_early' not in runs:
@@ -355,6 +369,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
 
     # Results.
     result = dict(network=network_pkl, supervised=supervised, data=data, val_data=val_data, images=len(test['low']), samples=samples, seed=seed, sampler=sampler,
+        sigma_start=sigma_start,
         baselines=chosen, data_range='per image: max - min of the reference image (counts per pixel), both regions',
         regions=dict(image='whole image', brain='phantom > 0'), ssim='Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03',
         metrics=summary['image'], metrics_brain=summary['brain'], paired=diffs, calibration=cal, lesions_and_sharpness=detail,
