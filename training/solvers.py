@@ -28,9 +28,20 @@ Solvers (NFE = number of denoiser evaluations for N noise levels > 0 followed by
                   Gaussian data would give is solved exactly, the rest (small
                   and smooth at high noise) by multistep of order 2 / 3, NFE = N.
                   Exact for Gaussian data of std sigma_data. Accept UniC
-                  (orders 3 / 4) and AFS; sampling.preset=fast uses gauss_3m.
+                  (orders 3 / 4) and AFS.
+    gauss_2m_sqrt, gauss_3m_sqrt
+                  The same integrator with the residual R interpolated as
+                  R / sqrt(sigma) (a polynomial in lambda through R_m / sqrt(sigma_m),
+                  integrated exactly against the weight sqrt(sigma) / c), between
+                  the data prediction (R itself) and the noise prediction
+                  (R / sigma ~ -eps at low noise, as DEIS, Zhang & Chen 2022, which
+                  fits eps by a polynomial and integrates it exactly). Orders 2 / 3
+                  (UniC 3 / 4), NFE = N. With UniC the step into sigma_min is also
+                  corrected, with D~ at its predicted point x~ (the evaluation the
+                  final x = D needs anyway), and the result is x_c - (x~ - D~).
+                  sampling.preset=fast uses gauss_3m_sqrt.
 
-Options of the multistep solvers (dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m), both off by default:
+Options of the multistep solvers (dpmpp_2m, dpmpp_3m, gauss_*), both off by default:
     corrector='unic'  UniC (Zhao et al. 2023, "UniPC"): each step is redone with
                   the denoiser output at the predicted point, which the next
                   step uses anyway; one order higher (3 and 4), same NFE = N.
@@ -286,6 +297,18 @@ def _dpmpp_multistep(denoise, x, sigmas, order, project, corrector, afs_guess):
 # solvers at few steps). AFS: the guess R(sigma_max) = 0 with mu = 0 (the
 # Gaussian solution) places the first evaluation, whose output is mu and
 # whose residual drives the first step.
+# gauss_*_sqrt (power = 1/2): the polynomial goes through Q_m = R_m / sigma_m^power
+# instead, and the weights integrate L_m(lambda) sigma(lambda)^power / c(lambda).
+# R / sigma -> (D - x) / sigma = -eps at low noise (G -> x there): power = 1 is
+# a DEIS-like noise-prediction fit (Zhang & Chen 2022, tAB), power = 0 the data
+# prediction above; on bench/sampler_peers.py's trained network the data fit
+# loses at low noise (R ~ sigma eps there) and the noise fit at high noise,
+# with or without UniC; 1/2 is ahead of both. With UniC the step into
+# sigma_min is corrected too: its predicted point x~ gets the evaluation
+# D~ = D(x~; sigma_min) that the final x = D needs anyway, the corrected state
+# x_c uses it as a node, and the result is x_c - (x~ - D~) (x~ - D~ = sigma_min
+# eps~; D is ~ the identity at sigma_min, so this is D(x_c) to first order in
+# x_c - x~), no extra evaluation.
 
 _GL_NODES, _GL_WEIGHTS = (torch.as_tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(16))
 
