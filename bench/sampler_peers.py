@@ -56,6 +56,11 @@ python bench/sampler_peers.py --settings gaussian,mixture
 \b
 # A trained snapshot (conditional networks take their cond from the snapshot's dataset):
 python bench/sampler_peers.py --network demo-runs/<run>/network-snapshot-<kimg>.pkl --batch 4 --settings network
+
+\b
+# A tiny 3-D volume network (bench/sampler_tiny3d.py trains one):
+python bench/sampler_tiny3d.py --outdir /tmp/tiny3d
+python bench/sampler_peers.py --network /tmp/tiny3d/tiny3d.pkl --batch 8 --settings network
 """
 
 import importlib.util
