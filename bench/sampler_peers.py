@@ -56,6 +56,11 @@ python bench/sampler_peers.py --settings gaussian,mixture
 \b
 # A trained snapshot (conditional networks take their cond from the snapshot's dataset):
 python bench/sampler_peers.py --network demo-runs/<run>/network-snapshot-<kimg>.pkl --batch 4 --settings network
+
+\b
+# A tiny 3-D volume network (bench/sampler_tiny3d.py trains one):
+python bench/sampler_tiny3d.py --outdir /tmp/tiny3d
+python bench/sampler_peers.py --network /tmp/tiny3d/tiny3d.pkl --batch 8 --settings network
 """
 
 import importlib.util
@@ -217,7 +222,8 @@ def peer_rows(diffusers, kdiff) -> list[tuple]:
 
 OUR_ROWS = [
     ('fast (preset)', dict(preset='fast')),
-    ('gauss_2m warped0.7+unic+afs', dict(solver='gauss_2m', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.7)),
+    ('fast at sigma_min 0.002', dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=0.7)),
+    ('gauss_3m warped0.5+unic+afs (old fast)', dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5)),
     ('dpmpp_3m warped+unic+afs', dict(solver='dpmpp_3m', discretization='logsnr_warped', corrector='unic', afs=True)),
     ('dpmpp_2m warped+unic+afs', dict(solver='dpmpp_2m', discretization='logsnr_warped', corrector='unic', afs=True)),
     ('dpmpp_3m edm', dict(solver='dpmpp_3m')),
@@ -232,6 +238,7 @@ def our_runner(options, sigma_data=0.5):
 
 def our_ladder(o, nfe, sigma_min, sigma_max, sigma_data):
     n = nfe + 1 if o['afs'] else nfe
+    sigma_min = max(sigma_min, o['sigma_min']) # As sample(): the option, raised to the network's sigma_min.
     return sampling.sigma_steps(n, sigma_min, sigma_max, o['discretization'], rho=o['rho'], sigma_c=sigma_data if o['sigma_c'] is None else o['sigma_c'],
         warp_k=o['warp_k'])
 

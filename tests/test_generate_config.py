@@ -14,7 +14,7 @@ def _scfg(**kw):
     return scfg
 
 @pytest.mark.parametrize('kw, message', [
-    (dict(solver='rk45'), "sampling.solver: unknown solver 'rk45' (choose from heun, euler, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, gauss_2m, gauss_3m)"),
+    (dict(solver='rk45'), "sampling.solver: unknown solver 'rk45' (choose from heun, euler, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, gauss_2m, gauss_3m, gauss_2m_sqrt, gauss_3m_sqrt)"),
     (dict(discretization='cosine'), "sampling.discretization: unknown discretization 'cosine' (choose from edm, vp, ve, logsnr, logsnr_warped)"),
     (dict(num_steps=0), 'sampling.num_steps must be >= 1, got 0'),
     (dict(solver='dpmpp_2m', S_churn=5), "sampling.S_churn applies to the heun and euler solvers, not 'dpmpp_2m'"),
@@ -28,8 +28,8 @@ def _scfg(**kw):
     (dict(format='tiff'), "sampling.format: expected one of png, npz, nifti, got 'tiff'"),
     (dict(network_pkl=None), 'sampling.network_pkl is required'),
     (dict(solver='dpmpp_2m', corrector='unipc'), "sampling.corrector: unknown corrector 'unipc' (choose from none, unic)"),
-    (dict(corrector='unic'), "sampling.corrector=unic applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m solvers, not 'heun'"),
-    (dict(afs=True), "sampling.afs applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m solvers, not 'heun'"),
+    (dict(corrector='unic'), "sampling.corrector=unic applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m, gauss_2m_sqrt, gauss_3m_sqrt solvers, not 'heun'"),
+    (dict(afs=True), "sampling.afs applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m, gauss_2m_sqrt, gauss_3m_sqrt solvers, not 'heun'"),
     (dict(solver='dpmpp_3m', afs=True, num_steps=1), 'sampling.afs needs sampling.num_steps >= 2, got 1'),
     (dict(sigma_c=0.0), "sampling.sigma_c must be a noise level > 0 or null (the network's sigma_data), got 0.0"),
     (dict(warp_k=-1.0), 'sampling.warp_k must be >= 0 (0 = uniform log-SNR steps), got -1.0'),

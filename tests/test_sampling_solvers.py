@@ -120,6 +120,11 @@ ORDER_CASES = [
     ('gauss_3m', dict(sigma_data=1.0, discretization='logsnr'), [48, 96, 192], 3, 0.2),
     ('gauss_2m', dict(corrector='unic', sigma_data=0.2, discretization='logsnr'), [48, 96, 192], 3, 0.15),
     ('gauss_3m', dict(corrector='unic', sigma_data=1.0, discretization='logsnr'), [48, 96, 192], 4, 0.3),
+    # The same integrator with the residual interpolated as R / sqrt(sigma) (sampling.preset=fast): same orders.
+    ('gauss_2m_sqrt', dict(sigma_data=1.0),                  [48, 96, 192], 2, 0.2),
+    ('gauss_3m_sqrt', dict(sigma_data=1.0),                  [48, 96, 192], 3, 0.1),
+    ('gauss_2m_sqrt', dict(corrector='unic', sigma_data=1.0), [48, 96, 192], 3, 0.2),
+    ('gauss_3m_sqrt', dict(corrector='unic', sigma_data=1.0), [96, 192, 384], 4, 0.3),
 ]
 
 @pytest.mark.parametrize('solver, kwargs, levels, order, tol', ORDER_CASES)
@@ -139,7 +144,8 @@ def test_gauss_solvers_fitted_order(solver, kwargs, levels, order, tol):
     errors = [_error(solver, n, **kwargs) for n in levels]
     assert abs(_fit_order(errors, levels) - order) < tol, (solver, kwargs, errors)
 
-@pytest.mark.parametrize('solver, kwargs', [('gauss_2m', {}), ('gauss_3m', dict(corrector='unic')), ('gauss_3m', dict(corrector='unic', afs=True))])
+@pytest.mark.parametrize('solver, kwargs', [('gauss_2m', {}), ('gauss_3m', dict(corrector='unic')), ('gauss_3m', dict(corrector='unic', afs=True)),
+    ('gauss_2m_sqrt', {}), ('gauss_3m_sqrt', dict(corrector='unic', afs=True))])
 def test_gauss_solvers_exact_for_gaussian_data_of_std_sigma_data(solver, kwargs):
     # R = D - G = 0: every step is the exact solution x(t) = x(s) c_t / c_s, whatever the steps.
     assert _error(solver, 4, 'logsnr_warped', sigma_data=S_DATA, **kwargs) < 1e-13
@@ -164,6 +170,61 @@ def test_gauss_solvers_with_sigma_data_0_are_exponential_adams(p, corrector):
         x2a = solvers.solve(den, x0, sig, 'gauss_3m', corrector=corrector, sigma_data=0)
         x2b = solvers.solve(den, x0, sig, 'dpmpp_3m', corrector=corrector)
         assert not torch.allclose(x2a, x2b, rtol=1e-6) # The second step differs (DPM-Solver++ 2M's weight 1/(2r) vs the exact one).
+
+def test_sqrt_solvers_interpolate_r_over_sqrt_sigma():
+    # gauss_*_sqrt: the polynomial in lambda goes through Q = R / sqrt(sigma), so an x-independent
+    # residual R(sigma) = sqrt(sigma) b (lambda - lambda_0) is integrated exactly by gauss_2m_sqrt
+    # (degree 1) on every step with full history, and not by gauss_2m (which fits R itself);
+    # reference: the same step map by quadrature with 400 Gauss-Legendre nodes. R(sigma_0) = 0, so
+    # the mean fitted to the first output is 0.
+    sd = 0.5
+    b = torch.tensor([0.1, -0.25], dtype=torch.float64)
+    resid = lambda sigma: torch.sqrt(sigma) * b * (np.log(float(UNEVEN_SIGMAS[0])) - torch.log(sigma))
+    den = lambda x, sigma: x * sd ** 2 / (sigma ** 2 + sd ** 2) + resid(sigma)
+    sig = UNEVEN_SIGMAS
+    states = {}
+    def record(x, sigma):
+        states[float(sigma)] = x.clone()
+        return x
+    x0 = torch.tensor([0.7, -1.1], dtype=torch.float64) * 10
+    nodes, weights = (torch.as_tensor(v, dtype=torch.float64) for v in np.polynomial.legendre.leggauss(400))
+    c = lambda lam: torch.sqrt(torch.exp(-2 * lam) + sd ** 2)
+    def exact_step(x, s, t):
+        ls, lt = -np.log(s), -np.log(t)
+        u = 0.5 * (lt - ls) * (nodes + 1) + ls
+        integral = (0.5 * (lt - ls) * weights[:, None] * resid(torch.exp(-u)[:, None]) / c(u)[:, None]).sum(0)
+        return c(torch.tensor(lt)) / c(torch.tensor(ls)) * x + c(torch.tensor(lt)) * integral
+    for solver, exact_expected in (('gauss_2m_sqrt', True), ('gauss_2m', False)):
+        states.clear()
+        solvers.solve(den, x0, sig, solver, sigma_data=sd, project=record)
+        s_list = sig.tolist()
+        errors = [float((states[s_list[i + 1]] - exact_step(states[s_list[i]], s_list[i], s_list[i + 1])).abs().max()) for i in range(1, len(s_list) - 1)]
+        if exact_expected:
+            assert max(errors) < 1e-12, (solver, errors)
+        else:
+            assert max(errors) > 1e-4, (solver, errors)
+
+def test_sqrt_solvers_correct_the_step_into_sigma_min():
+    # gauss_*_sqrt + UniC: the step into sigma_min is predicted with the last residual, corrected with
+    # the output D~ at the predicted point x~ (the evaluation the final x = D needs anyway), and the
+    # result is x_c - (x~ - D~): the corrected state denoised with the noise estimate of x~. No extra evaluation.
+    den = lambda x, sigma: 0.3 + 0.7 * torch.tanh(x / (1 + sigma)) # Any smooth denoiser.
+    sig = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.0], dtype=torch.float64)
+    x0 = _x_start(8)
+    seen = []
+    def record(x, sigma):
+        seen.append((float(sigma), x.clone()))
+        return x
+    out = solvers.solve(den, x0, sig, 'gauss_3m_sqrt', corrector='unic', project=record)
+    assert [s for s, _ in seen] == [80.0, 10.0, 10.0, 1.0, 1.0, 0.1, 0.1, 0.0] # Predicted point, then corrected state, at 10, 1 and 0.1.
+    x_pred, x_c = seen[5][1], seen[6][1]
+    assert not torch.allclose(x_pred, x_c)
+    assert torch.allclose(out, x_c - (x_pred - den(x_pred, sig[3])), rtol=1e-13, atol=1e-13)
+    assert solvers.num_evaluations('gauss_3m_sqrt', sig, corrector='unic') == 4
+    # Without UniC the step into sigma_min is first order and uncorrected, then x = D (as gauss_3m).
+    seen.clear()
+    out = solvers.solve(den, x0, sig, 'gauss_3m_sqrt', project=record)
+    assert torch.allclose(out, den(seen[-2][1], sig[3]), rtol=1e-13, atol=1e-13)
 
 def test_afs_limits_the_order_to_2():
     # The analytic first step is a first-order step (D taken at its end, where the guess places it),
@@ -305,7 +366,8 @@ def test_solvers_are_shape_agnostic(solver):
 @pytest.mark.parametrize('solver, kwargs, nfe', [('heun', {}, 2 * 9 - 1), ('euler', {}, 9), ('dpmpp_2m', {}, 9), ('dpmpp_3m', {}, 9),
     ('dpmpp_2m_sde', {}, 9), ('dpmpp_2m', dict(corrector='unic'), 9), ('dpmpp_3m', dict(corrector='unic'), 9),
     ('dpmpp_2m', dict(afs=True), 8), ('dpmpp_3m', dict(corrector='unic', afs=True), 8), ('gauss_2m', {}, 9),
-    ('gauss_3m', dict(corrector='unic'), 9), ('gauss_3m', dict(corrector='unic', afs=True), 8)])
+    ('gauss_3m', dict(corrector='unic'), 9), ('gauss_3m', dict(corrector='unic', afs=True), 8),
+    ('gauss_3m_sqrt', dict(corrector='unic'), 9), ('gauss_2m_sqrt', dict(corrector='unic', afs=True), 8)])
 @pytest.mark.parametrize('final_zero', [True, False])
 def test_number_of_evaluations(solver, kwargs, nfe, final_zero):
     calls = []
@@ -344,8 +406,8 @@ def test_bad_solver_arguments():
         solvers.solve(gaussian_denoiser, _x_start(4), sigmas.flip(0)[1:], 'euler')
     for kwargs, message in [
         (dict(solver='dpmpp_2m', corrector='unipc'), "corrector: unknown corrector 'unipc' (choose from none, unic)"),
-        (dict(solver='heun', corrector='unic'), "corrector: the UniC corrector applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m solvers, not 'heun' (set corrector='none')"),
-        (dict(solver='dpmpp_2m_sde', afs=True), "afs: the analytic first step applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m solvers, not 'dpmpp_2m_sde' (set afs=False)"),
+        (dict(solver='heun', corrector='unic'), "corrector: the UniC corrector applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m, gauss_2m_sqrt, gauss_3m_sqrt solvers, not 'heun' (set corrector='none')"),
+        (dict(solver='dpmpp_2m_sde', afs=True), "afs: the analytic first step applies to the dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m, gauss_2m_sqrt, gauss_3m_sqrt solvers, not 'dpmpp_2m_sde' (set afs=False)"),
         (dict(solver='dpmpp_2m', afs=True, sigma_data=-1), 'sigma_data must be >= 0 (the data std of the analytic first step), got -1'),
     ]:
         with pytest.raises(ValueError) as err:
@@ -388,7 +450,7 @@ def test_sample_plumbs_corrector_afs_and_warp():
 #----------------------------------------------------------------------------
 # The named setting sampling.preset=fast: resolved by the one validation and by sample().
 
-FAST = dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5)
+FAST = dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=0.7, sigma_min=0.007)
 
 def test_preset_fast_resolves_to_its_solver_options():
     assert sampling.SAMPLER_PRESETS['fast'] == FAST
@@ -396,10 +458,13 @@ def test_preset_fast_resolves_to_its_solver_options():
     assert {k: o[k] for k in FAST} == FAST and o['num_steps'] == 11 and o['preset'] == 'fast'
     assert sampling.check_sampler_options(o) == o # Idempotent: a resolved dict passes again.
     # The preset's own values, or the defaults, are no conflict; another value is.
-    assert sampling.check_sampler_options(dict(preset='fast', solver='gauss_3m', afs=False, warp_k=0.3)) == o | dict(num_steps=18)
+    assert sampling.check_sampler_options(dict(preset='fast', solver='gauss_3m_sqrt', afs=False, warp_k=0.3, sigma_min=0.002)) == o | dict(num_steps=18)
     with pytest.raises(ValueError) as err:
         sampling.check_sampler_options(dict(preset='fast', solver='dpmpp_2m'))
-    assert str(err.value) == 'sampling.solver=dpmpp_2m conflicts with sampling.preset=fast, which sets solver=gauss_3m (leave out one of them)'
+    assert str(err.value) == 'sampling.solver=dpmpp_2m conflicts with sampling.preset=fast, which sets solver=gauss_3m_sqrt (leave out one of them)'
+    with pytest.raises(ValueError) as err:
+        sampling.check_sampler_options(dict(preset='fast', sigma_min=0.01))
+    assert str(err.value) == 'sampling.sigma_min=0.01 conflicts with sampling.preset=fast, which sets sigma_min=0.007 (leave out one of them)'
     with pytest.raises(ValueError) as err:
         sampling.check_sampler_options(dict(preset='quick'), names={'preset': '--preset'})
     assert str(err.value) == "--preset: unknown preset 'quick' (choose from fast, or null)"

@@ -72,7 +72,7 @@ class SamplingConfig:
     subdirs: bool = False               # PNG: one subfolder per 1000 seeds.
     class_idx: Optional[int] = None     # Class label, None = random.
     preset: Optional[str] = None        # Named sampling setting: 'fast' (few-step; sets solver, discretization, corrector, afs; NFE = num_steps - 1), None = off.
-    solver: str = 'heun'                # 'heun' (EDM Algorithm 2), 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m'.
+    solver: str = 'heun'                # 'heun' (EDM Algorithm 2), 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m', 'gauss_*_sqrt'.
     discretization: str = 'edm'         # Time steps: 'edm' (rho), 'vp', 've', 'logsnr' (uniform log sigma), 'logsnr_warped' (log sigma warped around sigma_c; used by the bench's dpmpp_2m + unic + afs; plain dpmpp_3m needs 13 / 14 / 14 NFE with it vs 11 / 14 / 15 with logsnr on the bench's Gaussian / mixture / net).
     corrector: str = 'none'             # 'none' or 'unic' (UniC corrector of dpmpp_2m / dpmpp_3m: one order higher, no extra evaluations).
     afs: bool = False                   # Analytic first step of dpmpp_2m / dpmpp_3m: no evaluation at sigma_max (N-1 evaluations).

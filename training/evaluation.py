@@ -41,8 +41,8 @@ SAMPLER_OPTION_NAMES = {
 }
 
 _SAMPLER_HELP = {
-    'preset':           'Named sampling setting: fast (gauss_3m + UniC + AFS, warped log-SNR steps; NFE = steps - 1)',
-    'solver':           'Solver: heun, euler, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, gauss_2m, gauss_3m',
+    'preset':           'Named sampling setting: fast (gauss_3m_sqrt + UniC + AFS, warped log-SNR steps; NFE = steps - 1)',
+    'solver':           'Solver: heun, euler, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, gauss_2m, gauss_3m, gauss_2m_sqrt, gauss_3m_sqrt',
     'discretization':   'Time steps: edm, vp, ve, logsnr, logsnr_warped',
     'corrector':        'none, or unic (UniC corrector of dpmpp_2m / dpmpp_3m)',
     'afs':              'Analytic first step of dpmpp_2m / dpmpp_3m (one evaluation fewer)',

@@ -213,7 +213,7 @@ def sample(
     embedding:      torch.Tensor | None = None, # Embedding vectors [N, E] or None.
     randn_like:     Callable = torch.randn_like, # Noise source (StackedRandomGenerator.randn_like for per-seed results).
     preset:         str | None = None,  # Named setting (SAMPLER_PRESETS, e.g. 'fast'): sets the options it names.
-    solver:         str = 'heun',       # 'heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m'.
+    solver:         str = 'heun',       # One of solvers.SOLVERS: 'heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_*'.
     discretization: str = 'edm',        # 'edm', 'vp', 've', 'logsnr', 'logsnr_warped'.
     corrector:      str = 'none',       # 'none' or 'unic' (UniC corrector of dpmpp_2m / dpmpp_3m, no extra evaluations).
     afs:            bool = False,       # Analytic first step (dpmpp_2m / dpmpp_3m): one evaluation fewer; not with `images`.
@@ -235,8 +235,9 @@ def sample(
 ) -> torch.Tensor:
     """Run a solver from noise (or from noised `images`) to sigma = 0; float64 [N, C, ...]."""
     if preset is not None:
-        o = resolve_preset(dict(preset=preset, solver=solver, discretization=discretization, corrector=corrector, afs=afs, warp_k=warp_k), lambda k: k)
-        solver, discretization, corrector, afs, warp_k = o['solver'], o['discretization'], o['corrector'], o['afs'], o['warp_k']
+        o = resolve_preset(dict(preset=preset, solver=solver, discretization=discretization, corrector=corrector, afs=afs, warp_k=warp_k,
+            sigma_c=sigma_c, sigma_min=sigma_min), lambda k: k)
+        solver, discretization, corrector, afs, warp_k, sigma_c, sigma_min = (o[k] for k in PRESET_KEYS)
     sigma_min = max(sigma_min, net.sigma_min)
     if images is not None:
         if sigma_start is None or not 0 < sigma_start <= net.sigma_max:
@@ -412,17 +413,21 @@ SAMPLER_KEYS = tuple(SAMPLER_DEFAULTS)
 #----------------------------------------------------------------------------
 # Named sampling settings (`sampling.preset`): each sets the options it names;
 # an option the user also set to another value than its default is a conflict.
-#   fast    few-step generation from noise (NFE = num_steps - 1): gauss_3m
-#           (exponential integrator about a Gaussian denoiser) + UniC + AFS on
-#           log-SNR steps warped with k = 0.5 (chosen once on the closed-form
-#           settings of bench/sampler_peers.py and the small trained net; README
-#           "Few-step sampling against the peers" for where it wins and loses).
+#   fast    few-step generation from noise (NFE = num_steps - 1): gauss_3m_sqrt
+#           (exponential integrator about a Gaussian denoiser, residual
+#           interpolated as R / sqrt(sigma)) + UniC + AFS on log-SNR steps
+#           warped with k = 0.5 around sigma_c = 0.7 (~ sqrt(2) sigma_data, where
+#           dD/dlambda peaks along an ODE trajectory of Gaussian data), last
+#           noise level sigma_min = 0.007 (then x = D). Chosen once on the
+#           settings of bench/sampler_peers.py (Gaussian, mixture, small trained
+#           net); README "Few-step sampling against the peers" for where it wins.
 
 SAMPLER_PRESETS = {
-    'fast': dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5),
+    'fast': dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=0.7, sigma_min=0.007),
 }
 
-assert all(set(p) <= {'solver', 'discretization', 'corrector', 'afs', 'warp_k'} for p in SAMPLER_PRESETS.values()) # What sample() resolves.
+PRESET_KEYS = ('solver', 'discretization', 'corrector', 'afs', 'warp_k', 'sigma_c', 'sigma_min') # What sample() resolves.
+assert all(set(p) <= set(PRESET_KEYS) for p in SAMPLER_PRESETS.values())
 
 def resolve_preset(options: dict, name: Callable[[str], str] = lambda k: 'sampling.' + k) -> dict:
     """The options with the preset's values filled in (idempotent); ValueError on an unknown preset or a conflict."""

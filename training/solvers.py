@@ -28,9 +28,20 @@ Solvers (NFE = number of denoiser evaluations for N noise levels > 0 followed by
                   Gaussian data would give is solved exactly, the rest (small
                   and smooth at high noise) by multistep of order 2 / 3, NFE = N.
                   Exact for Gaussian data of std sigma_data. Accept UniC
-                  (orders 3 / 4) and AFS; sampling.preset=fast uses gauss_3m.
+                  (orders 3 / 4) and AFS.
+    gauss_2m_sqrt, gauss_3m_sqrt
+                  The same integrator with the residual R interpolated as
+                  R / sqrt(sigma) (a polynomial in lambda through R_m / sqrt(sigma_m),
+                  integrated exactly against the weight sqrt(sigma) / c), between
+                  the data prediction (R itself) and the noise prediction
+                  (R / sigma ~ -eps at low noise, as DEIS, Zhang & Chen 2022, which
+                  fits eps by a polynomial and integrates it exactly). Orders 2 / 3
+                  (UniC 3 / 4), NFE = N. With UniC the step into sigma_min is also
+                  corrected, with D~ at its predicted point x~ (the evaluation the
+                  final x = D needs anyway), and the result is x_c - (x~ - D~).
+                  sampling.preset=fast uses gauss_3m_sqrt.
 
-Options of the multistep solvers (dpmpp_2m, dpmpp_3m, gauss_2m, gauss_3m), both off by default:
+Options of the multistep solvers (dpmpp_2m, dpmpp_3m, gauss_*), both off by default:
     corrector='unic'  UniC (Zhao et al. 2023, "UniPC"): each step is redone with
                   the denoiser output at the predicted point, which the next
                   step uses anyway; one order higher (3 and 4), same NFE = N.
@@ -57,10 +68,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-SOLVERS = ('heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m')
+SOLVERS = ('heun', 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m', 'gauss_2m_sqrt', 'gauss_3m_sqrt')
 STOCHASTIC_CHURN_SOLVERS = ('heun', 'euler') # Solvers that accept EDM's churn (S_churn > 0).
 CORRECTORS = ('none', 'unic')
-MULTISTEP_SOLVERS = ('dpmpp_2m', 'dpmpp_3m', 'gauss_2m', 'gauss_3m') # Solvers that accept the UniC corrector and the analytic first step.
+GAUSS_SOLVERS = {'gauss_2m': (2, 0), 'gauss_3m': (3, 0), 'gauss_2m_sqrt': (2, 0.5), 'gauss_3m_sqrt': (3, 0.5)} # Order, power of the residual's scaling.
+MULTISTEP_SOLVERS = ('dpmpp_2m', 'dpmpp_3m', *GAUSS_SOLVERS) # Solvers that accept the UniC corrector and the analytic first step.
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Projector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -285,13 +297,25 @@ def _dpmpp_multistep(denoise, x, sigmas, order, project, corrector, afs_guess):
 # solvers at few steps). AFS: the guess R(sigma_max) = 0 with mu = 0 (the
 # Gaussian solution) places the first evaluation, whose output is mu and
 # whose residual drives the first step.
+# gauss_*_sqrt (power = 1/2): the polynomial goes through Q_m = R_m / sigma_m^power
+# instead, and the weights integrate L_m(lambda) sigma(lambda)^power / c(lambda).
+# R / sigma -> (D - x) / sigma = -eps at low noise (G -> x there): power = 1 is
+# a DEIS-like noise-prediction fit (Zhang & Chen 2022, tAB), power = 0 the data
+# prediction above; on bench/sampler_peers.py's trained network the data fit
+# loses at low noise (R ~ sigma eps there) and the noise fit at high noise,
+# with or without UniC; 1/2 is ahead of both. With UniC the step into
+# sigma_min is corrected too: its predicted point x~ gets the evaluation
+# D~ = D(x~; sigma_min) that the final x = D needs anyway, the corrected state
+# x_c uses it as a node, and the result is x_c - (x~ - D~) (x~ - D~ = sigma_min
+# eps~; D is ~ the identity at sigma_min, so this is D(x_c) to first order in
+# x_c - x~), no extra evaluation.
 
 _GL_NODES, _GL_WEIGHTS = (torch.as_tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(16))
 
-def _gauss_weights(lam_s, lam_t, nodes, sigma_data):
-    # c_t int_{lam_s}^{lam_t} L_m(lambda) / c(lambda) dlambda for the Lagrange basis L_m over `nodes` (lambdas).
+def _gauss_weights(lam_s, lam_t, nodes, sigma_data, power=0):
+    # c_t int_{lam_s}^{lam_t} L_m(lambda) sigma(lambda)^power / c(lambda) dlambda for the Lagrange basis L_m over `nodes` (lambdas).
     u = 0.5 * (lam_t - lam_s) * (_GL_NODES.to(lam_s.device) + 1) + lam_s
-    wq = 0.5 * (lam_t - lam_s) * _GL_WEIGHTS.to(lam_s.device) / torch.sqrt(torch.exp(-2 * u) + sigma_data ** 2)
+    wq = 0.5 * (lam_t - lam_s) * _GL_WEIGHTS.to(lam_s.device) * torch.exp(-power * u) / torch.sqrt(torch.exp(-2 * u) + sigma_data ** 2)
     c_t = torch.sqrt(torch.exp(-2 * lam_t) + sigma_data ** 2)
     out = []
     for m, lam_m in enumerate(nodes):
@@ -302,15 +326,15 @@ def _gauss_weights(lam_s, lam_t, nodes, sigma_data):
         out.append(c_t * (wq * basis).sum())
     return out
 
-def _gauss_step(x, lam_s, lam_t, residuals, lambdas, sigma_data):
+def _gauss_step(x, lam_s, lam_t, residuals, lambdas, sigma_data, power=0):
     c_s = torch.sqrt(torch.exp(-2 * lam_s) + sigma_data ** 2)
     c_t = torch.sqrt(torch.exp(-2 * lam_t) + sigma_data ** 2)
     x = (c_t / c_s) * x
-    for w, r in zip(_gauss_weights(lam_s, lam_t, lambdas, sigma_data), residuals):
+    for w, r in zip(_gauss_weights(lam_s, lam_t, lambdas, sigma_data, power), residuals):
         x = x + w * r
     return x
 
-def _gauss_multistep(denoise, x, sigmas, order, project, corrector, afs, sigma_data):
+def _gauss_multistep(denoise, x, sigmas, order, project, corrector, afs, sigma_data, power=0):
     history, lambdas = [], [] # (D, point where it was evaluated, sigma) of the last `order` outputs, newest first; their lambdas.
     pending = None # (D, point, sigma) at the predicted next point (UniC, AFS): the next step's output.
     mu = None # Centre of the Gaussian, from the first output.
@@ -320,8 +344,9 @@ def _gauss_multistep(denoise, x, sigmas, order, project, corrector, afs, sigma_d
         return (d - a * p) / (1 - a)
     def step(x, lam_s, lam_t, nodes, node_lambdas):
         m = 0 if mu is None else mu
-        res = [d - m - (p - m) * (sigma_data ** 2 / (sig ** 2 + sigma_data ** 2)) for d, p, sig in nodes]
-        return m + _gauss_step(x - m, lam_s, lam_t, res, node_lambdas, sigma_data)
+        res = [(d - m - (p - m) * (sigma_data ** 2 / (sig ** 2 + sigma_data ** 2))) / sig ** power for d, p, sig in nodes]
+        return m + _gauss_step(x - m, lam_s, lam_t, res, node_lambdas, sigma_data, power)
+    final_eps = None # sqrt solvers + UniC: sigma_min * eps at the predicted point of the corrected step into sigma_min.
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         t_after = sigmas[i + 2] if i + 2 < len(sigmas) else None
         lam = -torch.log(t_cur)
@@ -340,10 +365,17 @@ def _gauss_multistep(denoise, x, sigmas, order, project, corrector, afs, sigma_d
             history = [node] + history[:order - 1]
             lambdas = [lam] + lambdas[:order - 1]
             if t_next == 0:
-                x = node[0]
+                x = node[0] if final_eps is None else x - final_eps
             else:
                 lam_t = -torch.log(t_next)
-                if t_after is not None and t_after == 0: # Into sigma_min: first order, no correction (as _dpmpp_multistep).
+                if t_after is not None and t_after == 0 and corrector == 'unic' and power > 0: # Into sigma_min, corrected with the final evaluation.
+                    x_pred = step(x, lam, lam_t, history[:1], lambdas[:1])
+                    if project is not None:
+                        x_pred = project(x_pred, t_next)
+                    pending = (denoise(x_pred, t_next), x_pred, t_next)
+                    final_eps = x_pred - pending[0]
+                    x = step(x, lam, lam_t, [pending] + history[:1], [lam_t] + lambdas[:1])
+                elif t_after is not None and t_after == 0: # Into sigma_min: first order, no correction (as _dpmpp_multistep).
                     x = step(x, lam, lam_t, history[:1], lambdas[:1])
                 elif corrector == 'unic' and t_after is not None:
                     x_pred = step(x, lam, lam_t, history, lambdas)
@@ -429,8 +461,9 @@ def solve(
         return _euler_heun(denoise, x, sigmas, solver == 'heun', randn_like, S_churn, S_min, S_max, S_noise, round_sigma, project)
     if solver == 'dpmpp_2m_sde':
         return _dpmpp_2m_sde(denoise, x, sigmas, randn_like, project)
-    if solver in ('gauss_2m', 'gauss_3m'):
-        return _gauss_multistep(denoise, x, sigmas, 2 if solver == 'gauss_2m' else 3, project, corrector, afs, float(sigma_data))
+    if solver in GAUSS_SOLVERS:
+        order, power = GAUSS_SOLVERS[solver]
+        return _gauss_multistep(denoise, x, sigmas, order, project, corrector, afs, float(sigma_data), power)
     afs_guess = (lambda x, sigma: x * (sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2))) if afs else None
     return _dpmpp_multistep(denoise, x, sigmas, 2 if solver == 'dpmpp_2m' else 3, project, corrector, afs_guess)
 
