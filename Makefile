@@ -89,7 +89,7 @@ demo-diffmic: venv demo-diffmic-data
 	$(PY) evaluate.py diffmic --network $$(ls -d demo-runs/*-diffmic-dcg | tail -1) --split val --outdir demo-runs/diffmic-dcg-val
 	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) train.py -cn=diffmic_edm resume=none \
 		training.frozen.dcg=$$($(PY) -c "import json; print(json.load(open('demo-runs/diffmic-dcg-val/selection.json'))['selected'])")
-	$(PY) evaluate.py diffmic --network $$(ls -d demo-runs/*-diffmic-edm | tail -1) --outdir demo-runs/diffmic-eval --samples 256 --steps 6
+	$(PY) evaluate.py diffmic --network $$(ls -d demo-runs/*-diffmic-edm | tail -1) --outdir demo-runs/diffmic-eval --samples 256 --steps 6 --sigma-max 5
 
 bench-diffmic: venv
 	$(PY) bench/diffmic.py

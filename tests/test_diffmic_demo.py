@@ -24,11 +24,13 @@ def test_demo_diffmic(tmp_path):
     dcg = json.loads((tmp_path / 'dcg-val' / 'selection.json').read_text())['selected']
     run(launch.torchrun_cmd('train.py', 2) + configs + ['-cn', 'diffmic_edm'] + common + [f'training.frozen.dcg={dcg}'])
     run([py, os.path.join(launch.ROOT, 'evaluate.py'), 'diffmic', '--network', str(tmp_path / 'runs' / '00001-diffmic-edm'),
-        '--outdir', str(tmp_path / 'eval'), '--samples', '256', '--steps', '6'])
+        '--outdir', str(tmp_path / 'eval'), '--samples', '256', '--steps', '6', '--sigma-max', '5'])
     summary = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
-    # The README's table (same seeds; gloo on CPU): classes separable, not trivially; DiffMIC gains about
-    # 2 points of accuracy (+2.1 +- 1.0 paired) and ties on calibration (ECE 0.069 vs 0.068).
+    # The README's first table (training seed 0; gloo on CPU): classes separable, not trivially; DiffMIC
+    # +2.25 +- 0.95 points of accuracy (paired; other seeds differ: README), raw ECE 0.055 vs 0.068, and
+    # after temperature scaling fitted on the validation split 0.048 vs 0.041 (a tie either way).
     assert 0.6 < summary['dcg']['accuracy'] < 0.9
     assert summary['paired_accuracy_diffmic_minus_dcg']['diff'] > 0.015
-    assert abs(summary['diffmic']['ece'] - summary['dcg']['ece']) < 0.01
+    assert summary['diffmic']['ece'] < summary['dcg']['ece'] and abs(summary['diffmic_ts']['ece'] - summary['dcg_ts']['ece']) < 0.02
+    assert 0.7 < summary['calibration']['temperature_dcg'] < 0.85 # The DCG's y_fusion is under-confident.
     assert summary['diffmic']['accuracy_certain_half'] > summary['diffmic']['accuracy_uncertain_half'] + 0.1

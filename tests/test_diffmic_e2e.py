@@ -50,6 +50,11 @@ def test_two_stages_and_evaluation(demo):
         for key in ('accuracy', 'balanced_accuracy', 'f1_macro', 'auc_macro_ovr', 'auc_macro_ovo', 'kappa', 'kappa_quadratic', 'ece'):
             assert key in summary[model]
         assert sum(map(sum, summary[model]['confusion_matrix'])) == 12
+    # Temperature scaling fitted on the validation split, for both models; the argmax is unchanged.
+    assert summary['calibration']['fitted_on'] == 'val' and summary['calibration']['images'] == 8 and summary['estimator'] == 'votes'
+    for model in ('dcg', 'diffmic'):
+        assert summary['calibration'][f'temperature_{model}'] > 0 and summary[f'{model}_ts']['accuracy'] == summary[model]['accuracy']
+    assert set(summary['paired_ece_diffmic_minus_dcg']) == {'diff', 'se', 'reps', 'n'}
     selection = json.loads((out / 'selection.json').read_text())
     assert selection['on'] == 'val' and selection['selected'] == summary['network'] and len(selection['scores']) >= 1
     for name in ('metrics.csv', 'confusion-dcg.csv', 'confusion-diffmic.png', 'reliability.png', 'panel.png'):
@@ -58,6 +63,10 @@ def test_two_stages_and_evaluation(demo):
     again = cwd / 'eval2'
     launch.check(_evaluate(['--network', summary['network'], '--outdir', str(again), '--samples', '3', '--steps', '3'], cwd))
     assert json.loads((again / 'metrics.json').read_text())['diffmic'] == summary['diffmic']
+    # Nothing is fitted on the split that is reported.
+    val = cwd / 'eval-val'
+    launch.check(_evaluate(['--network', summary['network'], '--outdir', str(val), '--samples', '3', '--steps', '3', '--split', 'val'], cwd))
+    assert 'calibration' not in json.loads((val / 'metrics.json').read_text())
 
 def test_bad_inputs_exit_with_one_line(demo, tmp_path):
     cwd = demo['cwd']

@@ -80,3 +80,40 @@ def test_paired_accuracy_and_probabilities():
     assert torch.allclose(q, torch.tensor([[0.7 / 1.2, 0.5 / 1.2, 0], [1 / 3, 1 / 3, 1 / 3]]))
 
 #----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
+# Calibration: vote shares, temperature scaling fitted on another split, the paired ECE difference, the NLL.
+
+def test_vote_shares_and_estimators():
+    import torch
+    from training.diffmic import inference
+    y0 = torch.tensor([[[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.5, 0.6, -0.1]]]) # 1 image, S = 4: argmax 0, 1, 0, 1.
+    assert torch.equal(inference.class_probabilities(y0, 'votes'), torch.tensor([[0.5, 0.5, 0.0]]))
+    assert torch.allclose(inference.class_probabilities(y0, 'mean'), to_probabilities(y0.mean(dim=1)))
+    with pytest.raises(ValueError, match="--estimator: expected one of votes, mean, got 'median'"):
+        inference.class_probabilities(y0, 'median')
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    from training.diffmic import calibration
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, size=(20000, 4))
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    # Labels drawn from softmax(z / 2): the model is overconfident by a temperature of 2.
+    q = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
+    y = (q.cumsum(1) > rng.random((20000, 1))).argmax(1)
+    t = calibration.fit_temperature(y, p)
+    assert t == pytest.approx(2.0, abs=0.08)
+    pt = calibration.apply_temperature(p, t)
+    assert np.allclose(pt.sum(1), 1) and np.array_equal(pt.argmax(1), p.argmax(1)) # The argmax (accuracy) is unchanged.
+    assert np.allclose(calibration.apply_temperature(p, 1.0), p)
+    assert calibration.nll(y, pt) < calibration.nll(y, p)
+    assert metrics.expected_calibration_error(y, pt) < 0.02 < metrics.expected_calibration_error(y, p)
+
+def test_paired_ece_and_nll():
+    y = np.array([0] * 6 + [1] * 4)
+    a, b = np.tile([0.8, 0.2], (10, 1)), np.tile([0.6, 0.4], (10, 1)) # ECE 0.2 and 0.0.
+    d = metrics.paired_ece(y, a, b, num_bins=10, reps=200)
+    assert d['diff'] == pytest.approx(0.2) and d['se'] > 0 and d['n'] == 10
+    same = metrics.paired_ece(y, a, a, num_bins=10, reps=50)
+    assert same['diff'] == 0 and same['se'] == 0
+    m = metrics.classification_metrics(np.array([0, 1]), np.array([[0.5, 0.5], [1.0, 0.0]]), 2)
+    assert m['nll'] == pytest.approx((np.log(2) - np.log(metrics.NLL_FLOOR)) / 2) # A zero probability of the true class counts as the floor.

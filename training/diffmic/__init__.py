@@ -9,5 +9,6 @@ conditioned on the image and the priors, focal-weighted) refines it
 (`inference`); `denoiser` holds an alternative denoiser with the family's
 own pooled image encoder (measured, not the demo's). Data in class folders with a seeded stratified split file
 (`dataset`), a demo dataset of MNI152 brain slices with lesion classes
-(`phantoms`), metrics with calibration (`metrics`) and `evaluate.py diffmic`
+(`phantoms`), metrics with calibration (`metrics`), temperature scaling fitted on
+the validation split (`calibration`) and `evaluate.py diffmic`
 (`evaluation`). The engine (training/*.py) never imports this package."""

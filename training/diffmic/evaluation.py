@@ -9,10 +9,18 @@ uncertainty.
                 one of highest accuracy (latest on ties) is used; the choice and
                 all validation accuracies go to selection.json
     --split     the split reported (test by default)
+    --estimator DiffMIC's class probabilities from its S samples: vote shares
+                (default) or the clipped mean (training/diffmic/inference.py)
+    --calibrate temperature scaling fitted on the validation split (NLL), one
+                temperature for the DCG and one for DiffMIC, applied unchanged
+                to the reported split: metrics `dcg_ts`, `diffmic_ts` beside the
+                uncalibrated ones (training/diffmic/calibration.py); only with
+                --split test (never fitted on the split it is judged on)
 
 A DCG-stage snapshot gives the DCG's metrics only. Outputs (atomic): metrics.json
 / metrics.csv (summary: both models' metrics, the paired accuracy difference
-with its standard error, accuracy of the most and least certain halves;
+with its standard error, the paired ECE difference with its bootstrap
+standard error, accuracy of the most and least certain halves;
 rows: per image), confusion-<model>.csv / .png, reliability.png,
 panel.png (test images with their predicted class distributions)."""
 
@@ -29,6 +37,7 @@ from torch_utils import persistence
 from training import evaluation
 from training import metrics as engine_metrics
 from training import stages
+from training.diffmic import calibration
 from training.diffmic import inference
 from training.diffmic import metrics
 from training.diffmic.dataset import ClassFolderDataset
@@ -71,23 +80,25 @@ def check_model(dcg, dataset: ClassFolderDataset, path: str) -> None:
 #----------------------------------------------------------------------------
 # Checkpoint selection on the validation split.
 
-def select_snapshot(run_dir: str, data, split_file, samples: int, seed: int, sampler: dict, batch: int, device) -> tuple[str, list]:
+def select_snapshot(run_dir: str, data, split_file, samples: int, seed: int, sampler: dict, batch: int, device, estimator: str) -> tuple[str, list, dict]:
+    """-> (chosen path, validation accuracy of every snapshot, the chosen snapshot's validation outputs)."""
     paths = sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))
     if not paths:
         raise ValueError(f'--network: no network-snapshot-*.pkl in {run_dir}')
-    scores, datasets = [], {}
-    for path in paths:
+    scores, datasets, best = [], {}, None
+    for i, path in enumerate(paths):
         net, dcg, snapshot = load_model(path, device)
         key = repr(sorted((snapshot.get('dataset_kwargs') or {}).items()))
         if key not in datasets: # Snapshots of one run share their data: read the images once.
             datasets[key] = make_dataset(snapshot, data, 'val', split_file)
         val = datasets[key]
         check_model(dcg, val, path)
-        out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device)
+        out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator)
         pred = (out['probs'] if net is not None else out['prior']).argmax(axis=1)
         scores.append(dict(path=path, val_accuracy=float((pred == val.class_idx).mean())))
-    best = max(range(len(scores)), key=lambda i: (scores[i]['val_accuracy'], i))
-    return paths[best], scores
+        if best is None or scores[i]['val_accuracy'] >= scores[best[0]]['val_accuracy']: # Latest on ties.
+            best = (i, out)
+    return paths[best[0]], scores, best[1]
 
 #----------------------------------------------------------------------------
 # Plots (matplotlib, Agg), written atomically.
@@ -161,6 +172,18 @@ def confidence_halves(y_true, pred, certainty) -> dict:
     acc = lambda s: float((pred[s] == y_true[s]).mean()) if len(s) else float('nan')
     return dict(accuracy_certain_half=acc(hi), accuracy_uncertain_half=acc(lo), n_certain=len(hi), n_uncertain=len(lo))
 
+def calibrate_summary(summary: dict, out: dict, val_y, val_out: dict, y, num_bins: int) -> None:
+    """Temperatures fitted on the validation outputs (val_y, val_out); calibrated metrics of `out` into summary."""
+    models = [('dcg', 'prior')] + ([('diffmic', 'probs')] if 'probs' in out else [])
+    temps = {name: calibration.fit_temperature(val_y, val_out[key]) for name, key in models}
+    summary['calibration'] = dict(method='temperature scaling of log-probabilities, NLL', fitted_on='val', images=int(len(val_y)),
+        **{f'temperature_{name}': t for name, t in temps.items()})
+    for name, key in models:
+        out[f'{key}_ts'] = calibration.apply_temperature(out[key], temps[name])
+        summary[f'{name}_ts'] = metrics.classification_metrics(y, out[f'{key}_ts'], out[key].shape[1], num_bins)
+    if 'probs' in out:
+        summary['paired_ece_diffmic_minus_dcg_ts'] = metrics.paired_ece(y, out['probs_ts'], out['prior_ts'], num_bins)
+
 def summarize(dataset, out: dict, num_bins: int) -> tuple[dict, list]:
     y, k = dataset.class_idx, dataset.label_dim
     summary = dict(split=dataset.split_name, images=len(y), classes=dataset.classes, class_counts=dataset.class_counts().tolist(),
@@ -172,6 +195,7 @@ def summarize(dataset, out: dict, num_bins: int) -> tuple[dict, list]:
         summary['diffmic']['mean_spread'] = float(out['spread'].mean())
         summary['diffmic']['mean_agreement'] = float(out['agreement'].mean())
         summary['paired_accuracy_diffmic_minus_dcg'] = metrics.paired_accuracy(y, out['pred'], out['prior'].argmax(1))
+        summary['paired_ece_diffmic_minus_dcg'] = metrics.paired_ece(y, out['probs'], out['prior'], num_bins)
     rows = []
     for i in range(len(y)):
         row = dict(file=dataset.files[i], true=dataset.classes[y[i]], pred_dcg=dataset.classes[out['prior'][i].argmax()])
@@ -185,12 +209,13 @@ def summarize(dataset, out: dict, num_bins: int) -> tuple[dict, list]:
 def write_outputs(outdir: str, dataset, out: dict, summary: dict, rows: list) -> None:
     engine_metrics.write_metrics(outdir, summary, rows)
     models = dict(dcg=out['prior'], **({'diffmic': out['probs']} if 'probs' in out else {}))
+    calibrated = {f'{name} (T fitted on val)': out[f'{key}_ts'] for name, key in (('dcg', 'prior'), ('diffmic', 'probs')) if f'{key}_ts' in out}
     for name in models:
         cm = np.asarray(summary[name]['confusion_matrix'])
         text = 'true\\pred,' + ','.join(dataset.classes) + '\n' + ''.join(f'{c},' + ','.join(str(v) for v in cm[i]) + '\n' for i, c in enumerate(dataset.classes))
         persistence.atomic_write_bytes(os.path.join(outdir, f'confusion-{name}.csv'), text.encode('utf-8'))
         plot_confusion(cm, dataset.classes, f'{name}: {dataset.split_name} accuracy {summary[name]["accuracy"]:.3f}', os.path.join(outdir, f'confusion-{name}.png'))
-    plot_reliability(dataset.class_idx, models, os.path.join(outdir, 'reliability.png'))
+    plot_reliability(dataset.class_idx, dict(models, **calibrated), os.path.join(outdir, 'reliability.png'))
     plot_panel(dataset, out, os.path.join(outdir, 'panel.png'))
 
 #----------------------------------------------------------------------------
@@ -202,35 +227,48 @@ def write_outputs(outdir: str, dataset, out: dict, summary: dict, rows: list) ->
 @click.option('--split-file', help='Split JSON (default: the snapshot\'s)', metavar='PATH', type=str, default=None)
 @click.option('--samples', help='Label samples per image (S)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--bins', help='Calibration bins of the ECE', metavar='INT', type=click.IntRange(min=1), default=15, show_default=True)
+@click.option('--estimator', help='DiffMIC probabilities from the samples', type=click.Choice(list(inference.ESTIMATORS)), default='votes', show_default=True)
+@click.option('--calibrate/--no-calibrate', help='Temperature scaling fitted on the validation split (with --split test)', default=True, show_default=True)
 @evaluation.sampler_options
-def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, split_file, samples, bins, sampler):
+def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, split_file, samples, bins, estimator, calibrate, sampler):
     """DiffMIC: DCG prior vs label diffusion (accuracy, balanced accuracy, macro P/R/F1, AUC OvR/OvO, kappa, ECE)."""
     evaluation.check_outdir(outdir)
     device = evaluation.default_device()
     torch.set_grad_enabled(False)
-    selection = None
+    selection, val_out = None, None
     if os.path.isdir(network_pkl):
-        chosen, scores = select_snapshot(network_pkl, data, split_file, samples, seed, sampler, batch, device)
-        selection = dict(selected=chosen, on='val', scores=scores)
+        chosen, scores, val_out = select_snapshot(network_pkl, data, split_file, samples, seed, sampler, batch, device, estimator)
+        selection = dict(selected=chosen, on='val', estimator=estimator, scores=scores)
         network_pkl = chosen
     net, dcg, snapshot = load_model(network_pkl, device)
     dataset = make_dataset(snapshot, data, split, split_file)
     check_model(dcg, dataset, network_pkl)
+    val = make_dataset(snapshot, data, 'val', split_file) if calibrate and split == 'test' else None
+    if val is not None and val_out is None:
+        val_out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator)
     evaluation.make_outdir(outdir)
     if selection is not None:
         persistence.atomic_write_bytes(os.path.join(outdir, 'selection.json'), json.dumps(selection, indent=1).encode('utf-8'))
-    out = inference.predict(net, dcg, dataset, samples, seed, sampler, batch, device)
+    out = inference.predict(net, dcg, dataset, samples, seed, sampler, batch, device, estimator=estimator)
     summary, rows = summarize(dataset, out, bins)
-    summary.update(network=network_pkl, samples=samples, sampler=sampler, seed=seed)
+    if val is not None:
+        calibrate_summary(summary, out, val.class_idx, val_out, dataset.class_idx, bins)
+    summary.update(network=network_pkl, samples=samples, sampler=sampler, seed=seed, estimator=estimator)
     write_outputs(outdir, dataset, out, summary, rows)
     for name in ('dcg', 'diffmic'):
         if name in summary:
             s = summary[name]
             print(f'{name:8s} {split}: accuracy {s["accuracy"]:.4f}  balanced {s["balanced_accuracy"]:.4f}  F1 {s["f1_macro"]:.4f}  '
-                f'AUC-OvR {s["auc_macro_ovr"]:.4f}  kappa-q {s["kappa_quadratic"]:.4f}  ECE {s["ece"]:.4f}')
+                f'AUC-OvR {s["auc_macro_ovr"]:.4f}  kappa-q {s["kappa_quadratic"]:.4f}  ECE {s["ece"]:.4f}  NLL {s["nll"]:.4f}')
+        if f'{name}_ts' in summary:
+            t = summary['calibration'][f'temperature_{name}']
+            print(f'{name:8s} {split}, temperature {t:.3f} fitted on val: ECE {summary[name + "_ts"]["ece"]:.4f}  NLL {summary[name + "_ts"]["nll"]:.4f}')
     if 'paired_accuracy_diffmic_minus_dcg' in summary:
         p = summary['paired_accuracy_diffmic_minus_dcg']
         print(f'paired accuracy difference DiffMIC - DCG: {p["diff"]:+.4f} +- {p["se"]:.4f} (SE; {p["a_only"]} vs {p["b_only"]} discordant)')
+        for key, what in (('paired_ece_diffmic_minus_dcg', ''), ('paired_ece_diffmic_minus_dcg_ts', ', both temperature-scaled')):
+            if key in summary:
+                print(f'paired ECE difference DiffMIC - DCG{what}: {summary[key]["diff"]:+.4f} +- {summary[key]["se"]:.4f} (bootstrap SE)')
     print(f'Wrote {outdir}')
 
 #----------------------------------------------------------------------------

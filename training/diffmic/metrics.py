@@ -10,7 +10,8 @@ calibration error (ECE) here.
 Edge cases: precision / recall / F1 of a class never predicted (or absent)
 count as 0 (zero_division=0), over all K classes; AUC is NaN unless every
 class occurs in y_true (one-vs-rest and one-vs-one are undefined otherwise);
-kappa is NaN where sklearn's is (a single class in both y_true and y_pred)."""
+kappa is NaN where sklearn's is (a single class in both y_true and y_pred);
+the NLL floors probabilities at NLL_FLOOR."""
 
 import warnings
 
@@ -37,6 +38,8 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, num_bins: 
 
 #----------------------------------------------------------------------------
 
+NLL_FLOOR = 1e-6 # Probabilities are floored here in the NLL (DiffMIC's vote shares can be exactly 0).
+
 def classification_metrics(y_true, probs, num_classes: int, num_bins: int = 15) -> dict:
     """Metrics of class probabilities (N, K) against integer labels (N,); prediction = argmax."""
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -55,6 +58,7 @@ def classification_metrics(y_true, probs, num_classes: int, num_bins: int = 15) 
         kappa               = _quiet(skm.cohen_kappa_score, y_true, y_pred, labels=labels),
         kappa_quadratic     = _quiet(skm.cohen_kappa_score, y_true, y_pred, labels=labels, weights='quadratic'),
         ece                 = expected_calibration_error(y_true, probs, num_bins),
+        nll                 = -np.log(np.maximum(probs[np.arange(len(y_true)), y_true], NLL_FLOOR)).mean(),
     )
     if len(np.unique(y_true)) == num_classes:
         if num_classes == 2:
@@ -82,5 +86,18 @@ def paired_accuracy(y_true, pred_a, pred_b) -> dict:
     n = len(d)
     return dict(diff=float(d.mean()), se=float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan'),
         a_only=int((d > 0).sum()), b_only=int((d < 0).sum()), n=int(n))
+
+def paired_ece(y_true, probs_a, probs_b, num_bins: int = 15, reps: int = 2000, seed: int = 0) -> dict:
+    """ECE difference a - b on the same images, with the standard error of a paired bootstrap
+    (`reps` resamples of the images, the same resample for both models; numpy seed `seed`)."""
+    y_true, probs_a, probs_b = np.asarray(y_true), np.asarray(probs_a, dtype=np.float64), np.asarray(probs_b, dtype=np.float64)
+    n = len(y_true)
+    diff = expected_calibration_error(y_true, probs_a, num_bins) - expected_calibration_error(y_true, probs_b, num_bins)
+    rng = np.random.default_rng(seed)
+    boot = np.empty(reps)
+    for r in range(reps):
+        i = rng.integers(0, n, n)
+        boot[r] = expected_calibration_error(y_true[i], probs_a[i], num_bins) - expected_calibration_error(y_true[i], probs_b[i], num_bins)
+    return dict(diff=float(diff), se=float(boot.std(ddof=1)) if reps > 1 else float('nan'), reps=int(reps), n=int(n))
 
 #----------------------------------------------------------------------------
