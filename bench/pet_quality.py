@@ -77,8 +77,9 @@ def headline(result: dict) -> None:
 @click.option('--outdir',     help='Runs and evaluation go here', metavar='DIR', default='bench-runs/pet-quality', show_default=True)
 @click.option('--edm',        help='Skip training: this EDM snapshot', metavar='PKL', default=None)
 @click.option('--supervised', help='Skip training: this supervised U-Net snapshot', metavar='PKL', default=None)
-@click.option('--samples',    help='Posterior samples per test image', metavar='INT', type=click.IntRange(min=2), default=8, show_default=True)
-def main(kimg, nproc, train_data, val_data, test_data, outdir, edm, supervised, samples):
+@click.option('--samples',    help='Posterior samples per test image', metavar='INT', type=click.IntRange(min=2), default=32, show_default=True)
+@click.option('--sampler',    help='evaluate.py sampler options for the posterior samples', metavar='ARGS', default='--preset fast --steps 12', show_default=True)
+def main(kimg, nproc, train_data, val_data, test_data, outdir, edm, supervised, samples, sampler):
     """Budgeted training of the EDM and the supervised U-Net, then every baseline, paired."""
     os.makedirs(outdir, exist_ok=True)
     times = {}
@@ -88,10 +89,10 @@ def main(kimg, nproc, train_data, val_data, test_data, outdir, edm, supervised, 
         supervised, times['supervised'] = train('pet_supervised', kimg, nproc, os.path.join(outdir, 'supervised'), train_data, [])
     evaldir = os.path.join(outdir, 'eval')
     subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), 'pet', '--network', edm, '--supervised', supervised,
-        '--data', test_data, '--val-data', val_data, '--outdir', evaldir, '--samples', str(samples)], cwd=ROOT, check=True)
+        '--data', test_data, '--val-data', val_data, '--outdir', evaldir, '--samples', str(samples), *sampler.split()], cwd=ROOT, check=True)
     with open(os.path.join(evaldir, 'metrics.json'), encoding='utf-8') as f:
         result = json.load(f)
-    print(f'\nPET quality: {result["images"]} test images, {samples} posterior samples; EDM {edm}; supervised {supervised}')
+    print(f'\nPET quality: {result["images"]} test images, {samples} posterior samples ({sampler}); EDM {edm}; supervised {supervised}')
     for name, seconds in times.items():
         print(f'  training budget {name}: {kimg:g} kimg in {seconds / 60:.1f} min ({nproc} processes)')
     headline(result)
