@@ -27,6 +27,7 @@ python bench/pet_quality.py --edm run/network-snapshot-000016.pkl --supervised r
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -46,6 +47,23 @@ def train(config: str, kimg: float, nproc: int, outdir: str, data: str, extra: l
     seconds = time.time() - t0
     runs = sorted(glob.glob(os.path.join(outdir, '*', 'network-snapshot-*.pkl')), key=os.path.getmtime)
     return runs[-1], seconds
+
+#----------------------------------------------------------------------------
+# The sampler options, parsed and checked as evaluate.py pet will (its click
+# options, sampling.check_sampler_options) before anything is trained.
+
+def check_sampler_args(args: list[str]) -> None:
+    sys.path.insert(0, ROOT)
+    from training import evaluation, sampling # pylint: disable=import-outside-toplevel
+    from training.pet import evaluation as pet_evaluation # pylint: disable=import-outside-toplevel
+    required = ['--network', 'x', '--data', 'x', '--val-data', 'x', '--outdir', 'x']
+    try:
+        params = pet_evaluation.command.make_context('pet', required + args).params
+        sampling.check_sampler_options({k: params[k] for k in sampling.SAMPLER_KEYS if k in params}, names=evaluation.SAMPLER_OPTION_NAMES)
+    except click.ClickException as err:
+        raise click.BadParameter(err.format_message(), param_hint='--sampler') from None
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--sampler') from None
 
 #----------------------------------------------------------------------------
 
@@ -81,6 +99,8 @@ def headline(result: dict) -> None:
 @click.option('--sampler',    help='evaluate.py sampler options for the posterior samples', metavar='ARGS', default='--preset fast --steps 12', show_default=True)
 def main(kimg, nproc, train_data, val_data, test_data, outdir, edm, supervised, samples, sampler):
     """Budgeted training of the EDM and the supervised U-Net, then every baseline, paired."""
+    sampler_args = shlex.split(sampler)
+    check_sampler_args(sampler_args)                                        # A typo fails now, not after the trainings.
     os.makedirs(outdir, exist_ok=True)
     times = {}
     if edm is None:
@@ -88,8 +108,10 @@ def main(kimg, nproc, train_data, val_data, test_data, outdir, edm, supervised, 
     if supervised is None:
         supervised, times['supervised'] = train('pet_supervised', kimg, nproc, os.path.join(outdir, 'supervised'), train_data, [])
     evaldir = os.path.join(outdir, 'eval')
-    subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), 'pet', '--network', edm, '--supervised', supervised,
-        '--data', test_data, '--val-data', val_data, '--outdir', evaldir, '--samples', str(samples), *sampler.split()], cwd=ROOT, check=True)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), 'pet', '--network', edm, '--supervised', supervised,
+        '--data', test_data, '--val-data', val_data, '--outdir', evaldir, '--samples', str(samples), *sampler_args], cwd=ROOT, check=False)
+    if proc.returncode:
+        raise click.ClickException(f'evaluate.py pet exited with status {proc.returncode} (its message is above)')
     with open(os.path.join(evaldir, 'metrics.json'), encoding='utf-8') as f:
         result = json.load(f)
     print(f'\nPET quality: {result["images"]} test images, {samples} posterior samples ({sampler}); EDM {edm}; supervised {supervised}')

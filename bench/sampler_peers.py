@@ -239,7 +239,7 @@ def our_runner(options, sigma_data=0.5):
 def our_ladder(o, nfe, sigma_min, sigma_max, sigma_data):
     n = nfe + 1 if o['afs'] else nfe
     sigma_min = max(sigma_min, o['sigma_min']) # As sample(): the option, raised to the network's sigma_min.
-    return sampling.sigma_steps(n, sigma_min, sigma_max, o['discretization'], rho=o['rho'], sigma_c=sigma_data if o['sigma_c'] is None else o['sigma_c'],
+    return sampling.sigma_steps(n, sigma_min, sigma_max, o['discretization'], rho=o['rho'], sigma_c=sampling.warp_centre(o['sigma_c'], o.get('preset'), sigma_data),
         warp_k=o['warp_k'])
 
 def peer_ladder(disc, per_step, nfe, sigma_min, sigma_max, sigma_data):

@@ -63,3 +63,16 @@ def test_oracle_bound_draws_do_not_depend_on_the_batching(split):
     np.testing.assert_allclose(a, b, rtol=1e-6)
     c = baselines.oracle_full_dose_mean(part, sm, draws=5, seed=2)
     assert not np.allclose(a, c)                                                # The draws are random.
+
+def test_oracle_bound_adds_the_missing_counts(split):
+    # MLEM with a column-normalised A keeps the counts (sum x = sum y), so the oracle's image sums are
+    # the low-dose counts plus the mean remainder, sum (1 - f) A phantom_counts = (1 - f) sum phantom_counts.
+    sm, data = split
+    pc = np.random.default_rng(3).uniform(0, 4, (3, 1, 16, 16))
+    part = dict(data, n_iter=3, phantom_counts=pc)
+    draws = 20
+    oracle = baselines.oracle_full_dose_mean(part, sm, draws=draws, seed=4)
+    expected = data['low_counts'].reshape(3, -1).sum(1) + 0.75 * sm.forward(torch.as_tensor(pc[:, 0])).double().numpy().reshape(3, -1).sum(1)
+    sd = np.sqrt(0.75 * pc.reshape(3, -1).sum(1) / draws)                        # Poisson spread of the mean remainder.
+    assert (np.abs(oracle.reshape(3, -1).sum(1) - expected) < 4 * sd).all(), (oracle.reshape(3, -1).sum(1), expected, sd)
+    np.testing.assert_allclose(sm.forward(torch.as_tensor(pc[:, 0])).double().numpy().reshape(3, -1).sum(1), pc.reshape(3, -1).sum(1), rtol=1e-4)

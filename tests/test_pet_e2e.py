@@ -86,8 +86,11 @@ def test_pet_end_to_end(pet_dir):
     detail = result['lesions_and_sharpness']
     assert set(detail) == {*methods, 'edm_posterior_sample'} and all(v['high_frequency_ratio'] > 0 for v in detail.values())
     assert all({'hot_contrast_recovery', 'cold_contrast_recovery'} <= set(v) for v in detail.values())
+    oracle, mlem = result['metrics']['oracle_bound_vs_full_dose_mlem'], result['metrics']['low_dose_mlem_vs_full_dose_mlem']
+    assert oracle['psnr']['mean'] > mlem['psnr']['mean'] and 'oracle_note' in result            # The ceiling row, not a baseline:
+    assert all(d[m]['baseline'] in methods[1:4] for reg in result['paired'].values() for k, d in reg.items() if 'best_baseline' in k for m in d)
     assert (pet_dir / 'eval' / 'panel.png').is_file()
-    assert len((pet_dir / 'eval' / 'metrics.csv').read_text().splitlines()) == 1 + 4 * len(methods) * 2 * 2
+    assert len((pet_dir / 'eval' / 'metrics.csv').read_text().splitlines()) == 1 + 4 * (len(methods) + 1) * 2 * 2   # + the oracle row.
 
 def test_evaluate_refuses_unconditional_network(pet_dir, tmp_path):
     from torch_utils import persistence

@@ -450,7 +450,7 @@ def test_sample_plumbs_corrector_afs_and_warp():
 #----------------------------------------------------------------------------
 # The named setting sampling.preset=fast: resolved by the one validation and by sample().
 
-FAST = dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=0.7, sigma_min=0.007)
+FAST = dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=None, sigma_min=0.007)
 
 def test_preset_fast_resolves_to_its_solver_options():
     assert sampling.SAMPLER_PRESETS['fast'] == FAST
@@ -474,7 +474,9 @@ def test_sample_with_preset_is_the_explicit_options():
     net = _GaussianNet(sigma_data=0.3)
     out = sampling.sample(net, latents, preset='fast', num_steps=9)
     assert net.calls == 8 # AFS: NFE = num_steps - 1.
-    assert torch.equal(out, sampling.sample(_GaussianNet(sigma_data=0.3), latents, num_steps=9, **FAST))
+    assert torch.equal(out, sampling.sample(_GaussianNet(sigma_data=0.3), latents, num_steps=9, **dict(FAST, sigma_c=1.4 * 0.3)))
+    assert not torch.equal(out, sampling.sample(_GaussianNet(sigma_data=0.3), latents, num_steps=9, **FAST)) # Not sigma_data itself.
+    assert sampling.warp_centre(None, 'fast', 0.5) == 0.7 and sampling.warp_centre(None, None, 0.5) == 0.5 and sampling.warp_centre(0.2, 'fast', 0.5) == 0.2
     with pytest.raises(ValueError, match='^discretization=logsnr conflicts with preset=fast, which sets discretization=logsnr_warped'):
         sampling.sample(net, latents, preset='fast', discretization='logsnr', corrector='unic')
 

@@ -30,8 +30,8 @@ MAP_BETAS    = tuple(float(10 ** (0.1 * e)) for e in range(-75, -4))  # 3e-8 ...
 # Candidates of one split, one parameter at a time: consume(parameter, images
 # [N, 1, R, R]) in grid order. The caller keeps what it needs (the scores of the
 # validation candidates, the test images of the chosen parameters), so memory
-# holds one or two candidates, not the whole grid (71 MAP-EM strengths of 200
-# images at 128 x 128 are 1.9 GB in float64).
+# holds the candidates of one batch, not the whole grid (71 MAP-EM strengths of
+# 200 images at 128 x 128 are 1.9 GB in float64).
 
 Consume = Callable[[object, np.ndarray], None]
 
@@ -63,7 +63,9 @@ def map_em_candidates(split: dict, system_matrix, n_iter: int, consume: Consume,
         beta = torch.as_tensor([betas[b] for b, _ in chunk], dtype=torch.float64)
         x = mapem.map_em(y[idx], system_matrix, beta, n_iter=n_iter).double().numpy() / split['dose_fraction']
         for (b, i), img in zip(chunk, x):
-            pending.setdefault(b, np.empty((n, 1, *split['low'].shape[-2:])))[i, 0] = img
+            if b not in pending:
+                pending[b] = np.empty((n, 1, *split['low'].shape[-2:]))
+            pending[b][i, 0] = img
         for b in sorted(pending):
             if b < chunk[-1][0] or chunk[-1] == (b, n - 1):                 # Every image of this beta is done.
                 consume(betas[b], pending.pop(b))
