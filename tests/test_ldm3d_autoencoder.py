@@ -54,6 +54,15 @@ def test_the_conditional_decoder_sees_the_known_region_at_every_level():
         assert not torch.allclose(ae.decode(z, c), out)
         ae.dec_cond[str(full)].weight.copy_(saved)
 
+def test_a_decoder_without_the_tissue_map_ignores_it():
+    torch.manual_seed(0)
+    ae, b = ldm_ae.KLAutoencoder3D(SIZE, 1, channels=[4, 8, 8], latent_channels=2, cond_decoder=True, decoder_tissue=False), _batch()
+    assert ae.cond_channels == 3 + 1
+    c = ldm_ae.batch_condition(ae, b)
+    assert c.shape[1] == 4 and torch.equal(c[:, 3:], b['cond'][:, :1]) # Growth only.
+    other = dict(b, cond=torch.cat([b['cond'][:, :1], 1 - b['cond'][:, 1:]], 1)) # Another tissue map.
+    assert torch.equal(ldm_ae.batch_condition(ae, other), c)
+
 def test_an_untrained_conditional_decoder_returns_the_harmonic_fill():
     torch.manual_seed(0)
     ae, b = ldm_ae.KLAutoencoder3D(SIZE, 1, channels=[4, 8, 8], latent_channels=2, cond_decoder=True), _batch()

@@ -99,8 +99,9 @@ def _write(path: str, data: np.ndarray, affine: np.ndarray, dtype) -> None:
     persistence.atomic_write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
 
 def build_cases(dest: str, cases: int, masks_per_case: int = 2, voxel_mm: int = 6, radius_mm=(12.0, 24.0), seed: int = 0,
-        first_case: int = 0) -> list[str]:
-    """Write `cases` cases under dest/cases, dest/growth, dest/tissue (one tissue map per mask); return the case names."""
+        first_case: int = 0, agreement: list | None = None) -> list[str]:
+    """Write `cases` cases under dest/cases, dest/growth, dest/tissue (one tissue map per mask); return the case names.
+    `agreement` (a list) receives, per mask, the fraction of its voxels where the atlas label equals the true one."""
     t1, affine = mri_phantoms.load_mni152('t1', voxel_mm)
     gm, _ = mri_phantoms.load_mni152('gm', voxel_mm)
     wm, _ = mri_phantoms.load_mni152('wm', voxel_mm)
@@ -131,6 +132,8 @@ def build_cases(dest: str, cases: int, masks_per_case: int = 2, voxel_mm: int = 
             _write(ldm_data.mask_file(os.path.join(dest, 'cases'), case, k), m, crop_affine, np.uint8)
             _write(ldm_data.voided_file(os.path.join(dest, 'cases'), case, k), np.where(m, 0, t1_s), crop_affine, np.float32)
             _write(ldm_data.tissue_file(os.path.join(dest, 'tissue'), case, k), voided_tissue(tissue, m, atlas), crop_affine, np.uint8)
+            if agreement is not None:
+                agreement.append(float((atlas[m] == tissue[m]).mean()))
         _write(ldm_data.growth_file(os.path.join(dest, 'growth'), case), growth, crop_affine, np.float32)
         names.append(case)
     return names
