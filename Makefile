@@ -57,7 +57,7 @@ demo-pet: venv demo-pet-data
 # 2 processes; inpaint the held-out 20 % of patients, official BraTS 2023
 # metrics for the model and two baselines, NIfTI outputs and PNG panels. The
 # evaluation runs single-threaded like the torchrun ranks (two threads on a busy
-# 2-core machine spent ~4x the CPU time, spinning).
+# 2-core machine spent several times the CPU time, spinning).
 LDM_DIR := datasets/brats-inpaint-6mm
 $(LDM_DIR)/.built: | venv
 	$(PY) dataset_tool.py brats-inpaint --dest $(LDM_DIR) --cases 40 --masks-per-case 2 --voxel-mm 6 --seed 0
