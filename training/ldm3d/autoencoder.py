@@ -220,17 +220,24 @@ class AutoencoderKLLoss:
         beta            = 1e-6,         # Weight of the KL term.
         ssim_weight     = 0.0,          # Weight of the (1 - SSIM) term, 0 = off.
         stats_momentum  = 0.9,          # Momentum of the running latent moments (scale factor).
+        cond_dropout    = 0.0,          # Conditional decoder: probability per sample of a zero condition (only the latent).
     ):
         for name, value in (('beta', beta), ('ssim_weight', ssim_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f'training.loss.{name} must be a number >= 0, got {value!r}')
         if not 0 <= stats_momentum < 1:
             raise ValueError(f'training.loss.stats_momentum must be in [0, 1), got {stats_momentum!r}')
+        if isinstance(cond_dropout, bool) or not isinstance(cond_dropout, (int, float)) or not 0 <= cond_dropout < 1:
+            raise ValueError(f'training.loss.cond_dropout must be in [0, 1), got {cond_dropout!r}')
         self.beta, self.ssim_weight, self.stats_momentum = float(beta), float(ssim_weight), float(stats_momentum)
+        self.cond_dropout = float(cond_dropout)
 
     def __call__(self, net, batch, augment_pipe=None):
         x = batch['image']
         cond = batch_condition(getattr(net, 'module', net), batch)
+        if cond is not None and getattr(self, 'cond_dropout', 0.0): # Some samples decode from the latent alone, so that the
+            keep = (torch.rand([x.shape[0]], device=x.device) >= self.cond_dropout).to(cond.dtype) # latent must carry the hole.
+            cond = cond * keep.reshape(-1, *[1] * (cond.ndim - 1))
         recon, mean, logvar = net(x, cond=cond)
         if cond is not None: # Conditional decoder: the outside is pasted back at inference, so the SSIM windows that
             recon = torch.where(batch['mask'] > 0, recon, x) # straddle the mask border see the input there too.
