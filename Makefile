@@ -55,7 +55,9 @@ demo-pet: venv demo-pet-data
 # 3-D latent diffusion for BraTS-style inpainting: cases from MNI152 (6 mm),
 # stage 1 KL autoencoder, stage 2 latent EDM (frozen autoencoder), both with
 # 2 processes; inpaint the held-out 20 % of patients, official BraTS 2023
-# metrics for the model and two baselines, NIfTI outputs and PNG panels.
+# metrics for the model and two baselines, NIfTI outputs and PNG panels. The
+# evaluation runs single-threaded like the torchrun ranks (two threads on a busy
+# 2-core machine spent several times the CPU time, spinning).
 LDM_DIR := datasets/brats-inpaint-6mm
 $(LDM_DIR)/.built: | venv
 	$(PY) dataset_tool.py brats-inpaint --dest $(LDM_DIR) --cases 40 --masks-per-case 2 --voxel-mm 6 --seed 0
@@ -68,7 +70,7 @@ demo-ldm: venv demo-ldm-data
 	$(PY) -c "import glob; print(sorted(glob.glob('demo-runs/*-ldm3d-ae/network-snapshot-*.pkl'))[-1])" > demo-runs/latest-ldm3d-ae.txt
 	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) train.py -cn=ldm3d_latent resume=none training.frozen.autoencoder=$$(cat demo-runs/latest-ldm3d-ae.txt)
 	$(PY) -c "import glob; print(sorted(glob.glob('demo-runs/*-ldm3d-latent/network-snapshot-*.pkl'))[-1])" > demo-runs/latest-ldm3d.txt
-	$(PY) evaluate.py inpaint --network $$(cat demo-runs/latest-ldm3d.txt) --data $(LDM_DIR)/cases --growth $(LDM_DIR)/growth \
+	OMP_NUM_THREADS=1 $(PY) evaluate.py inpaint --network $$(cat demo-runs/latest-ldm3d.txt) --data $(LDM_DIR)/cases --growth $(LDM_DIR)/growth \
 		--tissue $(LDM_DIR)/tissue --split test --outdir demo-runs/ldm3d-eval --samples 8
 
 bench-ldm3d: venv

@@ -175,8 +175,11 @@ def brats_inpaint(dest, cases, masks_per_case, voxel_mm, seed):
     """BraTS 2023 inpainting cases from the MNI152 T1 and tissue maps."""
     from training.ldm3d import synth
     t0 = time.time()
-    names = synth.build_cases(dest, cases, masks_per_case=masks_per_case, voxel_mm=voxel_mm, seed=seed)
+    agreement = []
+    names = synth.build_cases(dest, cases, masks_per_case=masks_per_case, voxel_mm=voxel_mm, seed=seed, agreement=agreement)
     print(f'Wrote {len(names)} cases x {masks_per_case} masks to {dest} ({voxel_mm} mm) in {time.time() - t0:.1f} s')
+    print(f'Tissue maps of the voided images: inside the masks the atlas label equals the true label at '
+        f'{100 * sum(agreement) / len(agreement):.1f} % of the voxels (mean over masks; min {100 * min(agreement):.1f} %)')
 
 #----------------------------------------------------------------------------
 # Command: DiffMIC demo classification data (training/diffmic/phantoms.py).

@@ -4,9 +4,12 @@
 (DhariwalUNet3D on the autoencoder's latents, with the frozen autoencoder
 encoding every batch) with and without bf16 autocast and activation
 checkpointing, as ratios to fp32 without checkpointing; inference seconds
-per case (masked Heun sampling + decode); and the same for a pixel-space
-3-D EDM of the same depth (the same U-Net on the full volume, conditioned on
-voided image, mask and the 4 condition channels). Every configuration runs
+per case (harmonic fill + masked Heun sampling + decode); and the same for a
+pixel-space 3-D EDM of the same depth (the same U-Net on the full volume,
+conditioned on voided image, mask and the 4 condition channels). The
+autoencoder and the U-Net are the demo's (`training.network` of
+configs/ldm3d_ae.yaml and configs/ldm3d_latent.yaml: the conditional decoder
+included; --channels overrides model_channels). Every configuration runs
 in its own process, so that its peak memory is its own (CUDA: max allocated;
 CPU: the process's peak resident set growth). Random weights: speed and
 memory do not depend on training.
@@ -30,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import networks # pylint: disable=wrong-import-position
 from training import sampling # pylint: disable=wrong-import-position
 from training.ldm3d import autoencoder as ldm_ae # pylint: disable=wrong-import-position
+from training.ldm3d import data as ldm_data # pylint: disable=wrong-import-position
 from training.ldm3d import latent as ldm_latent # pylint: disable=wrong-import-position
 from training.loss import EDMLoss # pylint: disable=wrong-import-position
 
@@ -45,12 +49,19 @@ def _batch(n, size, device):
     voided = torch.where(mask > 0, -torch.ones_like(image), image)
     return {k: v.to(device) for k, v in dict(image=image, voided=voided, mask=mask, cond=cond).items()}
 
+def demo_networks() -> tuple[dict, dict]:
+    """training.network of the demo's two stages (configs/ldm3d_ae.yaml, configs/ldm3d_latent.yaml), without _target_."""
+    from omegaconf import OmegaConf
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+    nets = [OmegaConf.to_container(OmegaConf.load(os.path.join(root, f'ldm3d_{n}.yaml')).training.network) for n in ('ae', 'latent')]
+    return tuple({k: v for k, v in n.items() if k != '_target_'} for n in nets)
+
 def _setup(space, size, channels, checkpoint, device):
     torch.manual_seed(0)
-    unet = dict(model_type='DhariwalUNet3D', sigma_data=1.0, model_channels=channels, channel_mult=[1, 2], num_blocks=1,
-        attn_resolutions=[], dropout=0.0, checkpoint=checkpoint)
+    ae_kwargs, unet = demo_networks()
+    unet = dict(unet, checkpoint=checkpoint, **({} if channels is None else dict(model_channels=channels)))
     if space == 'latent':
-        ae = ldm_ae.KLAutoencoder3D(size, 1, channels=[8, 16, 16], latent_channels=4).to(device).eval().requires_grad_(False)
+        ae = ldm_ae.KLAutoencoder3D(size, 1, **ae_kwargs).to(device).eval().requires_grad_(False)
         loss = ldm_latent.LatentInpaintLoss()
         interface = loss.network_interface(dict(img_resolution=size, img_channels=1, label_dim=0), dict(autoencoder=ae))
         net = networks.EDMPrecond(**interface, **unet).to(device)
@@ -87,8 +98,10 @@ def worker(space, size, channels, batch, bf16, checkpoint, steps, sample_steps):
         one = {k: v[:1] for k, v in b.items()}
         t0 = time.perf_counter()
         with torch.no_grad():
-            if space == 'latent':
-                ldm_latent.inpaint_batch(net, ae, one['voided'], one['mask'], one['cond'], [0], dict(num_steps=sample_steps))
+            if space == 'latent': # The decoder's harmonic fill is solved per case, as evaluate.py does.
+                harmonic = ldm_data.harmonic_fill(one['voided'][0, 0].cpu().numpy(), one['mask'][0, 0].cpu().numpy() > 0)
+                ldm_latent.inpaint_batch(net, ae, one['voided'], one['mask'], one['cond'], [0], dict(num_steps=sample_steps),
+                    harmonic=torch.as_tensor(harmonic)[None, None].to(device))
             else:
                 rnd = sampling.StackedRandomGenerator(device, [0])
                 sampling.inpaint(net, rnd.randn([1, 1, *size], device=device), known=one['voided'], mask=one['mask'],
@@ -102,7 +115,7 @@ def worker(space, size, channels, batch, bf16, checkpoint, steps, sample_steps):
 
 @click.command()
 @click.option('--size', help='Volume size D,H,W (multiple of 8)', default='32,40,32', show_default=True)
-@click.option('--channels', help='U-Net model_channels', type=int, default=32, show_default=True)
+@click.option('--channels', help='U-Net model_channels [default: the demo\'s]', type=int, default=None)
 @click.option('--batch', help='Training batch', type=int, default=2, show_default=True)
 @click.option('--steps', help='Timed training steps', type=int, default=3, show_default=True)
 @click.option('--sample-steps', help='Sampler steps of the inference timing', type=int, default=18, show_default=True)
@@ -121,12 +134,15 @@ def main(size, channels, batch, steps, sample_steps, worker_spec):
         for bf16 in (False, True):
             for checkpoint in (False, True):
                 spec = json.dumps(dict(space=space, bf16=bf16, checkpoint=checkpoint))
-                cmd = [sys.executable, os.path.abspath(__file__), '--size', ','.join(map(str, size)), '--channels', str(channels),
-                    '--batch', str(batch), '--steps', str(steps), '--sample-steps', str(sample_steps), '--worker', spec]
+                cmd = [sys.executable, os.path.abspath(__file__), '--size', ','.join(map(str, size)),
+                    *([] if channels is None else ['--channels', str(channels)]), '--batch', str(batch), '--steps', str(steps), '--sample-steps', str(sample_steps), '--worker', spec]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
                 results[(space, bf16, checkpoint)] = json.loads(out)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    print(f'Device {device}; volume {size}, batch {batch}, model_channels {channels}, channel_mult [1, 2]; {steps} timed steps')
+    ae_kwargs, unet = demo_networks()
+    print(f'Device {device}; volume {size}, batch {batch}; autoencoder {ae_kwargs}; U-Net model_channels '
+        f'{unet["model_channels"] if channels is None else channels}, channel_mult {unet["channel_mult"]}, attn_resolutions '
+        f'{unet["attn_resolutions"]}; {steps} timed steps')
     print(f'{"space":7s} {"bf16":5s} {"ckpt":5s} {"img/s":>8s} {"ratio":>6s} {"peak MiB":>9s} {"ratio":>6s}')
     for (space, bf16, ckpt), r in results.items():
         base = results[(space, False, False)]

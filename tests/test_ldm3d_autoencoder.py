@@ -54,6 +54,31 @@ def test_the_conditional_decoder_sees_the_known_region_at_every_level():
         assert not torch.allclose(ae.decode(z, c), out)
         ae.dec_cond[str(full)].weight.copy_(saved)
 
+def test_a_decoder_without_the_tissue_map_ignores_it():
+    torch.manual_seed(0)
+    ae, b = ldm_ae.KLAutoencoder3D(SIZE, 1, channels=[4, 8, 8], latent_channels=2, cond_decoder=True, decoder_tissue=False), _batch()
+    assert ae.cond_channels == 3 + 1
+    c = ldm_ae.batch_condition(ae, b)
+    assert c.shape[1] == 4 and torch.equal(c[:, 3:], b['cond'][:, :1]) # Growth only.
+    other = dict(b, cond=torch.cat([b['cond'][:, :1], 1 - b['cond'][:, 1:]], 1)) # Another tissue map.
+    assert torch.equal(ldm_ae.batch_condition(ae, other), c)
+
+def test_condition_dropout_decodes_some_samples_from_the_latent_alone():
+    torch.manual_seed(0)
+    ae, b = _ae(True), _batch(n=32)
+    seen = []
+    forward = ae.forward
+    ae.forward = lambda x, sample=True, cond=None: seen.append(cond) or forward(x, sample=sample, cond=cond)
+    ldm_ae.AutoencoderKLLoss(cond_dropout=0.5)(ae, b)
+    full, c = ldm_ae.batch_condition(ae, b), seen[0]
+    dropped = (c.flatten(1) == 0).all(1)
+    assert 4 < int(dropped.sum()) < 28 # About half, each sample either all zero or the whole condition.
+    assert torch.equal(c[~dropped], full[~dropped])
+    ldm_ae.AutoencoderKLLoss()(ae, b)
+    assert torch.equal(seen[1], full) # Default: never dropped.
+    with pytest.raises(ValueError, match=r'training.loss.cond_dropout must be in \[0, 1\), got 1'):
+        ldm_ae.AutoencoderKLLoss(cond_dropout=1)
+
 def test_an_untrained_conditional_decoder_returns_the_harmonic_fill():
     torch.manual_seed(0)
     ae, b = ldm_ae.KLAutoencoder3D(SIZE, 1, channels=[4, 8, 8], latent_channels=2, cond_decoder=True), _batch()

@@ -35,8 +35,9 @@ def test_builder_writes_the_challenge_layout(built):
             assert mask.sum() >= 8 and np.all(t1n[mask] > 0) # A healthy region, inside the brain.
             assert np.array_equal(voided[~mask], t1n[~mask]) and np.all(voided[mask] == 0)
             assert np.array_equal(vimg.affine, timg.affine)
-        tis = ldm_data.read_volume(ldm_data.tissue_file(tissue, case), 'tissue')[0]
-        assert set(np.unique(tis)) == {0, 1, 2, 3} and np.all(t1n[tis > 0] > 0)
+            tis = ldm_data.read_volume(ldm_data.tissue_file(tissue, case, k), 'tissue')[0]
+            assert set(np.unique(tis)) == {0, 1, 2, 3} and np.all(t1n[(tis > 0) & ~mask] > 0)
+        assert not os.path.exists(ldm_data.tissue_file(tissue, case)) # No map of the full subject.
         g = ldm_data.read_volume(ldm_data.growth_file(growth, case), 'growth')[0]
         assert 0 <= g.min() and g.max() <= 1 and (g >= 0.2).any()
     # Subjects differ (per-case deformation and noise), the grid is the cropped template's.
@@ -93,6 +94,66 @@ def test_dataset_items_hold_normalised_volumes_masks_and_conditions(built):
     assert np.array_equal(item['harmonic'][0][item['mask'][0] == 0], item['voided'][0][item['mask'][0] == 0])
     train = ldm_data.BratsInpaintDataset(*_paths(dest), split='train')
     assert {c for c, _ in train.items}.isdisjoint(c for c, _ in ldm_data.BratsInpaintDataset(*_paths(dest), split='test').items)
+
+#----------------------------------------------------------------------------
+# The tissue map is a segmentation of the voided image: inside the mask it
+# does not depend on the subject's true anatomy there.
+
+_RandomSubject = synth.mri_phantoms.RandomSubject
+
+class _BumpedSubject(_RandomSubject):
+    """A RandomSubject whose deformation is moved by 3 voxels inside `BUMP` (crop coordinates) only."""
+    BUMP = None
+    def template_coords(self, points):
+        q = super().template_coords(points)
+        if self.BUMP is not None and points.shape[1:] == self.BUMP.shape:
+            q = q + 3.0 * np.stack([np.zeros_like(self.BUMP), np.zeros_like(self.BUMP), self.BUMP])
+        return q
+
+def test_tissue_map_inside_the_mask_ignores_the_true_anatomy_there(built, tmp_path, monkeypatch):
+    dest, names = built
+    cases, _, tissue = _paths(dest)
+    mask = ldm_data.read_volume(ldm_data.mask_file(cases, names[0], 0), 'mask')[0] > 0
+    monkeypatch.setattr(_BumpedSubject, 'BUMP', mask.astype(np.float32))
+    monkeypatch.setattr(synth.mri_phantoms, 'RandomSubject', _BumpedSubject)
+    other = str(tmp_path / 'bumped')
+    synth.build_cases(other, 1, masks_per_case=2, voxel_mm=8, seed=0)
+    a = ldm_data.load_case(cases, names[0], 0, *_paths(dest)[1:])
+    b = ldm_data.load_case(*_paths(other)[:1], names[0], 0, *_paths(other)[1:])
+    # Two subjects that differ only inside mask 0: the same voided image and mask, different truths (and labels) inside.
+    assert np.array_equal(a['mask'], b['mask']) and np.array_equal(a['voided'], b['voided'])
+    assert np.array_equal(a['t1n'][~mask], b['t1n'][~mask]) and not np.allclose(a['t1n'][mask], b['t1n'][mask])
+    t1, gm, wm = (synth.mri_phantoms.load_mni152(n, 8)[0] for n in ('t1', 'gm', 'wm'))
+    points = np.indices(t1.shape, dtype=np.float32)[(slice(None), *synth.brain_box(t1))]
+    labels = [synth.tissue_labels(*(s.sample(v, points) for v in (t1, gm, wm))) for s in (
+        _RandomSubject(np.random.default_rng([0, 0]), t1.shape, voxel_mm=8),
+        _BumpedSubject(np.random.default_rng([0, 0]), t1.shape, voxel_mm=8))]
+    assert np.array_equal(labels[0][~mask], labels[1][~mask]) and not np.array_equal(labels[0][mask], labels[1][mask])
+    # ... get the same tissue map: their own labels outside, the atlas's inside.
+    assert np.array_equal(a['tissue'], b['tissue'])
+    assert np.array_equal(a['tissue'][~mask], labels[0][~mask])
+    # voided_tissue never reads the subject's labels inside the mask.
+    rng = np.random.default_rng(1)
+    atlas = rng.integers(0, 4, mask.shape).astype(np.uint8)
+    subject = rng.integers(0, 4, mask.shape).astype(np.uint8)
+    scrambled = np.where(mask, rng.integers(0, 4, mask.shape), subject).astype(np.uint8)
+    out = synth.voided_tissue(subject, mask, atlas)
+    assert np.array_equal(out, synth.voided_tissue(scrambled, mask, atlas))
+    assert np.array_equal(out[mask], atlas[mask]) and np.array_equal(out[~mask], subject[~mask])
+
+def test_a_single_tissue_file_per_case_still_works(built, tmp_path):
+    dest, case = _copy_case(built, tmp_path)
+    cases, growth, tissue = _paths(dest)
+    data, img = ldm_data.read_volume(ldm_data.tissue_file(tissue, case, 1), 'tissue')
+    one = nib.Nifti1Image(data.astype(np.uint8), img.affine)
+    for k in (0, 1):
+        os.remove(ldm_data.tissue_file(tissue, case, k))
+    with pytest.raises(ValueError, match=f'conditioning file missing for case {case}: .*{case}-tissue.nii.gz '
+            f'\\(nor .*{case}-tissue-0000.nii.gz\\)'):
+        ldm_data.load_case(cases, case, 0, growth, tissue)
+    nib.save(one, ldm_data.tissue_file(tissue, case))
+    for k in (0, 1):
+        assert np.array_equal(ldm_data.load_case(cases, case, k, growth, tissue)['tissue'], data)
 
 #----------------------------------------------------------------------------
 # Bad cases: one ValueError naming the file.

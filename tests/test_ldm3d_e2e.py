@@ -80,8 +80,8 @@ def test_inpainting_keeps_the_input_outside_the_mask_and_a_non_ras_geometry(pipe
     shutil.copytree(dest, data)
     case = sorted(os.listdir(os.path.join(data, 'cases')))[0]
     affine = np.array([[-1.5, 0.1, 0, 100], [0, -1.0, 0, 120], [0, 0, 2.5, -60], [0, 0, 0, 1]])
-    files = glob.glob(os.path.join(data, 'cases', case, '*.nii.gz')) + [ldm_data.growth_file(os.path.join(data, 'growth'), case),
-        ldm_data.tissue_file(os.path.join(data, 'tissue'), case)]
+    files = glob.glob(os.path.join(data, 'cases', case, '*.nii.gz')) + [ldm_data.growth_file(os.path.join(data, 'growth'), case)] + \
+        glob.glob(os.path.join(data, 'tissue', f'{case}-tissue-*.nii.gz'))
     for f in files:
         img = nib.load(f)
         out = nib.Nifti1Image(np.asarray(img.dataobj), affine)

@@ -66,6 +66,7 @@ class KLAutoencoder3D(torch.nn.Module):
         num_blocks      = 1,            # Residual blocks per level.
         logvar_min      = -30.0,        # Clamp of the posterior log-variance.
         cond_decoder    = False,        # Condition the decoder on the known region (decoder_condition)?
+        decoder_tissue  = True,         # The conditional decoder sees the tissue one-hot too (False: growth only).
     ):
         super().__init__()
         size = [int(img_resolution)] * 3 if np.isscalar(img_resolution) else [int(s) for s in img_resolution]
@@ -76,7 +77,9 @@ class KLAutoencoder3D(torch.nn.Module):
         self.img_resolution, self.img_channels, self.label_dim = size, int(img_channels), label_dim
         self.latent_channels, self.logvar_min = int(latent_channels), float(logvar_min)
         self.latent_resolution = [s // self.factor for s in size]
-        self.cond_channels = 3 + ldm_data.COND_CHANNELS if cond_decoder else 0 # voided, mask, harmonic fill, conditions.
+        self.decoder_tissue = bool(decoder_tissue)
+        cond = ldm_data.COND_CHANNELS if self.decoder_tissue else 1
+        self.cond_channels = 3 + cond if cond_decoder else 0 # voided, mask, harmonic fill, conditions (or growth only).
 
         enc = [torch.nn.Conv3d(img_channels, channels[0], 3, padding=1)]
         for level, ch in enumerate(channels):
@@ -164,9 +167,12 @@ HARMONIC_CHANNEL = 2                    # Channel of the harmonic fill in decode
 
 def decoder_condition(ae: KLAutoencoder3D, voided: torch.Tensor, mask: torch.Tensor, harmonic: torch.Tensor,
         cond: torch.Tensor) -> torch.Tensor | None:
-    """[voided, mask, harmonic fill, condition channels] for a conditional decoder; None for an unconditional one."""
+    """[voided, mask, harmonic fill, condition channels] for a conditional decoder (without the tissue one-hot when
+    not ae.decoder_tissue: growth only); None for an unconditional one."""
     if not ae.cond_channels:
         return None
+    if not ae.decoder_tissue:
+        cond = cond[:, :1]
     c = torch.cat([voided.float(), mask.float(), harmonic.float(), cond.float()], dim=1)
     if c.shape[1] != ae.cond_channels:
         raise ValueError(f'the conditional decoder takes {ae.cond_channels} channels, but the decoder condition (voided, mask, '
@@ -214,17 +220,24 @@ class AutoencoderKLLoss:
         beta            = 1e-6,         # Weight of the KL term.
         ssim_weight     = 0.0,          # Weight of the (1 - SSIM) term, 0 = off.
         stats_momentum  = 0.9,          # Momentum of the running latent moments (scale factor).
+        cond_dropout    = 0.0,          # Conditional decoder: probability per sample of a zero condition (only the latent).
     ):
         for name, value in (('beta', beta), ('ssim_weight', ssim_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f'training.loss.{name} must be a number >= 0, got {value!r}')
         if not 0 <= stats_momentum < 1:
             raise ValueError(f'training.loss.stats_momentum must be in [0, 1), got {stats_momentum!r}')
+        if isinstance(cond_dropout, bool) or not isinstance(cond_dropout, (int, float)) or not 0 <= cond_dropout < 1:
+            raise ValueError(f'training.loss.cond_dropout must be in [0, 1), got {cond_dropout!r}')
         self.beta, self.ssim_weight, self.stats_momentum = float(beta), float(ssim_weight), float(stats_momentum)
+        self.cond_dropout = float(cond_dropout)
 
     def __call__(self, net, batch, augment_pipe=None):
         x = batch['image']
         cond = batch_condition(getattr(net, 'module', net), batch)
+        if cond is not None and getattr(self, 'cond_dropout', 0.0): # Some samples decode from the latent alone, so that the
+            keep = (torch.rand([x.shape[0]], device=x.device) >= self.cond_dropout).to(cond.dtype) # latent must carry the hole.
+            cond = cond * keep.reshape(-1, *[1] * (cond.ndim - 1))
         recon, mean, logvar = net(x, cond=cond)
         if cond is not None: # Conditional decoder: the outside is pasted back at inference, so the SSIM windows that
             recon = torch.where(batch['mask'] > 0, recon, x) # straddle the mask border see the input there too.

@@ -10,7 +10,13 @@ Layout (one folder per case; several masks per case, XXXX = 0000, 0001, ...):
     <path>/<case>/<case>-t1n-voided-XXXX.nii.gz     T1 with mask XXXX set to 0
     <path>/<case>/<case>-mask-XXXX.nii.gz           region to inpaint (> 0)
     <growth_path>/<case>-growth.nii.gz              tumour-growth concentration in [0, 1] (0 for healthy inpainting)
-    <tissue_path>/<case>-tissue.nii.gz              tissue labels 0 background, 1 CSF, 2 grey, 3 white matter
+    <tissue_path>/<case>-tissue-XXXX.nii.gz         tissue labels 0 background, 1 CSF, 2 grey, 3 white matter, of the
+                                                    voided image XXXX (e.g. an atlas-based segmentation of it), or
+    <tissue_path>/<case>-tissue.nii.gz              one map for every mask of the case (used where no per-mask file is)
+
+The tissue map is an input of inference: it must not depend on the ground
+truth inside the mask (segment the voided T1, as the challenge requires), so
+the builder (synth.py) writes one per mask.
 
 Intensities: every volume of an item is divided by the 99.5th percentile of
 the voided image's non-zero voxels (the only image seen at inference) and
@@ -55,8 +61,14 @@ def inference_name(case: str, k: int) -> str:
 def growth_file(growth_path: str, case: str) -> str:
     return os.path.join(growth_path, f'{case}-growth.nii.gz')
 
-def tissue_file(tissue_path: str, case: str) -> str:
-    return os.path.join(tissue_path, f'{case}-tissue.nii.gz')
+def tissue_file(tissue_path: str, case: str, k: int | None = None) -> str:
+    """The tissue map of mask k (<case>-tissue-XXXX.nii.gz), or the case's one map when k is None."""
+    return os.path.join(tissue_path, f'{case}-tissue.nii.gz' if k is None else f'{case}-tissue-{k:04d}.nii.gz')
+
+def find_tissue_file(tissue_path: str, case: str, k: int) -> str:
+    """The per-mask tissue map when it exists, else the per-case one (which may be missing: load_case says so)."""
+    path = tissue_file(tissue_path, case, k)
+    return path if os.path.isfile(path) else tissue_file(tissue_path, case)
 
 _MASK_RE = re.compile(r'^(?P<case>.+)-mask-(?P<k>\d{4})\.nii\.gz$')
 
@@ -228,9 +240,10 @@ def load_case(root: str, case: str, k: int, growth_path: str, tissue_path: str, 
     mask = mask_data > 0
     check_mask(mask, voided, mpath)
     out = dict(case=case, k=k, voided=voided, mask=mask, img=vimg, voided_path=vpath, mask_path=mpath)
-    for name, path in (('growth', growth_file(growth_path, case)), ('tissue', tissue_file(tissue_path, case))):
+    for name, path in (('growth', growth_file(growth_path, case)), ('tissue', find_tissue_file(tissue_path, case, k))):
         if not os.path.isfile(path):
-            raise ValueError(f'conditioning file missing for case {case}: {path}')
+            extra = f' (nor {tissue_file(tissue_path, case, k)})' if name == 'tissue' else ''
+            raise ValueError(f'conditioning file missing for case {case}: {path}{extra}')
         data, img = read_volume(path, name)
         check_geometry(vpath, vimg, voided, path, img, data)
         out[name] = data
@@ -265,7 +278,7 @@ class BratsInpaintDataset(Dataset):
     def __init__(self,
         path,                           # Folder of case folders (BraTS inpainting layout).
         growth_path,                    # Folder of <case>-growth.nii.gz.
-        tissue_path,                    # Folder of <case>-tissue.nii.gz.
+        tissue_path,                    # Folder of <case>-tissue-XXXX.nii.gz (per mask) or <case>-tissue.nii.gz.
         split           = 'train',      # 'train', 'test' (patient-level split) or 'all'.
         test_fraction   = 0.2,          # Fraction of cases in the test split.
         split_seed      = 0,            # Seed of the split hash.

@@ -140,7 +140,7 @@ def volume_shape(ae, native, pad: bool, path: str) -> list[int]:
 @evaluation.common_options
 @click.option('--data',                  help='Folder of BraTS inpainting cases', metavar='DIR',            type=str, required=True)
 @click.option('--growth',                help='Folder of <case>-growth.nii.gz', metavar='DIR',              type=str, required=True)
-@click.option('--tissue',                help='Folder of <case>-tissue.nii.gz', metavar='DIR',              type=str, required=True)
+@click.option('--tissue',                help='Folder of <case>-tissue-XXXX.nii.gz (per mask) or <case>-tissue.nii.gz', metavar='DIR', type=str, required=True)
 @click.option('--split',                 help='Cases: test (patient-level split), train or all', type=click.Choice(['test', 'train', 'all']), default='test', show_default=True)
 @click.option('--test-fraction',         help='Fraction of cases in the test split', metavar='FLOAT',       type=click.FloatRange(0, 1), default=0.2, show_default=True)
 @click.option('--split-seed',            help='Seed of the split', metavar='INT',                           type=int, default=0, show_default=True)

@@ -11,7 +11,23 @@ brain. Masks are random ellipsoids of healthy tissue, fully inside the brain;
 the growth map is a smooth random blob in [0, 1] away from the masks (as in
 healthy inpainting, it does not change the tissue). The grid is the template
 block-averaged to `voxel_mm`, cropped to the brain's bounding box plus a
-margin; the affine is the template's, moved to the crop."""
+margin; the affine is the template's, moved to the crop.
+
+Tissue segmentation per mask (`tissue/<case>-tissue-XXXX.nii.gz`), as an
+atlas-based segmentation of the VOIDED T1 would give it (the reference,
+valentin-biller/ldm, segments the voided T1 with gbm_bench's atlas
+registration): outside the mask the subject's own labels (visible tissue can
+be segmented); inside the mask the atlas labels (the MNI152 GM/WM maps)
+brought to the subject with the affine part of the subject's deformation
+only (`atlas_labels`), never the subject's labels there. Why the affine part:
+inside the hole a registration of the voided T1 has no image to drive its
+non-linear part; the global affine is fixed by the whole visible brain (the
+masks are a few % of it), while the smooth warp inside the hole is what the
+hole hides. It is the conservative choice: a real non-linear registration
+would extrapolate some of the outside warp into the hole, so the atlas map
+here knows at most as much as a real one would. No per-case tissue file is
+written: a map of the full subject would carry the true anatomy inside every
+mask into the condition."""
 
 import os
 
@@ -51,6 +67,26 @@ def growth_blob(rng: np.random.Generator, brain: np.ndarray, avoid: np.ndarray, 
     return (np.exp(-d2 / (2 * sigma ** 2)) * brain).astype(np.float32)
 
 #----------------------------------------------------------------------------
+# Tissue labels (0 background, 1 CSF, 2 GM, 3 WM) and the per-mask map an
+# atlas-based segmentation of the voided T1 gives.
+
+def tissue_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, threshold: float = 0.05) -> np.ndarray:
+    """argmax of CSF = 1 - GM - WM, GM, WM inside the brain (t1 > threshold), 0 outside (uint8)."""
+    csf = np.clip(1 - gm - wm, 0, 1)
+    return np.where(t1 > threshold, 1 + np.argmax(np.stack([csf, gm, wm]), axis=0), 0).astype(np.uint8)
+
+def atlas_labels(subject: mri_phantoms.RandomSubject, atlas: tuple, points: np.ndarray) -> np.ndarray:
+    """Labels of the atlas (t1, gm, wm) at subject `points` through the subject's affine part only (no warp)."""
+    p = points.reshape(3, -1)
+    q = subject.matrix @ (p - subject.centre[:, None]) + (subject.centre + subject.translate)[:, None]
+    t1, gm, wm = (ndimage.map_coordinates(v, q, order=1, mode='constant', cval=0).reshape(points.shape[1:]) for v in atlas)
+    return tissue_labels(t1, gm, wm)
+
+def voided_tissue(subject_tissue: np.ndarray, mask: np.ndarray, atlas_tissue: np.ndarray) -> np.ndarray:
+    """The segmentation of the voided image: the subject's labels outside `mask`, the atlas's inside."""
+    return np.where(mask, atlas_tissue, subject_tissue).astype(np.uint8)
+
+#----------------------------------------------------------------------------
 
 def _write(path: str, data: np.ndarray, affine: np.ndarray, dtype) -> None:
     import gzip
@@ -63,8 +99,9 @@ def _write(path: str, data: np.ndarray, affine: np.ndarray, dtype) -> None:
     persistence.atomic_write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
 
 def build_cases(dest: str, cases: int, masks_per_case: int = 2, voxel_mm: int = 6, radius_mm=(12.0, 24.0), seed: int = 0,
-        first_case: int = 0) -> list[str]:
-    """Write `cases` cases under dest/cases, dest/growth, dest/tissue; return the case names."""
+        first_case: int = 0, agreement: list | None = None) -> list[str]:
+    """Write `cases` cases under dest/cases, dest/growth, dest/tissue (one tissue map per mask); return the case names.
+    `agreement` (a list) receives, per mask, the fraction of its voxels where the atlas label equals the true one."""
     t1, affine = mri_phantoms.load_mni152('t1', voxel_mm)
     gm, _ = mri_phantoms.load_mni152('gm', voxel_mm)
     wm, _ = mri_phantoms.load_mni152('wm', voxel_mm)
@@ -83,8 +120,8 @@ def build_cases(dest: str, cases: int, masks_per_case: int = 2, voxel_mm: int = 
         gm_s, wm_s, t1_clean = (subject.sample(v, points) for v in (gm, wm, t1))
         brain = t1_clean > 0.05
         t1_s = np.where(ndimage.binary_dilation(brain, iterations=1), t1_s, 0).astype(np.float32) # Skull-stripped, zero background.
-        csf = np.clip(1 - gm_s - wm_s, 0, 1)
-        tissue = np.where(brain, 1 + np.argmax(np.stack([csf, gm_s, wm_s]), axis=0), 0).astype(np.uint8)
+        tissue = tissue_labels(t1_clean, gm_s, wm_s)                                        # The subject's true labels.
+        atlas = atlas_labels(subject, (t1, gm, wm), points)                                 # The affinely registered atlas.
         case = f'BraTS-GLI-{first_case + i:05d}-000'
         folder = os.path.join(dest, 'cases', case)
         os.makedirs(folder, exist_ok=True)
@@ -94,8 +131,10 @@ def build_cases(dest: str, cases: int, masks_per_case: int = 2, voxel_mm: int = 
         for k, m in enumerate(masks):
             _write(ldm_data.mask_file(os.path.join(dest, 'cases'), case, k), m, crop_affine, np.uint8)
             _write(ldm_data.voided_file(os.path.join(dest, 'cases'), case, k), np.where(m, 0, t1_s), crop_affine, np.float32)
+            _write(ldm_data.tissue_file(os.path.join(dest, 'tissue'), case, k), voided_tissue(tissue, m, atlas), crop_affine, np.uint8)
+            if agreement is not None:
+                agreement.append(float((atlas[m] == tissue[m]).mean()))
         _write(ldm_data.growth_file(os.path.join(dest, 'growth'), case), growth, crop_affine, np.float32)
-        _write(ldm_data.tissue_file(os.path.join(dest, 'tissue'), case), tissue, crop_affine, np.uint8)
         names.append(case)
     return names
 
