@@ -59,7 +59,8 @@ demo-pet: venv demo-pet-data
 # evaluation runs single-threaded like the torchrun ranks (two threads on a busy
 # 2-core machine spent several times the CPU time, spinning).
 LDM_DIR := datasets/brats-inpaint-6mm
-$(LDM_DIR)/.built: | venv
+$(LDM_DIR)/.built: training/ldm3d/synth.py | venv
+	rm -rf $(LDM_DIR)
 	$(PY) dataset_tool.py brats-inpaint --dest $(LDM_DIR) --cases 40 --masks-per-case 2 --voxel-mm 6 --seed 0
 	touch $@
 

@@ -155,6 +155,19 @@ def test_a_single_tissue_file_per_case_still_works(built, tmp_path):
     for k in (0, 1):
         assert np.array_equal(ldm_data.load_case(cases, case, k, growth, tissue)['tissue'], data)
 
+def test_per_mask_tissue_maps_win_and_may_not_be_mixed_with_the_per_case_one(built, tmp_path):
+    dest, case = _copy_case(built, tmp_path)
+    cases, growth, tissue = _paths(dest)
+    own = ldm_data.read_volume(ldm_data.tissue_file(tissue, case, 0), 'tissue')[0]
+    data, img = ldm_data.read_volume(ldm_data.tissue_file(tissue, case, 1), 'tissue')
+    nib.save(nib.Nifti1Image(np.zeros_like(data, dtype=np.uint8), img.affine), ldm_data.tissue_file(tissue, case))   # A per-case map too:
+    assert np.array_equal(ldm_data.load_case(cases, case, 0, growth, tissue)['tissue'], own)                         # the per-mask one wins.
+    os.remove(ldm_data.tissue_file(tissue, case, 1))                      # Mask 1 without its own map: no silent fallback.
+    with pytest.raises(ValueError) as err:
+        ldm_data.load_case(cases, case, 1, growth, tissue)
+    assert str(err.value) == (f'conditioning file missing for case {case}: {ldm_data.tissue_file(tissue, case, 1)} (the case has per-mask '
+        f'tissue maps, e.g. {case}-tissue-0000.nii.gz; every mask needs its own, computed from its voided image)')
+
 #----------------------------------------------------------------------------
 # Bad cases: one ValueError naming the file.
 

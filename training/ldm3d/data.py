@@ -66,9 +66,18 @@ def tissue_file(tissue_path: str, case: str, k: int | None = None) -> str:
     return os.path.join(tissue_path, f'{case}-tissue.nii.gz' if k is None else f'{case}-tissue-{k:04d}.nii.gz')
 
 def find_tissue_file(tissue_path: str, case: str, k: int) -> str:
-    """The per-mask tissue map when it exists, else the per-case one (which may be missing: load_case says so)."""
+    """The per-mask tissue map when it exists, else the per-case one (which may be missing: load_case says so).
+    A case with per-mask maps must have one for every mask: its per-case map (if any) is likely a segmentation
+    of the full T1, which would carry the ground truth into the holes."""
     path = tissue_file(tissue_path, case, k)
-    return path if os.path.isfile(path) else tissue_file(tissue_path, case)
+    if os.path.isfile(path):
+        return path
+    pattern = re.compile(re.escape(case) + r'-tissue-\d{4}\.nii\.gz$')
+    others = sorted(n for n in (os.listdir(tissue_path) if os.path.isdir(tissue_path) else []) if pattern.match(n))
+    if others:
+        raise ValueError(f'conditioning file missing for case {case}: {path} (the case has per-mask tissue maps, e.g. {others[0]}; '
+            f'every mask needs its own, computed from its voided image)')
+    return tissue_file(tissue_path, case)
 
 _MASK_RE = re.compile(r'^(?P<case>.+)-mask-(?P<k>\d{4})\.nii\.gz$')
 

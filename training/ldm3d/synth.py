@@ -23,9 +23,9 @@ only (`atlas_labels`), never the subject's labels there. Why the affine part:
 inside the hole a registration of the voided T1 has no image to drive its
 non-linear part; the global affine is fixed by the whole visible brain (the
 masks are a few % of it), while the smooth warp inside the hole is what the
-hole hides. It is the conservative choice: a real non-linear registration
-would extrapolate some of the outside warp into the hole, so the atlas map
-here knows at most as much as a real one would. No per-case tissue file is
+hole hides. It is idealised, not pessimistic: the affine is the subject's
+exact one and the labels outside are the noise-free truth; what it never
+uses is the subject inside the hole. No per-case tissue file is
 written: a map of the full subject would carry the true anatomy inside every
 mask into the condition."""
 
