@@ -77,9 +77,9 @@ def map_em_candidates(split: dict, system_matrix, n_iter: int, consume: Consume,
 #   E[MLEM(y_full) | y_low, phantom] ~ mean_k MLEM(y_low + r_k),  r_k ~ Poisson((1 - f) ybar),
 # with ybar = A phantom_counts (column-normalised A). No estimator of the
 # full-dose MLEM from the low-dose data alone has a lower expected MSE (it
-# knows less), so its PSNR against the full-dose MLEM is the ceiling every
-# method of the table sits under (with K draws it is below the exact
-# conditional mean's by about 10 log10(1 + 1/K) dB).
+# knows less), so this is a ceiling in MSE against the full-dose MLEM (roughly
+# in PSNR; not in SSIM); knowing the phantom, it may lie above what any method
+# can reach (with K draws its MSE is about 1 + 1/K times the exact mean's).
 
 def oracle_full_dose_mean(split: dict, system_matrix, draws: int = 32, seed: int = 0, batch: int = 512) -> np.ndarray:
     """The oracle conditional mean [N, 1, R, R] of the full-dose MLEM, in counts per pixel (n_iter of the split)."""
