@@ -194,6 +194,34 @@ def test_cond_channels():
     torch.testing.assert_close(net.model.x[:, :1], x * (1 / math.sqrt(1.25)))
     assert torch.equal(net.model.x[:, 1:], cond)
 
+def test_cond_offset_is_edm_on_the_residual():
+    # cond_offset: D(x; sigma, c) = o + D_plain(x - o; sigma, c) with the same weights, o = c[:, :img_channels];
+    # where sigma = 0 it is still exactly x.
+    torch.manual_seed(0)
+    kwargs = dict(img_resolution=8, img_channels=1, model_type='SongUNet', cond_channels=2, sigma_data=0.1, **SMALL)
+    plain, offset = EDMPrecond(**kwargs), EDMPrecond(cond_offset=True, **kwargs)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    offset.load_state_dict(plain.state_dict())
+    x, cond = torch.randn(3, 1, 8, 8), torch.randn(3, 2, 8, 8)
+    for sigma in [torch.tensor([0.01, 0.3, 80.0]), torch.full([3, 1, 8, 8], 0.5)]:
+        o = cond[:, :1]
+        ref = o + plain(x - o, sigma, cond=cond)
+        torch.testing.assert_close(offset(x, sigma, cond=cond), ref, rtol=0, atol=1e-6)
+        assert not torch.allclose(plain(x, sigma, cond=cond), ref, atol=1e-3)
+    sigma = torch.full([3, 1, 8, 8], 2.0)
+    sigma[:, :, :4] = 0
+    assert torch.equal(offset(x, sigma, cond=cond)[:, :, :4], x[:, :, :4])
+    # At sigma -> 0 the denoiser tends to x; at large sigma to o + c_out F (the residual's scale, sigma_data).
+    torch.testing.assert_close(offset(x, torch.full([3], 1e-6), cond=cond), x, rtol=0, atol=1e-5)
+
+def test_cond_offset_needs_a_condition_image():
+    with pytest.raises(ValueError, match=r'^cond_offset: needs a condition image with at least img_channels=2 channels concatenated to the input, got cond_channels=1$'):
+        EDMPrecond(img_resolution=8, img_channels=2, model_type='SongUNet', cond_channels=1, cond_offset=True, **SMALL)
+    with pytest.raises(ValueError, match='got cond_channels=0'):
+        EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', cond_offset=True, **SMALL)
+
 def _assert_same_keys(a, b, differing):
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa.keys()) == list(sb.keys())

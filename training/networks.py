@@ -424,6 +424,13 @@ class _Precond(torch.nn.Module):
                 raise
             raise _group_norm_advice(model_class, kwargs, err) from None
 
+    cond_offset = False # Denoise the residual to the condition (EDMPrecond's option); the other preconditionings do not offer it.
+
+    def _check_cond_offset(self) -> None:
+        if self.cond_offset and not (self.concat_cond and self.cond_channels >= self.img_channels):
+            raise ValueError(f'cond_offset: needs a condition image with at least img_channels={self.img_channels} channels '
+                f'concatenated to the input, got cond_channels={self.cond_channels}' + ('' if self.concat_cond else ' on a model that does not concatenate it'))
+
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -454,8 +461,13 @@ class _Precond(torch.nn.Module):
         c_noise = self.noise_label(sigma_sample.clamp(min=_SIGMA_FLOOR) if per_pixel else sigma_sample)
 
         # Network input: [c_in x, cond]; the condition is neither noised nor scaled. Models that
-        # do not concatenate it (vector denoisers) receive it as `cond`.
-        x_in = c_in * x
+        # do not concatenate it (vector denoisers) receive it as `cond`. With cond_offset the
+        # preconditioning acts on the residual to the condition's first img_channels channels:
+        # D(x) = o + c_skip (x - o) + c_out F(c_in (x - o), ...), o = cond[:, :img_channels],
+        # i.e. EDM on y - o with sigma_data its std (an exact shift of the ODE: x - o is the
+        # residual's noisy point at the same sigma); D = x still where sigma = 0.
+        offset = cond[:, :self.img_channels].to(torch.float32) if (self.cond_offset and cond is not None) else None
+        x_in = c_in * (x if offset is None else x - offset)
         if self.cond_channels:
             if cond is None:
                 raise ValueError(f'cond: a condition of shape ({n}, {self.cond_channels}, ...) is required because cond_channels={self.cond_channels}')
@@ -474,6 +486,8 @@ class _Precond(torch.nn.Module):
         if F_x.dtype != dtype:
             raise RuntimeError(f'inner model returned {F_x.dtype}, expected {dtype}')
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if offset is not None:                                              # o + c_skip (x - o), written so that sigma = 0 gives x exactly.
+            D_x = D_x + (1 - c_skip) * offset
         return D_x
 
 #----------------------------------------------------------------------------
@@ -570,12 +584,15 @@ class EDMPrecond(_Precond):
         model_type      = 'DhariwalUNet',   # Class name of the underlying model.
         cond_channels   = 0,                # medEDM: channels of the condition image, 0 = none.
         embedding_dim   = 0,                # medEDM: width of the embedding vector, 0 = none.
+        cond_offset     = False,            # medEDM: denoise the residual to the condition image (sigma_data = the residual's std).
         **model_kwargs,                     # Keyword arguments for the underlying model.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, cond_channels, embedding_dim, model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
+        self.cond_offset = bool(cond_offset)
+        self._check_cond_offset()
 
     def scalings(self, sigma):
         sd = self.sigma_data
