@@ -42,7 +42,7 @@ def test_normalisation_round_trip_and_scale_from_condition(pet_dir):
 def test_simulation_on_device_is_seeded(pet_dir):
     ds = pet_dataset.PETDataset(str(pet_dir / 'train.npz'), simulate=True, n_iter=5, cache_dir=str(pet_dir / 'proj'))
     batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
-    assert set(batch) == {'phantom', 'idx'}
+    assert set(batch) == {'phantom', 'idx', 'image', 'cond', 'scale'}                      # The stored pairs (generate.py's conditions) ...
     torch.manual_seed(5)
     a = ds.device_transform(batch)
     torch.manual_seed(5)
@@ -51,6 +51,7 @@ def test_simulation_on_device_is_seeded(pet_dir):
     c = ds.device_transform(batch)
     assert torch.equal(a['image'], b['image']) and torch.equal(a['cond'], b['cond'])
     assert not torch.equal(a['cond'], c['cond'])
+    assert not torch.equal(a['cond'], batch['cond']) and not torch.equal(a['image'], batch['image'])  # ... replaced by the redrawn ones.
     assert a['image'].shape == (4, 1, 16, 16) and a['cond'].shape == (4, 1, 16, 16)
 
 def test_missing_arrays_message(pet_dir, tmp_path):

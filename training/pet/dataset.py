@@ -6,7 +6,8 @@ low-dose MLEM reconstructions as conditions (conditional EDM).
 The npz (`dataset_tool.py pet-data`) holds `phantoms` [N,1,R,R] (activity)
 and, for precomputed pairs, `full` and `low` [N,1,R,R]: reconstructions in
 full-dose counts per pixel (tomography_utils.dose). With `simulate=True` the
-noise is redrawn at every step instead: items carry only the phantom, and
+noise is redrawn at every step instead (the stored pairs, where the npz has
+them, still give the items' `image` and `cond`, e.g. generate.py's conditions), and
 `device_transform` (called by the training loop on the training device, under
 the loop's per-step seeding) simulates both acquisitions and reconstructs them
 with one batched MLEM.
@@ -56,7 +57,7 @@ class PETDataset(Dataset):
             raise ValueError(f'training.dataset.path: {self._path} is not an .npz archive (or it is truncated); build it with dataset_tool.py pet-data')
         try:
             with np.load(self._path, allow_pickle=False) as npz:
-                arrays = {k: npz[k].astype(np.float32) for k in needed if k in npz.files}
+                arrays = {k: npz[k].astype(np.float32) for k in ('phantoms', 'full', 'low') if k in npz.files} # Pairs too with simulate: generate.py's conditions.
         except Exception as err: # pylint: disable=broad-except # Bad CRC, damaged members: never a traceback.
             raise ValueError(f'cannot read dataset file {self._path}: damaged archive ({type(err).__name__}: {err})') from None
         missing = [k for k in needed if k not in arrays]
@@ -85,7 +86,7 @@ class PETDataset(Dataset):
         if not 0 <= idx < len(self):
             raise IndexError(f'dataset index {idx} out of range for {len(self)} items')
         item = dict(phantom=self._phantoms[idx], idx=idx)
-        if not self.simulate:
+        if self._full is not None and self._low is not None: # With simulate, device_transform replaces them in training.
             full, low = torch.from_numpy(self._full[idx]), torch.from_numpy(self._low[idx])
             scale = pet_scale(low[None])
             item.update(image=pet_normalize(full[None], scale)[0].numpy(), cond=pet_normalize(low[None], scale)[0].numpy(),
