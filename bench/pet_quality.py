@@ -16,12 +16,13 @@ at most 30 minutes of training on 2 CPU cores at 64 x 64).
 Examples:
 
 \b
-# The budgeted run (datasets from `make demo-pet-data`):
-python bench/pet_quality.py --kimg 16
+# The budgeted run (datasets from `make demo-pet-data`; 80 kimg each, about
+# 25 min of training per model on 2 idle CPU cores):
+python bench/pet_quality.py
 
 \b
 # Re-evaluate snapshots already trained:
-python bench/pet_quality.py --edm run/network-snapshot-000016.pkl --supervised run2/network-snapshot-000016.pkl
+python bench/pet_quality.py --edm run/network-snapshot-000080.pkl --supervised run2/network-snapshot-000080.pkl
 """
 
 import glob
@@ -87,7 +88,7 @@ def headline(result: dict) -> None:
             f'+-2 std {c["coverage_2sigma"]:.3f} (calibrated: {c["calibrated_coverage_2sigma"]:.3f})')
 
 @click.command()
-@click.option('--kimg',       help='Training length of each model', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=16, show_default=True)
+@click.option('--kimg',       help='Training length of each model', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
 @click.option('--nproc',      help='torchrun processes', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--train-data', help='Training split', metavar='NPZ', default='datasets/pet-64-train.npz', show_default=True)
 @click.option('--val-data',   help='Validation split', metavar='NPZ', default='datasets/pet-64-val.npz', show_default=True)
