@@ -3,7 +3,7 @@
 """PET dose enhancement, the whole comparison under one training budget: the
 conditional EDM (configs/edm_pet.yaml) and the supervised U-Net of the same
 size (configs/pet_supervised.yaml) each trained with torchrun for the same
-number of kimg on the same pairs, then `evaluate.py pet` with every
+number of kimg on the same phantoms and noise model (configs: noise redrawn every step), then `evaluate.py pet` with every
 classical baseline tuned on the validation split (Gaussian filter,
 early-stopped MLEM, MAP-EM; per metric, reference and region).
 

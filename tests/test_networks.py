@@ -221,6 +221,11 @@ def test_cond_offset_needs_a_condition_image():
         EDMPrecond(img_resolution=8, img_channels=2, model_type='SongUNet', cond_channels=1, cond_offset=True, **SMALL)
     with pytest.raises(ValueError, match='got cond_channels=0'):
         EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', cond_offset=True, **SMALL)
+    with pytest.raises(ValueError, match=r"^cond_offset: expected true or false, got 'false'$"):
+        EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', cond_channels=1, cond_offset='false', **SMALL)
+    net = EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', cond_channels=1, cond_offset=True, **SMALL)
+    with pytest.raises(ValueError, match=r'cond: expected shape \(2, 1, 8, 8\) for x of shape \(2, 1, 8, 8\), got \(2, 1, 16, 16\)'):
+        net(torch.randn(2, 1, 8, 8), torch.ones(2), cond=torch.randn(2, 1, 16, 16))    # The shape message, not a broadcast error.
 
 def _assert_same_keys(a, b, differing):
     sa, sb = a.state_dict(), b.state_dict()

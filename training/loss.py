@@ -237,7 +237,8 @@ class EDMLoss(DiffusionLoss):
 # Supervised regression through the same network, loop and snapshots: the
 # network is called on x = 0 at one fixed sigma, so that c_skip x = 0 and
 # D(0; sigma, cond) = c_out F(0, c_noise(sigma), cond) sees only its
-# conditioning; trained with L2 against the target it is the MMSE regressor
+# conditioning (with EDMPrecond's cond_offset: (1 - c_skip) o + c_out F(-c_in o, ...),
+# o the condition image, ~ o + sigma_data F at sigma = 80); trained with L2 against the target it is the MMSE regressor
 # E[y | cond], the estimate a posterior mean approaches (the supervised
 # U-Net baseline of PET dose enhancement: same network, data and budget).
 # Training is DiffusionLoss's step with `noisy` returning 0; `predict` is the

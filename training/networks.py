@@ -465,9 +465,10 @@ class _Precond(torch.nn.Module):
         # preconditioning acts on the residual to the condition's first img_channels channels:
         # D(x) = o + c_skip (x - o) + c_out F(c_in (x - o), ...), o = cond[:, :img_channels],
         # i.e. EDM on y - o with sigma_data its std (an exact shift of the ODE: x - o is the
-        # residual's noisy point at the same sigma); D = x still where sigma = 0.
-        offset = cond[:, :self.img_channels].to(torch.float32) if (self.cond_offset and cond is not None) else None
-        x_in = c_in * (x if offset is None else x - offset)
+        # residual's noisy point at the same sigma); D = x where sigma = 0 (exactly where c_skip(0)
+        # evaluates to 1, as for sigma_data 0.1 and 0.5; to ~1e-7 for some other sigma_data).
+        offset = None
+        x_in = c_in * x
         if self.cond_channels:
             if cond is None:
                 raise ValueError(f'cond: a condition of shape ({n}, {self.cond_channels}, ...) is required because cond_channels={self.cond_channels}')
@@ -475,6 +476,9 @@ class _Precond(torch.nn.Module):
                 raise ValueError(f'cond: expected shape {(n, self.cond_channels, *x.shape[2:])} for x of shape {tuple(x.shape)}, got {tuple(cond.shape)}')
             if not self.concat_cond and (cond.ndim < 2 or tuple(cond.shape[:2]) != (n, self.cond_channels)):
                 raise ValueError(f'cond: expected shape ({n}, {self.cond_channels}, ...) (features or an image), got {tuple(cond.shape)}')
+            if self.cond_offset:                                            # After the shape checks: their messages, not a broadcast error.
+                offset = cond[:, :self.img_channels].to(torch.float32)
+                x_in = c_in * (x - offset)
             if self.concat_cond:
                 x_in = torch.cat([x_in, cond.to(torch.float32)], dim=1)
             else:
@@ -591,7 +595,9 @@ class EDMPrecond(_Precond):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
-        self.cond_offset = bool(cond_offset)
+        if not isinstance(cond_offset, bool):
+            raise ValueError(f'cond_offset: expected true or false, got {cond_offset!r}')
+        self.cond_offset = cond_offset
         self._check_cond_offset()
 
     def scalings(self, sigma):

@@ -44,7 +44,7 @@ def pet_denormalize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class PETDataset(Dataset):
     def __init__(self,
         path,                       # npz from `dataset_tool.py pet-data`.
-        simulate        = False,    # Redraw the noise every step (on the training device) instead of reading `full`/`low`.
+        simulate        = False,    # Redraw the noise every step (on the training device); stored `full`/`low`, if any, still fill the items (generate.py).
         total_counts    = 1e6,      # simulate: expected full-dose counts per image.
         dose_fraction   = 0.25,     # simulate: low dose / full dose.
         n_iter          = 50,       # simulate: MLEM iterations.
