@@ -218,11 +218,13 @@ def peer_rows(diffusers, kdiff) -> list[tuple]:
     return out
 
 #----------------------------------------------------------------------------
-# Our rows: sampler options of sampling.sample (the preset resolved there).
+# Our rows: sampler options of sampling.sample (the preset resolved there), or
+# a function of the setting's sigma_data giving them.
 
 OUR_ROWS = [
     ('fast (preset)', dict(preset='fast')),
-    ('fast at sigma_min 0.002', dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=0.7)),
+    ('previous fast (1.4 sd, last 0.007)', lambda sd: dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True,
+        warp_k=0.5, sigma_c=1.4 * sd, sigma_min=0.007)),
     ('gauss_3m warped0.5+unic+afs (old fast)', dict(solver='gauss_3m', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5)),
     ('dpmpp_3m warped+unic+afs', dict(solver='dpmpp_3m', discretization='logsnr_warped', corrector='unic', afs=True)),
     ('dpmpp_2m warped+unic+afs', dict(solver='dpmpp_2m', discretization='logsnr_warped', corrector='unic', afs=True)),
@@ -230,7 +232,8 @@ OUR_ROWS = [
 ]
 
 def our_runner(options, sigma_data=0.5):
-    o = sampling.resolve_preset(dict(sampling.SAMPLER_DEFAULTS, **options))
+    """Options: a dict, or a function of the setting's sigma_data giving one."""
+    o = sampling.resolve_preset(dict(sampling.SAMPLER_DEFAULTS, **(options(sigma_data) if callable(options) else options)))
     def run(denoise, latents, sigmas):
         return solvers.solve(denoise, latents * sigmas[0], sigmas, o['solver'], corrector=o['corrector'], afs=o['afs'], sigma_data=sigma_data)
     run.options = o
@@ -238,9 +241,9 @@ def our_runner(options, sigma_data=0.5):
 
 def our_ladder(o, nfe, sigma_min, sigma_max, sigma_data):
     n = nfe + 1 if o['afs'] else nfe
-    sigma_min = max(sigma_min, o['sigma_min']) # As sample(): the option, raised to the network's sigma_min.
-    return sampling.sigma_steps(n, sigma_min, sigma_max, o['discretization'], rho=o['rho'], sigma_c=sampling.warp_centre(o['sigma_c'], o.get('preset'), sigma_data),
-        warp_k=o['warp_k'])
+    level = lambda key: sampling.preset_level(key, o[key], o.get('preset'), sigma_data, nfe) # As sample() (a preset's multiple of sigma_data).
+    sigma_min = max(sigma_min, level('sigma_min')) # The option, raised to the bench's (the peers') sigma_min.
+    return sampling.sigma_steps(n, sigma_min, sigma_max, o['discretization'], rho=o['rho'], sigma_c=level('sigma_c'), warp_k=o['warp_k'])
 
 def peer_ladder(disc, per_step, nfe, sigma_min, sigma_max, sigma_data):
     if per_step == 2:
@@ -363,7 +366,16 @@ def snapshot_setting(path, batch, gen):
     net, snapshot = network_snapshot.load_network(path)
     shape = sampling.sample_shape(net)
     cond = labels = None
-    if getattr(net, 'cond_channels', 0):
+    loss_fn = snapshot.get('loss_fn')
+    if getattr(net, 'cond_channels', 0) and hasattr(loss_fn, 'latent_batch'): # A latent network (3-D LDM): dataset items -> frozen encoder.
+        from torch_utils import misc, persistence # pylint: disable=import-outside-toplevel
+        kwargs = snapshot.get('dataset_kwargs') or {}
+        persistence.check_snapshot_config(kwargs, torch.utils.data.Dataset, 'dataset_kwargs of the snapshot')
+        dataset = misc.construct_class(kwargs, 'dataset_kwargs of the snapshot')
+        items = torch.utils.data.default_collate([dataset[i] for i in range(batch)])
+        with torch.no_grad():
+            cond = loss_fn.latent_batch(items, snapshot.get('frozen'))['cond'].to(torch.float32)
+    elif getattr(net, 'cond_channels', 0):
         import generate # pylint: disable=import-outside-toplevel
         conds = generate.load_conditions(net, dict(cond_dataset=None, cond_indices=f'0-{batch - 1}', class_idx=None, format='npz'), snapshot)
         cond = torch.as_tensor(conds['cond'])

@@ -53,6 +53,24 @@ def pipeline(tmp_path_factory):
     latent_dir = glob.glob(str(folder / 'runs' / '*-ldm3d-latent'))[0]
     return folder, dest, ae_dir, latent_dir
 
+def test_the_sampler_bench_takes_the_latent_networks_condition(pipeline):
+    # bench/sampler_peers.py --network on a latent snapshot: the condition of latents i is item i's through the frozen
+    # encoder (the loss object's latent_batch), as in training.
+    import sys
+    sys.path.insert(0, os.path.join(launch.ROOT, 'bench'))
+    import sampler_peers as peers # pylint: disable=import-outside-toplevel
+    from training.ldm3d import latent # pylint: disable=import-outside-toplevel
+    _, _, _, latent_dir = pipeline
+    net, denoise, latents = peers.snapshot_setting(_snapshot(latent_dir), 2, torch.Generator().manual_seed(1))
+    data = persistence.load_snapshot(_snapshot(latent_dir))
+    dataset = ldm_data.BratsInpaintDataset(**{k: v for k, v in data['dataset_kwargs'].items() if k != '_target_'})
+    items = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    _, _, cond = latent.latent_conditions(data['frozen']['autoencoder'], items['voided'], items['mask'], items['cond'])
+    assert latents.shape == (2, *net.img_shape) and cond.shape[1] == net.cond_channels
+    x, sigma = latents * 3, torch.tensor(3.0, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(denoise(x, sigma), net(x.float(), sigma.float(), cond=cond).double(), atol=1e-6)
+
 def _evaluate(args):
     import evaluate
     return CliRunner().invoke(evaluate.main, ['inpaint'] + [str(a) for a in args])

@@ -450,7 +450,7 @@ def test_sample_plumbs_corrector_afs_and_warp():
 #----------------------------------------------------------------------------
 # The named setting sampling.preset=fast: resolved by the one validation and by sample().
 
-FAST = dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=None, sigma_min=0.007)
+FAST = dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=None, sigma_min=None)
 
 def test_preset_fast_resolves_to_its_solver_options():
     assert sampling.SAMPLER_PRESETS['fast'] == FAST
@@ -464,7 +464,14 @@ def test_preset_fast_resolves_to_its_solver_options():
     assert str(err.value) == 'sampling.solver=dpmpp_2m conflicts with sampling.preset=fast, which sets solver=gauss_3m_sqrt (leave out one of them)'
     with pytest.raises(ValueError) as err:
         sampling.check_sampler_options(dict(preset='fast', sigma_min=0.01))
-    assert str(err.value) == 'sampling.sigma_min=0.01 conflicts with sampling.preset=fast, which sets sigma_min=0.007 (leave out one of them)'
+    assert str(err.value) == 'sampling.sigma_min=0.01 conflicts with sampling.preset=fast, which sets sigma_min=0.014*sigma_data (leave out one of them)'
+    with pytest.raises(ValueError) as err:
+        sampling.check_sampler_options(dict(preset='fast', sigma_c=0.3))
+    assert str(err.value) == ('sampling.sigma_c=0.3 conflicts with sampling.preset=fast, which sets sigma_c=1-1.4*sigma_data (NFE 6-10) '
+        '(leave out one of them)')
+    with pytest.raises(ValueError) as err: # None (the preset's multiple of sigma_data) only where a preset sets it.
+        sampling.check_sampler_options(dict(sigma_min=None))
+    assert str(err.value) == 'sampling.sigma_min: expected a number, got None'
     with pytest.raises(ValueError) as err:
         sampling.check_sampler_options(dict(preset='quick'), names={'preset': '--preset'})
     assert str(err.value) == "--preset: unknown preset 'quick' (choose from fast, or null)"
@@ -474,9 +481,19 @@ def test_sample_with_preset_is_the_explicit_options():
     net = _GaussianNet(sigma_data=0.3)
     out = sampling.sample(net, latents, preset='fast', num_steps=9)
     assert net.calls == 8 # AFS: NFE = num_steps - 1.
-    assert torch.equal(out, sampling.sample(_GaussianNet(sigma_data=0.3), latents, num_steps=9, **dict(FAST, sigma_c=1.4 * 0.3)))
-    assert not torch.equal(out, sampling.sample(_GaussianNet(sigma_data=0.3), latents, num_steps=9, **FAST)) # Not sigma_data itself.
-    assert sampling.warp_centre(None, 'fast', 0.5) == 0.7 and sampling.warp_centre(None, None, 0.5) == 0.5 and sampling.warp_centre(0.2, 'fast', 0.5) == 0.2
+    # sigma_c and sigma_min: multiples of the network's sigma_data; sigma_c 1.2 sigma_data at 8 NFE (1.0 at <= 6, 1.4 at >= 10).
+    explicit = lambda c, m: sampling.sample(_GaussianNet(sigma_data=0.3), latents, num_steps=9, **dict(FAST, sigma_c=c, sigma_min=m))
+    assert torch.equal(out, explicit(1.2 * 0.3, 0.014 * 0.3))
+    assert not torch.equal(out, explicit(1.4 * 0.3, 0.014 * 0.3)) and not torch.equal(out, explicit(1.2 * 0.3, 0.007))
+    level = sampling.preset_level
+    assert [level('sigma_c', None, 'fast', 0.5, n) for n in (4, 6, 7, 8, 9, 10, 20)] == pytest.approx([0.5, 0.5, 0.55, 0.6, 0.65, 0.7, 0.7])
+    assert level('sigma_min', None, 'fast', 0.5) == 0.007 and level('sigma_c', None, None, 0.5) == 0.5
+    assert level('sigma_c', 0.2, 'fast', 0.5) == 0.2 and level('sigma_min', 0.01, None, 0.5) == 0.01
+    with pytest.raises(ValueError, match=r"^sigma_min: None needs a preset that sets it \(got preset=None\)$"):
+        level('sigma_min', None, None, 0.5)
+    with pytest.raises(ValueError, match=r"^sigma_c: the preset 'fast' sets it per number of evaluations; nfe is needed$"):
+        level('sigma_c', None, 'fast', 0.5)
+    assert [solvers.evaluations(*a) for a in (('heun', 18), ('dpmpp_2m', 10), ('gauss_3m_sqrt', 9, True), ('dpmpp_3m', 1, True))] == [35, 10, 8, 1]
     with pytest.raises(ValueError, match='^discretization=logsnr conflicts with preset=fast, which sets discretization=logsnr_warped'):
         sampling.sample(net, latents, preset='fast', discretization='logsnr', corrector='unic')
 

@@ -217,10 +217,10 @@ def sample(
     discretization: str = 'edm',        # 'edm', 'vp', 've', 'logsnr', 'logsnr_warped'.
     corrector:      str = 'none',       # 'none' or 'unic' (UniC corrector of dpmpp_2m / dpmpp_3m, no extra evaluations).
     afs:            bool = False,       # Analytic first step (dpmpp_2m / dpmpp_3m): one evaluation fewer; not with `images`.
-    sigma_c:        float | None = None, # logsnr_warped: centre of the warp, None = net.sigma_data (0.5 without one).
+    sigma_c:        float | None = None, # logsnr_warped: centre of the warp, None = net.sigma_data (0.5 without one; a preset's multiple).
     warp_k:         float = 0.3,        # logsnr_warped: strength of the warp (0 = logsnr).
     num_steps:      int = 18,           # Number of noise levels > 0.
-    sigma_min:      float = 0.002,      # Lowest noise level (raised to net.sigma_min).
+    sigma_min:      float | None = 0.002, # Lowest noise level (raised to net.sigma_min); None = a preset's multiple of sigma_data.
     sigma_max:      float = 80,         # Highest noise level (lowered to net.sigma_max).
     rho:            float = 7,          # EDM time-step exponent.
     S_churn:        float = 0,          # Churn of heun / euler; 0 = deterministic.
@@ -238,6 +238,9 @@ def sample(
         o = resolve_preset(dict(preset=preset, solver=solver, discretization=discretization, corrector=corrector, afs=afs, warp_k=warp_k,
             sigma_c=sigma_c, sigma_min=sigma_min), lambda k: k)
         solver, discretization, corrector, afs, warp_k, sigma_c, sigma_min = (o[k] for k in PRESET_KEYS)
+    sigma_data = float(getattr(net, 'sigma_data', 0.5))
+    nfe = solvers.evaluations(solver, num_steps, afs)
+    sigma_c, sigma_min = (preset_level(k, v, preset, sigma_data, nfe) for k, v in (('sigma_c', sigma_c), ('sigma_min', sigma_min)))
     sigma_min = max(sigma_min, net.sigma_min)
     if images is not None:
         if sigma_start is None or not 0 < sigma_start <= net.sigma_max:
@@ -251,9 +254,8 @@ def sample(
                 'partial-noise reconstruction (set afs=False)')
         sigma_max = sigma_start
     sigma_max = min(sigma_max, net.sigma_max)
-    sigma_data = float(getattr(net, 'sigma_data', 0.5))
     sigmas = sigma_steps(num_steps, sigma_min, sigma_max, discretization, rho=rho, round_sigma=net.round_sigma, device=latents.device,
-        sigma_c=warp_centre(sigma_c, preset, sigma_data), warp_k=warp_k)
+        sigma_c=sigma_c, warp_k=warp_k)
     denoise = make_denoiser(net, class_labels=class_labels, cond=cond, embedding=embedding, guidance=guidance)
     x = latents.to(torch.float64) * sigmas[0]
     if images is not None:
@@ -416,21 +418,41 @@ SAMPLER_KEYS = tuple(SAMPLER_DEFAULTS)
 #   fast    few-step generation from noise (NFE = num_steps - 1): gauss_3m_sqrt
 #           (exponential integrator about a Gaussian denoiser, residual
 #           interpolated as R / sqrt(sigma)) + UniC + AFS on log-SNR steps
-#           warped with k = 0.5 around sigma_c = 1.4 sigma_data (0.7 at sigma_data
-#           0.5; ~ sqrt(2) sigma_data, where dD/dlambda peaks along an ODE
-#           trajectory of Gaussian data), last
-#           noise level sigma_min = 0.007 (then x = D). Chosen once on the
-#           settings of bench/sampler_peers.py (Gaussian, mixture, small trained
-#           net); README "Few-step sampling against the peers" for where it wins.
+#           warped with k = 0.5 around sigma_c = 1.2 sigma_data (dD/dlambda
+#           peaks at ~ sqrt(2) sigma_data along an ODE trajectory of Gaussian
+#           data; 1.4 suited the bench's small net at 20 NFE, 1.0-1.1 the PET
+#           residual net at 6 NFE), last noise level sigma_min = 0.014
+#           sigma_data (0.007 at sigma_data 0.5; then x = D). Chosen once on
+#           bench/sampler_peers.py's settings (Gaussian, mixture, small trained
+#           net) and the PET and 3-D latent networks; README "Few-step sampling
+#           against the peers" for where it wins.
+# A preset value None of sigma_c / sigma_min is PRESET_PER_SIGMA_DATA's multiple of
+# the network's sigma_data, filled in by sample() where the network is known.
 
 SAMPLER_PRESETS = {
-    'fast': dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=None, sigma_min=0.007),
+    'fast': dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=None, sigma_min=None),
 }
-PRESET_SIGMA_C = {'fast': 1.4}  # A preset's warp centre per unit of sigma_data (fast: 0.7 at sigma_data = 0.5, where it was chosen).
+PRESET_PER_SIGMA_DATA = { # Units of sigma_data; (a, b, n_a, n_b): a at NFE <= n_a, b at NFE >= n_b, linear between.
+    'fast': dict(sigma_c=(1.0, 1.4, 6, 10), sigma_min=0.014),
+}
 
-def warp_centre(sigma_c: float | None, preset: str | None, sigma_data: float) -> float:
-    """The centre of logsnr_warped: sigma_c if set, else the preset's multiple of sigma_data (1 without a preset)."""
-    return float(sigma_c) if sigma_c is not None else PRESET_SIGMA_C.get(preset, 1.0) * sigma_data
+def _describe(per) -> str:
+    return f'{per:g}*sigma_data' if not isinstance(per, tuple) else f'{per[0]:g}-{per[1]:g}*sigma_data (NFE {per[2]}-{per[3]})'
+
+def preset_level(key: str, value: float | None, preset: str | None, sigma_data: float, nfe: int | None = None) -> float:
+    """sigma_c / sigma_min as sample() uses it: value if set, else the preset's multiple of sigma_data at `nfe`
+    evaluations (sigma_c: 1 without a preset)."""
+    if value is not None:
+        return float(value)
+    per = PRESET_PER_SIGMA_DATA.get(preset, {}).get(key)
+    if per is None and key != 'sigma_c':
+        raise ValueError(f'{key}: None needs a preset that sets it (got preset={preset!r})')
+    if isinstance(per, tuple):
+        if nfe is None:
+            raise ValueError(f'{key}: the preset {preset!r} sets it per number of evaluations; nfe is needed')
+        a, b, n_a, n_b = per
+        per = a + (b - a) * min(max((nfe - n_a) / (n_b - n_a), 0.0), 1.0)
+    return (1.0 if per is None else per) * sigma_data
 
 PRESET_KEYS = ('solver', 'discretization', 'corrector', 'afs', 'warp_k', 'sigma_c', 'sigma_min') # What sample() resolves.
 assert all(set(p) <= set(PRESET_KEYS) for p in SAMPLER_PRESETS.values())
@@ -445,7 +467,9 @@ def resolve_preset(options: dict, name: Callable[[str], str] = lambda k: 'sampli
     o = dict(options)
     for k, v in SAMPLER_PRESETS[preset].items():
         if k in o and o[k] != v and o[k] != SAMPLER_DEFAULTS[k]:
-            raise ValueError(f'{name(k)}={o[k]} conflicts with {name("preset")}={preset}, which sets {k}={v} (leave out one of them)')
+            per = PRESET_PER_SIGMA_DATA.get(preset, {}).get(k) if v is None else None
+            sets = f'{k}={v}' if per is None else f'{k}={_describe(per)}'
+            raise ValueError(f'{name(k)}={o[k]} conflicts with {name("preset")}={preset}, which sets {sets} (leave out one of them)')
         o[k] = v
     return o
 
@@ -462,7 +486,7 @@ def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict 
             ok = isinstance(v, type(SAMPLER_DEFAULTS[k])) and (k != 'num_steps' or not isinstance(v, bool))
         else:
             kind = 'a number' + (' or null' if k == 'sigma_c' else '')
-            ok = (v is None and k == 'sigma_c') or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
+            ok = (v is None and (k == 'sigma_c' or SAMPLER_PRESETS.get(o['preset'], {}).get(k, 0) is None)) or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
         if not ok:
             raise ValueError(f'{name(k)}: expected {kind}, got {v!r}')
     solver, steps = o['solver'], o['discretization']
@@ -491,7 +515,7 @@ def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict 
         if warp_k != SAMPLER_DEFAULTS['warp_k']:
             raise ValueError(f'{name("warp_k")} applies to {name("discretization")}=logsnr_warped only, not {steps!r} '
                 f'(leave {name("warp_k")} at {SAMPLER_DEFAULTS["warp_k"]})')
-    if not (0 < o['sigma_min'] < o['sigma_max']):
+    if o['sigma_min'] is not None and not (0 < o['sigma_min'] < o['sigma_max']):
         raise ValueError(f'{name("sigma_min")} / {name("sigma_max")}: need 0 < sigma_min < sigma_max, got {o["sigma_min"]}, {o["sigma_max"]}')
     if not np.isfinite(o['guidance']):
         raise ValueError(f'{name("guidance")} must be a finite number, got {o["guidance"]}')

@@ -74,6 +74,12 @@ CORRECTORS = ('none', 'unic')
 GAUSS_SOLVERS = {'gauss_2m': (2, 0), 'gauss_3m': (3, 0), 'gauss_2m_sqrt': (2, 0.5), 'gauss_3m_sqrt': (3, 0.5)} # Order, power of the residual's scaling.
 MULTISTEP_SOLVERS = ('dpmpp_2m', 'dpmpp_3m', *GAUSS_SOLVERS) # Solvers that accept the UniC corrector and the analytic first step.
 
+def evaluations(solver: str, num_steps: int, afs: bool = False) -> int:
+    """Denoiser evaluations (NFE) of `solver` over num_steps noise levels > 0 (the table above)."""
+    if solver == 'heun':
+        return 2 * num_steps - 1
+    return max(num_steps - 1, 1) if afs else num_steps
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Projector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
