@@ -71,15 +71,15 @@ class SamplingConfig:
     format: str = 'png'                 # 'png' (one file per seed / panel per condition), 'npz' (images.npz) or 'nifti'.
     subdirs: bool = False               # PNG: one subfolder per 1000 seeds.
     class_idx: Optional[int] = None     # Class label, None = random.
-    preset: Optional[str] = None        # Named sampling setting: 'fast' (few-step; sets solver, discretization, corrector, afs; NFE = num_steps - 1), None = off.
+    preset: Optional[str] = None        # Named sampling setting: 'fast' (few-step; sets solver, discretization, corrector, afs, warp_k, and sigma_c / sigma_min relative to sigma_data; NFE = num_steps - 1), None = off.
     solver: str = 'heun'                # 'heun' (EDM Algorithm 2), 'euler', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'gauss_2m', 'gauss_3m', 'gauss_*_sqrt'.
     discretization: str = 'edm'         # Time steps: 'edm' (rho), 'vp', 've', 'logsnr' (uniform log sigma), 'logsnr_warped' (log sigma warped around sigma_c; used by the bench's dpmpp_2m + unic + afs; plain dpmpp_3m needs 13 / 14 / 14 NFE with it vs 11 / 14 / 15 with logsnr on the bench's Gaussian / mixture / net).
     corrector: str = 'none'             # 'none' or 'unic' (UniC corrector of dpmpp_2m / dpmpp_3m: one order higher, no extra evaluations).
     afs: bool = False                   # Analytic first step of dpmpp_2m / dpmpp_3m: no evaluation at sigma_max (N-1 evaluations).
-    sigma_c: Optional[float] = None     # logsnr_warped only (refused with other steps): centre of the warp, None = the network's sigma_data.
+    sigma_c: Optional[float] = None     # logsnr_warped only (refused with other steps): centre of the warp, None = the network's sigma_data (a preset's multiple of it).
     warp_k: float = 0.3                 # logsnr_warped only (refused with other steps unless 0.3): strength k of the warp, >= 0 (0 = logsnr).
     num_steps: int = 18                 # Number of sampling steps (heun: 2N-1 network evaluations, others N; N-1 with afs).
-    sigma_min: float = 0.002            # Lowest noise level.
+    sigma_min: float = 0.002            # Lowest noise level (a preset sets its own multiple of sigma_data).
     sigma_max: float = 80               # Highest noise level.
     rho: float = 7                      # Time-step exponent.
     S_churn: float = 0                  # Stochasticity strength (heun, euler).

@@ -46,7 +46,7 @@ _SAMPLER_HELP = {
     'discretization':   'Time steps: edm, vp, ve, logsnr, logsnr_warped',
     'corrector':        'none, or unic (UniC corrector of dpmpp_2m / dpmpp_3m)',
     'afs':              'Analytic first step of dpmpp_2m / dpmpp_3m (one evaluation fewer)',
-    'sigma_c':          'logsnr_warped: centre of the warp [default: the network\'s sigma_data]',
+    'sigma_c':          'logsnr_warped: centre of the warp [default: the network\'s sigma_data; a preset: its multiple]',
     'warp_k':           'logsnr_warped: strength of the warp (0 = logsnr)',
     'num_steps':        'Number of sampler steps',
     'sigma_min':        'Lowest noise level',
