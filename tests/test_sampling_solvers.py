@@ -493,6 +493,9 @@ def test_sample_with_preset_is_the_explicit_options():
         level('sigma_min', None, None, 0.5)
     with pytest.raises(ValueError, match=r"^sigma_c: the preset 'fast' sets it per number of evaluations; nfe is needed$"):
         level('sigma_c', None, 'fast', 0.5)
+    o = sampling.check_sampler_options(dict(preset='fast', num_steps=9))
+    assert sampling.resolve_levels(o, 0.3) == dict(o, sigma_c=pytest.approx(1.2 * 0.3), sigma_min=pytest.approx(0.014 * 0.3)) # What a record says.
+    assert sampling.resolve_levels(dict(o, preset=None, sigma_min=0.002), 0.3)['sigma_c'] is None # Without a preset: unchanged.
     assert [solvers.evaluations(*a) for a in (('heun', 18), ('dpmpp_2m', 10), ('gauss_3m_sqrt', 9, True), ('dpmpp_3m', 1, True))] == [35, 10, 8, 1]
     with pytest.raises(ValueError, match='^discretization=logsnr conflicts with preset=fast, which sets discretization=logsnr_warped'):
         sampling.sample(net, latents, preset='fast', discretization='logsnr', corrector='unic')

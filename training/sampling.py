@@ -239,8 +239,9 @@ def sample(
             sigma_c=sigma_c, sigma_min=sigma_min), lambda k: k)
         solver, discretization, corrector, afs, warp_k, sigma_c, sigma_min = (o[k] for k in PRESET_KEYS)
     sigma_data = float(getattr(net, 'sigma_data', 0.5))
-    nfe = solvers.evaluations(solver, num_steps, afs)
-    sigma_c, sigma_min = (preset_level(k, v, preset, sigma_data, nfe) for k, v in (('sigma_c', sigma_c), ('sigma_min', sigma_min)))
+    levels = resolve_levels(dict(preset=preset, solver=solver, num_steps=num_steps, afs=afs, sigma_c=sigma_c, sigma_min=sigma_min), sigma_data)
+    sigma_c = preset_level('sigma_c', levels['sigma_c'], None, sigma_data) # None without a preset: sigma_data.
+    sigma_min = levels['sigma_min']
     sigma_min = max(sigma_min, net.sigma_min)
     if images is not None:
         if sigma_start is None or not 0 < sigma_start <= net.sigma_max:
@@ -453,6 +454,16 @@ def preset_level(key: str, value: float | None, preset: str | None, sigma_data: 
         a, b, n_a, n_b = per
         per = a + (b - a) * min(max((nfe - n_a) / (n_b - n_a), 0.0), 1.0)
     return (1.0 if per is None else per) * sigma_data
+
+def resolve_levels(options: dict, sigma_data: float) -> dict:
+    """Resolved sampler options with a preset's sigma_c / sigma_min (None there) filled in for a network's
+    sigma_data at the options' NFE: what sample() uses, and what a record of the run should say."""
+    o = dict(options)
+    if o.get('preset') is not None:
+        nfe = solvers.evaluations(o['solver'], o['num_steps'], o['afs'])
+        for key in ('sigma_c', 'sigma_min'):
+            o[key] = preset_level(key, o[key], o['preset'], sigma_data, nfe)
+    return o
 
 PRESET_KEYS = ('solver', 'discretization', 'corrector', 'afs', 'warp_k', 'sigma_c', 'sigma_min') # What sample() resolves.
 assert all(set(p) <= set(PRESET_KEYS) for p in SAMPLER_PRESETS.values())

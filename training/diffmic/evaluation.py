@@ -36,6 +36,7 @@ import torch
 from torch_utils import persistence
 from training import evaluation
 from training import metrics as engine_metrics
+from training import sampling
 from training import stages
 from training.diffmic import calibration
 from training.diffmic import inference
@@ -253,7 +254,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
     summary, rows = summarize(dataset, out, bins)
     if val is not None:
         calibrate_summary(summary, out, val.class_idx, val_out, dataset.class_idx, bins)
-    summary.update(network=network_pkl, samples=samples, sampler=sampler, seed=seed, estimator=estimator)
+    summary.update(network=network_pkl, samples=samples, sampler=sampling.resolve_levels(sampler, float(getattr(net, 'sigma_data', 0.5))), seed=seed, estimator=estimator)
     write_outputs(outdir, dataset, out, summary, rows)
     for name in ('dcg', 'diffmic'):
         if name in summary:

@@ -321,12 +321,12 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         raise ValueError(f'{data}: images of {shape[-2]}x{shape[-1]} are smaller than the SSIM window (11)')
     sampling.check_guidance(net, sampler['guidance'], key='--guidance')
     if sigma_start is not None:                                         # sampling.sample's checks, before anything is written.
+        if sampler['afs'] or sampler.get('preset') is not None:         # (So sigma_min is a number below: no preset's multiple.)
+            raise ValueError('--sigma-start: the analytic first step (--afs, and --preset fast, which sets it) assumes pure noise; '
+                'partial-noise starts need --no-afs without --preset')
         lo = max(float(sampler['sigma_min']), float(net.sigma_min))
         if not lo < sigma_start <= float(net.sigma_max):
             raise ValueError(f'--sigma-start: expected a noise level in ({lo}, {float(net.sigma_max)}] (above --sigma-min), got {sigma_start}')
-        if sampler['afs'] or sampler.get('preset') is not None:
-            raise ValueError('--sigma-start: the analytic first step (--afs, and --preset fast, which sets it) assumes pure noise; '
-                'partial-noise starts need --no-afs without --preset')
     for key in ('n_iter', 'dose_fraction'):                            # Candidates of both splits must be comparable.
         if key in val and key in test and val[key] != test[key]:
             raise ValueError(f'--val-data: {val_data} was built with {key}={val[key]}, --data {data} with {key}={test[key]}; '
@@ -367,7 +367,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         for ref in REFERENCES for region in REGIONS}
 
     # Results.
-    result = dict(network=network_pkl, supervised=supervised, data=data, val_data=val_data, images=len(test['low']), samples=samples, seed=seed, sampler=sampler,
+    result = dict(network=network_pkl, supervised=supervised, data=data, val_data=val_data, images=len(test['low']), samples=samples, seed=seed, sampler=sampling.resolve_levels(sampler, float(getattr(net, 'sigma_data', 0.5))),
         sigma_start=sigma_start,
         baselines=chosen, data_range='per image: max - min of the reference image (counts per pixel), both regions',
         regions=dict(image='whole image', brain='phantom > 0'), ssim='Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03',
