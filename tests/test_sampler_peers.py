@@ -124,3 +124,14 @@ def test_peer_check_passes_peers_and_fails_a_broken_one(loaded_peers):
     assert not peers.check_peer(biased, 2, 'edm', order1=False)[0] # Converges, but not to the exact answer.
 
 #----------------------------------------------------------------------------
+
+def test_bench_ladder_is_the_ladder_sample_uses_at_any_sigma_data():
+    # The preset's levels are multiples of sigma_data with EDM's 0.002 as their floor, the bench's floor too: the
+    # bench's preset row runs the noise levels sample() runs, also below sigma_data = 0.143 (PET's 0.1).
+    fn = peers.our_runner(dict(preset='fast'))
+    for sd in (0.1, 0.5, 1.0):
+        for nfe in (6, 8, 12):
+            o = sampling.resolve_levels(sampling.check_sampler_options(dict(preset='fast', num_steps=nfe + 1)), sd)
+            ref = sampling.sigma_steps(nfe + 1, o['sigma_min'], 80, 'logsnr_warped', sigma_c=o['sigma_c'], warp_k=0.5)
+            assert torch.equal(peers.our_ladder(fn.options, nfe, 0.002, 80, sd), ref), (sd, nfe)
+    assert o['sigma_min'] == 0.014 and sampling.resolve_levels(o | dict(sigma_min=None, sigma_c=None), 0.1)['sigma_min'] == 0.002

@@ -464,7 +464,11 @@ def test_preset_fast_resolves_to_its_solver_options():
     assert str(err.value) == 'sampling.solver=dpmpp_2m conflicts with sampling.preset=fast, which sets solver=gauss_3m_sqrt (leave out one of them)'
     with pytest.raises(ValueError) as err:
         sampling.check_sampler_options(dict(preset='fast', sigma_min=0.01))
-    assert str(err.value) == 'sampling.sigma_min=0.01 conflicts with sampling.preset=fast, which sets sigma_min=0.014*sigma_data (leave out one of them)'
+    assert str(err.value) == ('sampling.sigma_min=0.01 conflicts with sampling.preset=fast, which sets sigma_min=max(0.014*sigma_data, 0.002) '
+        '(leave out one of them)')
+    with pytest.raises(ValueError) as err: # The preset's last level is checked against sigma_max before anything runs.
+        sampling.check_sampler_options(dict(preset='fast', sigma_max=0.001))
+    assert str(err.value) == 'sampling.sigma_min / sampling.sigma_max: need 0 < sigma_min < sigma_max, got None, 0.001'
     with pytest.raises(ValueError) as err:
         sampling.check_sampler_options(dict(preset='fast', sigma_c=0.3))
     assert str(err.value) == ('sampling.sigma_c=0.3 conflicts with sampling.preset=fast, which sets sigma_c=1-1.4*sigma_data (NFE 6-10) '
@@ -488,9 +492,12 @@ def test_sample_with_preset_is_the_explicit_options():
     level = sampling.preset_level
     assert [level('sigma_c', None, 'fast', 0.5, n) for n in (4, 6, 7, 8, 9, 10, 20)] == pytest.approx([0.5, 0.5, 0.55, 0.6, 0.65, 0.7, 0.7])
     assert level('sigma_min', None, 'fast', 0.5) == 0.007 and level('sigma_c', None, None, 0.5) == 0.5
+    assert level('sigma_min', None, 'fast', 0.1) == 0.002 and level('sigma_min', None, 'fast', 1.0) == 0.014 # At least EDM's 0.002.
     assert level('sigma_c', 0.2, 'fast', 0.5) == 0.2 and level('sigma_min', 0.01, None, 0.5) == 0.01
     with pytest.raises(ValueError, match=r"^sigma_min: None needs a preset that sets it \(got preset=None\)$"):
         level('sigma_min', None, None, 0.5)
+    with pytest.raises(ValueError, match=r"^sigma_min: None needs a preset that sets it \(got preset=None\)$"):
+        sampling.sample(net, latents, sigma_min=None)
     with pytest.raises(ValueError, match=r"^sigma_c: the preset 'fast' sets it per number of evaluations; nfe is needed$"):
         level('sigma_c', None, 'fast', 0.5)
     o = sampling.check_sampler_options(dict(preset='fast', num_steps=9))

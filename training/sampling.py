@@ -241,8 +241,7 @@ def sample(
     sigma_data = float(getattr(net, 'sigma_data', 0.5))
     levels = resolve_levels(dict(preset=preset, solver=solver, num_steps=num_steps, afs=afs, sigma_c=sigma_c, sigma_min=sigma_min), sigma_data)
     sigma_c = preset_level('sigma_c', levels['sigma_c'], None, sigma_data) # None without a preset: sigma_data.
-    sigma_min = levels['sigma_min']
-    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_min = max(levels['sigma_min'], net.sigma_min)
     if images is not None:
         if sigma_start is None or not 0 < sigma_start <= net.sigma_max:
             raise ValueError(f'sigma_start: expected a noise level in (0, {net.sigma_max}] for partial-noise reconstruction, got {sigma_start}')
@@ -419,16 +418,18 @@ SAMPLER_KEYS = tuple(SAMPLER_DEFAULTS)
 #   fast    few-step generation from noise (NFE = num_steps - 1): gauss_3m_sqrt
 #           (exponential integrator about a Gaussian denoiser, residual
 #           interpolated as R / sqrt(sigma)) + UniC + AFS on log-SNR steps
-#           warped with k = 0.5 around sigma_c = 1.2 sigma_data (dD/dlambda
-#           peaks at ~ sqrt(2) sigma_data along an ODE trajectory of Gaussian
-#           data; 1.4 suited the bench's small net at 20 NFE, 1.0-1.1 the PET
-#           residual net at 6 NFE), last noise level sigma_min = 0.014
-#           sigma_data (0.007 at sigma_data 0.5; then x = D). Chosen once on
-#           bench/sampler_peers.py's settings (Gaussian, mixture, small trained
-#           net) and the PET and 3-D latent networks; README "Few-step sampling
-#           against the peers" for where it wins.
+#           warped with k = 0.5 around sigma_c = sigma_data at <= 6 NFE, rising
+#           linearly to 1.4 sigma_data at >= 10 NFE (dD/dlambda peaks at ~ sqrt(2)
+#           sigma_data along an ODE trajectory of Gaussian data; the small net
+#           wants 1.4 at 20 NFE, the PET residual net 1.0 at 6 NFE), last noise
+#           level sigma_min = max(0.014 sigma_data, 0.002) (0.007 at sigma_data
+#           0.5; then x = D). Chosen on bench/sampler_peers.py's settings
+#           (Gaussian, mixture, small trained net) and the PET network; README
+#           "Few-step sampling against the peers" for where it wins.
 # A preset value None of sigma_c / sigma_min is PRESET_PER_SIGMA_DATA's multiple of
-# the network's sigma_data, filled in by sample() where the network is known.
+# the network's sigma_data (at least PRESET_FLOOR), filled in by sample() where the
+# network is known (resolve_levels: also what a record of the run says; such a
+# record keeps `preset`, so it is not options to pass again).
 
 SAMPLER_PRESETS = {
     'fast': dict(solver='gauss_3m_sqrt', discretization='logsnr_warped', corrector='unic', afs=True, warp_k=0.5, sigma_c=None, sigma_min=None),
@@ -436,9 +437,11 @@ SAMPLER_PRESETS = {
 PRESET_PER_SIGMA_DATA = { # Units of sigma_data; (a, b, n_a, n_b): a at NFE <= n_a, b at NFE >= n_b, linear between.
     'fast': dict(sigma_c=(1.0, 1.4, 6, 10), sigma_min=0.014),
 }
+PRESET_FLOOR = {'fast': dict(sigma_min=0.002)} # Absolute lower bounds of those levels (EDM's last level: below it a step buys nothing).
 
-def _describe(per) -> str:
-    return f'{per:g}*sigma_data' if not isinstance(per, tuple) else f'{per[0]:g}-{per[1]:g}*sigma_data (NFE {per[2]}-{per[3]})'
+def _describe(per, floor=None) -> str:
+    out = f'{per:g}*sigma_data' if not isinstance(per, tuple) else f'{per[0]:g}-{per[1]:g}*sigma_data (NFE {per[2]}-{per[3]})'
+    return out if floor is None else f'max({out}, {floor:g})'
 
 def preset_level(key: str, value: float | None, preset: str | None, sigma_data: float, nfe: int | None = None) -> float:
     """sigma_c / sigma_min as sample() uses it: value if set, else the preset's multiple of sigma_data at `nfe`
@@ -453,20 +456,20 @@ def preset_level(key: str, value: float | None, preset: str | None, sigma_data: 
             raise ValueError(f'{key}: the preset {preset!r} sets it per number of evaluations; nfe is needed')
         a, b, n_a, n_b = per
         per = a + (b - a) * min(max((nfe - n_a) / (n_b - n_a), 0.0), 1.0)
-    return (1.0 if per is None else per) * sigma_data
+    return max((1.0 if per is None else per) * sigma_data, PRESET_FLOOR.get(preset, {}).get(key, 0.0))
 
 def resolve_levels(options: dict, sigma_data: float) -> dict:
     """Resolved sampler options with a preset's sigma_c / sigma_min (None there) filled in for a network's
     sigma_data at the options' NFE: what sample() uses, and what a record of the run should say."""
     o = dict(options)
-    if o.get('preset') is not None:
-        nfe = solvers.evaluations(o['solver'], o['num_steps'], o['afs'])
-        for key in ('sigma_c', 'sigma_min'):
-            o[key] = preset_level(key, o[key], o['preset'], sigma_data, nfe)
+    nfe = solvers.evaluations(o['solver'], o['num_steps'], o['afs'])
+    for key in ('sigma_c', 'sigma_min') if o.get('preset') is not None else ('sigma_min',): # (sigma_min None without one: ValueError.)
+        o[key] = preset_level(key, o[key], o.get('preset'), sigma_data, nfe)
     return o
 
 PRESET_KEYS = ('solver', 'discretization', 'corrector', 'afs', 'warp_k', 'sigma_c', 'sigma_min') # What sample() resolves.
 assert all(set(p) <= set(PRESET_KEYS) for p in SAMPLER_PRESETS.values())
+assert all(PRESET_FLOOR.get(n, {}).get('sigma_min') for n, p in SAMPLER_PRESETS.items() if 'sigma_min' in p and p['sigma_min'] is None)
 
 def resolve_preset(options: dict, name: Callable[[str], str] = lambda k: 'sampling.' + k) -> dict:
     """The options with the preset's values filled in (idempotent); ValueError on an unknown preset or a conflict."""
@@ -479,7 +482,7 @@ def resolve_preset(options: dict, name: Callable[[str], str] = lambda k: 'sampli
     for k, v in SAMPLER_PRESETS[preset].items():
         if k in o and o[k] != v and o[k] != SAMPLER_DEFAULTS[k]:
             per = PRESET_PER_SIGMA_DATA.get(preset, {}).get(k) if v is None else None
-            sets = f'{k}={v}' if per is None else f'{k}={_describe(per)}'
+            sets = f'{k}={v}' if per is None else f'{k}={_describe(per, PRESET_FLOOR.get(preset, {}).get(k))}'
             raise ValueError(f'{name(k)}={o[k]} conflicts with {name("preset")}={preset}, which sets {sets} (leave out one of them)')
         o[k] = v
     return o
@@ -526,7 +529,8 @@ def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict 
         if warp_k != SAMPLER_DEFAULTS['warp_k']:
             raise ValueError(f'{name("warp_k")} applies to {name("discretization")}=logsnr_warped only, not {steps!r} '
                 f'(leave {name("warp_k")} at {SAMPLER_DEFAULTS["warp_k"]})')
-    if o['sigma_min'] is not None and not (0 < o['sigma_min'] < o['sigma_max']):
+    lowest = o['sigma_min'] if o['sigma_min'] is not None else PRESET_FLOOR[o['preset']]['sigma_min'] # A preset's least level.
+    if not (0 < lowest < o['sigma_max']):
         raise ValueError(f'{name("sigma_min")} / {name("sigma_max")}: need 0 < sigma_min < sigma_max, got {o["sigma_min"]}, {o["sigma_max"]}')
     if not np.isfinite(o['guidance']):
         raise ValueError(f'{name("guidance")} must be a finite number, got {o["guidance"]}')
