@@ -468,11 +468,12 @@ def test_preset_fast_resolves_to_its_solver_options():
         '(leave out one of them)')
     with pytest.raises(ValueError) as err: # The preset's last level is checked against sigma_max before anything runs.
         sampling.check_sampler_options(dict(preset='fast', sigma_max=0.001))
-    assert str(err.value) == 'sampling.sigma_min / sampling.sigma_max: need 0 < sigma_min < sigma_max, got None, 0.001'
+    assert str(err.value) == ('sampling.sigma_max=0.001 must exceed the last noise level of sampling.preset=fast, '
+        'max(0.014*sigma_data, 0.002)')
     with pytest.raises(ValueError) as err:
         sampling.check_sampler_options(dict(preset='fast', sigma_c=0.3))
-    assert str(err.value) == ('sampling.sigma_c=0.3 conflicts with sampling.preset=fast, which sets sigma_c=1-1.4*sigma_data (NFE 6-10) '
-        '(leave out one of them)')
+    assert str(err.value) == ('sampling.sigma_c=0.3 conflicts with sampling.preset=fast, which sets sigma_c=(1 to 1.4)*sigma_data over NFE 6 '
+        'to 10 (leave out one of them)')
     with pytest.raises(ValueError) as err: # None (the preset's multiple of sigma_data) only where a preset sets it.
         sampling.check_sampler_options(dict(sigma_min=None))
     assert str(err.value) == 'sampling.sigma_min: expected a number, got None'
@@ -503,6 +504,8 @@ def test_sample_with_preset_is_the_explicit_options():
     o = sampling.check_sampler_options(dict(preset='fast', num_steps=9))
     assert sampling.resolve_levels(o, 0.3) == dict(o, sigma_c=pytest.approx(1.2 * 0.3), sigma_min=pytest.approx(0.014 * 0.3)) # What a record says.
     assert sampling.resolve_levels(dict(o, preset=None, sigma_min=0.002), 0.3)['sigma_c'] is None # Without a preset: unchanged.
+    assert sampling.resolve_levels(o, 0.3, net_sigma_min=0.02)['sigma_min'] == 0.02 # The network's own floor, as sample().
+    assert sampling.resolve_levels(dict(sigma_min=0.01), 0.3) == dict(sigma_min=0.01) # Partial options without a preset.
     assert [solvers.evaluations(*a) for a in (('heun', 18), ('dpmpp_2m', 10), ('gauss_3m_sqrt', 9, True), ('dpmpp_3m', 1, True))] == [35, 10, 8, 1]
     with pytest.raises(ValueError, match='^discretization=logsnr conflicts with preset=fast, which sets discretization=logsnr_warped'):
         sampling.sample(net, latents, preset='fast', discretization='logsnr', corrector='unic')

@@ -49,7 +49,7 @@ _SAMPLER_HELP = {
     'sigma_c':          'logsnr_warped: centre of the warp [default: the network\'s sigma_data; a preset: its multiple]',
     'warp_k':           'logsnr_warped: strength of the warp (0 = logsnr)',
     'num_steps':        'Number of sampler steps',
-    'sigma_min':        'Lowest noise level (a preset sets its own multiple of sigma_data)',
+    'sigma_min':        'Lowest noise level (--preset fast sets max(0.014 sigma_data, 0.002); another value conflicts with it)',
     'sigma_max':        'Highest noise level',
     'rho':              'EDM time-step exponent',
     'S_churn':          'Churn of heun / euler (0 = deterministic)',

@@ -220,7 +220,7 @@ def sample(
     sigma_c:        float | None = None, # logsnr_warped: centre of the warp, None = net.sigma_data (0.5 without one; a preset's multiple).
     warp_k:         float = 0.3,        # logsnr_warped: strength of the warp (0 = logsnr).
     num_steps:      int = 18,           # Number of noise levels > 0.
-    sigma_min:      float | None = 0.002, # Lowest noise level (raised to net.sigma_min); None = a preset's multiple of sigma_data.
+    sigma_min:      float | None = 0.002, # Lowest noise level (raised to net.sigma_min); None = a preset's (multiple of sigma_data, floored).
     sigma_max:      float = 80,         # Highest noise level (lowered to net.sigma_max).
     rho:            float = 7,          # EDM time-step exponent.
     S_churn:        float = 0,          # Churn of heun / euler; 0 = deterministic.
@@ -440,12 +440,12 @@ PRESET_PER_SIGMA_DATA = { # Units of sigma_data; (a, b, n_a, n_b): a at NFE <= n
 PRESET_FLOOR = {'fast': dict(sigma_min=0.002)} # Absolute lower bounds of those levels (EDM's last level: below it a step buys nothing).
 
 def _describe(per, floor=None) -> str:
-    out = f'{per:g}*sigma_data' if not isinstance(per, tuple) else f'{per[0]:g}-{per[1]:g}*sigma_data (NFE {per[2]}-{per[3]})'
+    out = f'{per:g}*sigma_data' if not isinstance(per, tuple) else f'({per[0]:g} to {per[1]:g})*sigma_data over NFE {per[2]} to {per[3]}'
     return out if floor is None else f'max({out}, {floor:g})'
 
 def preset_level(key: str, value: float | None, preset: str | None, sigma_data: float, nfe: int | None = None) -> float:
     """sigma_c / sigma_min as sample() uses it: value if set, else the preset's multiple of sigma_data at `nfe`
-    evaluations (sigma_c: 1 without a preset)."""
+    evaluations, at least its PRESET_FLOOR (sigma_c: sigma_data without a preset)."""
     if value is not None:
         return float(value)
     per = PRESET_PER_SIGMA_DATA.get(preset, {}).get(key)
@@ -458,13 +458,19 @@ def preset_level(key: str, value: float | None, preset: str | None, sigma_data: 
         per = a + (b - a) * min(max((nfe - n_a) / (n_b - n_a), 0.0), 1.0)
     return max((1.0 if per is None else per) * sigma_data, PRESET_FLOOR.get(preset, {}).get(key, 0.0))
 
-def resolve_levels(options: dict, sigma_data: float) -> dict:
+def resolve_levels(options: dict, sigma_data: float, net_sigma_min: float = 0.0) -> dict:
     """Resolved sampler options with a preset's sigma_c / sigma_min (None there) filled in for a network's
-    sigma_data at the options' NFE: what sample() uses, and what a record of the run should say."""
+    sigma_data at the options' NFE, sigma_min raised to the network's own (net_sigma_min), as sample() runs them:
+    what a record of the run should say (it keeps `preset`: a record, not options to pass again)."""
     o = dict(options)
-    nfe = solvers.evaluations(o['solver'], o['num_steps'], o['afs'])
-    for key in ('sigma_c', 'sigma_min') if o.get('preset') is not None else ('sigma_min',): # (sigma_min None without one: ValueError.)
-        o[key] = preset_level(key, o[key], o.get('preset'), sigma_data, nfe)
+    if o.get('preset') is not None:
+        nfe = solvers.evaluations(o['solver'], o['num_steps'], o['afs'])
+        for key in ('sigma_c', 'sigma_min'):
+            o[key] = preset_level(key, o[key], o['preset'], sigma_data, nfe)
+    elif 'sigma_min' in o:
+        o['sigma_min'] = preset_level('sigma_min', o['sigma_min'], None, sigma_data) # None: ValueError.
+    if 'sigma_min' in o:
+        o['sigma_min'] = max(o['sigma_min'], float(net_sigma_min))
     return o
 
 PRESET_KEYS = ('solver', 'discretization', 'corrector', 'afs', 'warp_k', 'sigma_c', 'sigma_min') # What sample() resolves.
@@ -529,8 +535,10 @@ def check_sampler_options(options: dict, prefix: str = 'sampling.', names: dict 
         if warp_k != SAMPLER_DEFAULTS['warp_k']:
             raise ValueError(f'{name("warp_k")} applies to {name("discretization")}=logsnr_warped only, not {steps!r} '
                 f'(leave {name("warp_k")} at {SAMPLER_DEFAULTS["warp_k"]})')
-    lowest = o['sigma_min'] if o['sigma_min'] is not None else PRESET_FLOOR[o['preset']]['sigma_min'] # A preset's least level.
-    if not (0 < lowest < o['sigma_max']):
+    if o['sigma_min'] is None and not PRESET_FLOOR[o['preset']]['sigma_min'] < o['sigma_max']: # The preset's least level.
+        per = _describe(PRESET_PER_SIGMA_DATA[o['preset']]['sigma_min'], PRESET_FLOOR[o['preset']]['sigma_min'])
+        raise ValueError(f'{name("sigma_max")}={o["sigma_max"]} must exceed the last noise level of {name("preset")}={o["preset"]}, {per}')
+    if o['sigma_min'] is not None and not (0 < o['sigma_min'] < o['sigma_max']):
         raise ValueError(f'{name("sigma_min")} / {name("sigma_max")}: need 0 < sigma_min < sigma_max, got {o["sigma_min"]}, {o["sigma_max"]}')
     if not np.isfinite(o['guidance']):
         raise ValueError(f'{name("guidance")} must be a finite number, got {o["guidance"]}')
