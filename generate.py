@@ -172,18 +172,22 @@ load_network = network_snapshot.load_network
 def _to_numpy(x) -> np.ndarray: # Dataset items may hold tensors or arrays.
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
+def condition_dataset(cond_dataset: dict | None, snapshot: dict) -> torch.utils.data.Dataset:
+    """The dataset conditions come from: `cond_dataset` ({_target_: ..., ...}) if given, else the snapshot's own
+    dataset_kwargs (checked like every class a snapshot names)."""
+    if cond_dataset is not None:
+        return misc.construct_class(cond_dataset, 'sampling.cond_dataset')
+    kwargs = snapshot.get('dataset_kwargs') or {}
+    if not isinstance(kwargs, dict) or '_target_' not in kwargs:
+        raise ValueError('sampling.cond_dataset: the network needs condition images (cond_channels > 0) and the snapshot '
+            'has no usable dataset_kwargs; set sampling.cond_dataset={_target_: ..., path: ...}')
+    where = 'dataset_kwargs of the snapshot (override with sampling.cond_dataset)'
+    persistence.check_snapshot_config(kwargs, torch.utils.data.Dataset, where)
+    return misc.construct_class(kwargs, where)
+
 def load_conditions(net, scfg: dict, snapshot: dict) -> dict:
     """Items of the condition dataset: cond [K, Cc, ...], labels, references, per-item metadata."""
-    if scfg['cond_dataset'] is not None:
-        dataset = misc.construct_class(scfg['cond_dataset'], 'sampling.cond_dataset')
-    else:
-        kwargs = snapshot.get('dataset_kwargs') or {}
-        if not isinstance(kwargs, dict) or '_target_' not in kwargs:
-            raise ValueError('sampling.cond_dataset: the network needs condition images (cond_channels > 0) and the snapshot '
-                'has no usable dataset_kwargs; set sampling.cond_dataset={_target_: ..., path: ...}')
-        where = 'dataset_kwargs of the snapshot (override with sampling.cond_dataset)'
-        persistence.check_snapshot_config(kwargs, torch.utils.data.Dataset, where)
-        dataset = misc.construct_class(kwargs, where)
+    dataset = condition_dataset(scfg['cond_dataset'], snapshot)
     n = len(dataset)
     indices = list(range(n)) if scfg['cond_indices'] is None else misc.parse_int_list(scfg['cond_indices'], 'sampling.cond_indices')
     if len(indices) == 0:

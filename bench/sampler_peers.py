@@ -368,10 +368,8 @@ def snapshot_setting(path, batch, gen):
     cond = labels = None
     loss_fn = snapshot.get('loss_fn')
     if getattr(net, 'cond_channels', 0) and hasattr(loss_fn, 'latent_batch'): # A latent network (3-D LDM): dataset items -> frozen encoder.
-        from torch_utils import misc, persistence # pylint: disable=import-outside-toplevel
-        kwargs = snapshot.get('dataset_kwargs') or {}
-        persistence.check_snapshot_config(kwargs, torch.utils.data.Dataset, 'dataset_kwargs of the snapshot')
-        dataset = misc.construct_class(kwargs, 'dataset_kwargs of the snapshot')
+        import generate # pylint: disable=import-outside-toplevel
+        dataset = generate.condition_dataset(None, snapshot)
         items = torch.utils.data.default_collate([dataset[i] for i in range(batch)])
         with torch.no_grad():
             cond = loss_fn.latent_batch(items, snapshot.get('frozen'))['cond'].to(torch.float32)

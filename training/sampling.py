@@ -239,9 +239,9 @@ def sample(
             sigma_c=sigma_c, sigma_min=sigma_min), lambda k: k)
         solver, discretization, corrector, afs, warp_k, sigma_c, sigma_min = (o[k] for k in PRESET_KEYS)
     sigma_data = float(getattr(net, 'sigma_data', 0.5))
-    levels = resolve_levels(dict(preset=preset, solver=solver, num_steps=num_steps, afs=afs, sigma_c=sigma_c, sigma_min=sigma_min), sigma_data)
+    levels = network_levels(dict(preset=preset, solver=solver, num_steps=num_steps, afs=afs, sigma_c=sigma_c, sigma_min=sigma_min), net)
     sigma_c = preset_level('sigma_c', levels['sigma_c'], None, sigma_data) # None without a preset: sigma_data.
-    sigma_min = max(levels['sigma_min'], net.sigma_min)
+    sigma_min = levels['sigma_min']
     if images is not None:
         if sigma_start is None or not 0 < sigma_start <= net.sigma_max:
             raise ValueError(f'sigma_start: expected a noise level in (0, {net.sigma_max}] for partial-noise reconstruction, got {sigma_start}')
@@ -472,6 +472,10 @@ def resolve_levels(options: dict, sigma_data: float, net_sigma_min: float = 0.0)
     if 'sigma_min' in o:
         o['sigma_min'] = max(o['sigma_min'], float(net_sigma_min))
     return o
+
+def network_levels(options: dict, net) -> dict:
+    """resolve_levels for a network (its sigma_data and sigma_min; None, e.g. DiffMIC's DCG alone: EDM's 0.5, 0)."""
+    return resolve_levels(options, float(getattr(net, 'sigma_data', 0.5)), float(getattr(net, 'sigma_min', 0)))
 
 PRESET_KEYS = ('solver', 'discretization', 'corrector', 'afs', 'warp_k', 'sigma_c', 'sigma_min') # What sample() resolves.
 assert all(set(p) <= set(PRESET_KEYS) for p in SAMPLER_PRESETS.values())

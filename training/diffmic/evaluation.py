@@ -254,7 +254,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
     summary, rows = summarize(dataset, out, bins)
     if val is not None:
         calibrate_summary(summary, out, val.class_idx, val_out, dataset.class_idx, bins)
-    summary.update(network=network_pkl, samples=samples, sampler=sampling.resolve_levels(sampler, float(getattr(net, 'sigma_data', 0.5)), float(getattr(net, 'sigma_min', 0))), seed=seed, estimator=estimator)
+    summary.update(network=network_pkl, samples=samples, sampler=sampling.network_levels(sampler, net), seed=seed, estimator=estimator)
     write_outputs(outdir, dataset, out, summary, rows)
     for name in ('dcg', 'diffmic'):
         if name in summary:

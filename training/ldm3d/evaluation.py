@@ -196,7 +196,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, growth, ti
         print(f'{case} mask {k:04d}: ' + ('  '.join(f'{r["method"]} SSIM {r["ssim"]:.4f} PSNR {r["psnr"]:.2f}' for r in rows[-len(preds):]) if rows else 'written'))
     if infer_only:
         return
-    summary = dict(network=network_pkl, data=data, split=split, items=len(items), samples=samples, sampler=sampling.resolve_levels(sampler, float(getattr(net, 'sigma_data', 0.5)), float(getattr(net, 'sigma_min', 0))),
+    summary = dict(network=network_pkl, data=data, split=split, items=len(items), samples=samples, sampler=sampling.network_levels(sampler, net),
         scale_factor=ae.scale_factor, **summarize(rows))
     json_path, csv_path = metrics.write_metrics(outdir, summary, rows)
     for method in [m for m in METHODS + REFERENCES if m in summary]:

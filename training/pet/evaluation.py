@@ -367,7 +367,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         for ref in REFERENCES for region in REGIONS}
 
     # Results.
-    result = dict(network=network_pkl, supervised=supervised, data=data, val_data=val_data, images=len(test['low']), samples=samples, seed=seed, sampler=sampling.resolve_levels(sampler, float(getattr(net, 'sigma_data', 0.5)), float(getattr(net, 'sigma_min', 0))),
+    result = dict(network=network_pkl, supervised=supervised, data=data, val_data=val_data, images=len(test['low']), samples=samples, seed=seed, sampler=sampling.network_levels(sampler, net),
         sigma_start=sigma_start,
         baselines=chosen, data_range='per image: max - min of the reference image (counts per pixel), both regions',
         regions=dict(image='whole image', brain='phantom > 0'), ssim='Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03',
