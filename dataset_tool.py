@@ -223,7 +223,9 @@ def diffmic_data(dest, resolution, train_per_class, test_per_class, seed):
 def anomaly_data(dest, resolution, slices, z_mm, counts, seed, variation):
     """Healthy IXI-like and lesioned BraTS-/MSLUB-like NIfTI volumes with brain
     and lesion masks and the reference's split CSVs, from the MNI152 template
-    (lesion kinds: tumour_hyper, tumour_hypo, ms_hyper; see training/anomaly/data.py)."""
+    (lesion kinds: tumour_hyper, tumour_hypo, ms_hyper; see training/anomaly/data.py);
+    every lesioned volume also has its lesion-free rendering (healthy/, CSV column
+    healthy_path: the ground truth of evaluate.py anomaly's oracle bound)."""
     from training.anomaly import data as anomaly_data_mod
     parsed = {}
     for item in filter(None, (s.strip() for s in counts.split(','))):

@@ -70,7 +70,8 @@ def test_anomaly_end_to_end(data_root, snapshots, tmp_path):
     launch.check(_evaluate(['--data-root', str(data_root), '--network', f'pddpm={snapshots["pddpm"]}', '--network', f'cddpm={snapshots["cddpm"]}',
         '--outdir', str(out), '--panels', '1', '--select-t', 'pddpm=300;500'], tmp_path))
     result = json.loads((out / 'metrics.json').read_text())
-    assert result['methods'] == ['intensity', 'mean_healthy', 'pddpm', 'cddpm']
+    assert result['methods'] == ['intensity', 'mean_healthy', 'oracle', 'pddpm', 'cddpm'] # Synthetic data: the oracle bound too.
+    assert result['baselines'] == ['intensity', 'mean_healthy', 'oracle'] and 'upper bound' in result['oracle']
     for s in ('Brats21', 'MSLUB'): # The test step of pddpm chosen on each set's validation split; cddpm keeps its own.
         sel = result['selection'][s]['pddpm']
         assert [t['test_t'] for t in sel['tried']] == [[300], [500]] and set(result['selection'][s]) == {'pddpm'}
@@ -81,9 +82,9 @@ def test_anomaly_end_to_end(data_root, snapshots, tmp_path):
     for m in result['methods']:
         assert set(pooled[m]) == {'dice', 'auprc', 'auroc', 'best_dice'} and pooled[m]['auroc']['n'] == 4
     assert set(result['results']) == {'pooled', 'kind:tumour_hyper', 'kind:tumour_hypo', 'kind:ms_hyper', 'set:Brats21', 'set:MSLUB'}
-    assert set(pooled['paired']) == {'pddpm-intensity', 'pddpm-mean_healthy', 'cddpm-intensity', 'cddpm-mean_healthy'}
+    assert set(pooled['paired']) == {f'{n}-{b}' for n in ('pddpm', 'cddpm') for b in ('intensity', 'mean_healthy', 'oracle')}
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
-    assert len(rows) == 4 * 4 # 4 methods x 4 test volumes.
+    assert len(rows) == 5 * 4 # 5 methods x 4 test volumes.
     src = nib.load(str(data_root / 'Test' / 'MSLUB' / 't2' / 'MSLUB_test_001.nii.gz'))
     amap = nib.load(str(out / 'maps' / 'cddpm' / 'MSLUB_test_001.nii.gz'))
     assert np.allclose(amap.affine, src.affine) and amap.get_data_dtype() == np.float32 and amap.shape == src.shape

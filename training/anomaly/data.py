@@ -7,6 +7,7 @@ reference's layout (Behrendt et al.; research notes section 1.5):
     <root>/Train/ixi/{t2,mask}/IXI_<i>.nii.gz                healthy subjects
     <root>/Test/Brats21/{t2,mask,seg}/Brats21_<i>.nii.gz     large tumour-like lesions
     <root>/Test/MSLUB/{t2,mask,seg}/MSLUB_<i>.nii.gz         small MS-like lesions
+    <root>/Test/{Brats21,MSLUB}/healthy/<name>.nii.gz        the same subjects without their lesions (synthetic ground truth)
     <root>/splits/{IXI_train_fold0,IXI_val_fold0,IXI_test,Brats21_val,Brats21_test,MSLUB_val,MSLUB_test}.csv
 
 Volumes are float32 arrays (H, W, S): S axial slices of H x W pixels (row =
@@ -22,6 +23,16 @@ each subject's deformation, bias field, gamma and Rician noise, skull-stripped
 
 The Brats21 sets alternate tumour_hyper and tumour_hypo; MSLUB holds ms_hyper.
 Subject i of a set depends only on (seed, set, i).
+
+Every lesioned volume also has its lesion-free rendering, healthy/<name>
+(CSV column healthy_path, the last one, in the Brats21 and MSLUB splits
+only): the same subject (deformation, bias field, gamma, brain mask of the
+subject) without the lesion and without the tumours' mass effect, with
+Rician noise from an independent generator (seed, set, i, HEALTHY_STREAM),
+so the volumes, masks and lesion masks are bit for bit those of a build
+without it. It is what `evaluate.py anomaly` scores as `oracle`
+(|x - healthy|): an upper bound of healthy reconstruction that needs this
+synthetic ground truth (real data have no such column).
 
 Healthy inter-subject variation (`variation`, the same for every split:
 train, validation and test). The template is ONE averaged brain, so with
@@ -54,6 +65,8 @@ SETS = {
     'mslub':    dict(folder='Test/MSLUB', prefix='MSLUB', kinds=('ms_hyper',)),
 }
 SPLIT_COLUMNS = ('img_path', 'mask_path', 'seg_path', 'kind')
+LESION_SPLIT_COLUMNS = SPLIT_COLUMNS + ('healthy_path',) # Lesioned sets: plus the lesion-free rendering.
+HEALTHY_STREAM = 12345                      # Last seed word of the healthy rendering's noise generator.
 
 #----------------------------------------------------------------------------
 # Geometry: the template, its brain mask and white matter on the working grid,
@@ -83,8 +96,9 @@ class Geometry:
         self.affine = self.mni_affine @ grid
         self.spacing_mm = np.array([self.step * voxel_mm, self.step * voxel_mm, dz * voxel_mm]) # (row, col, slice).
 
-    def subject(self, rng: np.random.Generator, augment: bool = True, variation: str = 'realistic') -> dict:
-        """A healthy subject: image, brain mask and white-matter map, (H, W, S)."""
+    def subject(self, rng: np.random.Generator, augment: bool = True, variation: str = 'realistic', healthy_rng: np.random.Generator | None = None) -> dict:
+        """A healthy subject: image, brain mask and white-matter map, (H, W, S); with healthy_rng also
+        'healthy', the same image with Rician noise from healthy_rng (rng's draws are unchanged)."""
         if variation not in VARIATIONS:
             raise ValueError(f"variation must be one of {', '.join(VARIATIONS)}, got {variation!r}")
         points = mri_phantoms.slice_points(self.z_vox, self.resolution, self.bbox)
@@ -102,7 +116,10 @@ class Geometry:
         brain = subj.sample(self.brain, points) > 0.5
         wm = subj.sample(self.wm, points)
         to_hws = lambda a: np.ascontiguousarray(np.transpose(a, (1, 2, 0)))
-        return dict(image=to_hws(image * brain), brain=to_hws(brain), wm=to_hws(wm))
+        out = dict(image=to_hws(image * brain), brain=to_hws(brain), wm=to_hws(wm))
+        if healthy_rng is not None:
+            out['healthy'] = to_hws(subj.intensity(values, points, healthy_rng) * brain)
+        return out
 
 #----------------------------------------------------------------------------
 # Realistic healthy inter-subject variation (variation='realistic').
@@ -219,9 +236,11 @@ def add_ms(subject: dict, rng: np.random.Generator, spacing_mm: np.ndarray) -> d
         seg |= blob
     return dict(subject, image=image.astype(np.float32), seg=seg)
 
-def make_case(geometry: Geometry, rng: np.random.Generator, kind: str | None, augment: bool = True, variation: str = 'realistic') -> dict:
-    """One volume: image, brain mask, lesion mask (all-zero when healthy)."""
-    subject = geometry.subject(rng, augment, variation)
+def make_case(geometry: Geometry, rng: np.random.Generator, kind: str | None, augment: bool = True, variation: str = 'realistic',
+    healthy_rng: np.random.Generator | None = None) -> dict:
+    """One volume: image, brain mask, lesion mask (all-zero when healthy); with healthy_rng also 'healthy',
+    the subject before its lesion and mass effect (Geometry.subject; the lesions keep it unchanged)."""
+    subject = geometry.subject(rng, augment, variation, healthy_rng)
     if kind is None:
         subject['seg'] = np.zeros(subject['image'].shape, dtype=bool)
     elif kind in ('tumour_hyper', 'tumour_hypo'):
@@ -247,9 +266,9 @@ def _gzip(data: bytes) -> bytes:
     import gzip
     return gzip.compress(data, mtime=0)
 
-def write_split(path: str, rows: list[dict]) -> None:
+def write_split(path: str, rows: list[dict], columns=SPLIT_COLUMNS) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SPLIT_COLUMNS, lineterminator='\n')
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n')
     writer.writeheader()
     writer.writerows(rows)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -277,7 +296,8 @@ def build_anomaly_data(
         for i in range(int(counts[split])):
             rng = np.random.default_rng([seed, set_idx, i])
             kind = None if spec['kinds'] is None else spec['kinds'][i % len(spec['kinds'])]
-            case = make_case(geometry, rng, kind, augment, variation)
+            healthy_rng = None if kind is None else np.random.default_rng([seed, set_idx, i, HEALTHY_STREAM])
+            case = make_case(geometry, rng, kind, augment, variation, healthy_rng)
             name = f'{spec["prefix"]}_{split.split("_")[1]}_{i:03d}.nii.gz'
             row = dict(img_path=f'{spec["folder"]}/t2/{name}', mask_path=f'{spec["folder"]}/mask/{name}',
                 seg_path='' if kind is None else f'{spec["folder"]}/seg/{name}', kind=kind or 'healthy')
@@ -285,8 +305,10 @@ def build_anomaly_data(
             save_nifti(os.path.join(dest, row['mask_path']), case['brain'], geometry.affine)
             if kind is not None:
                 save_nifti(os.path.join(dest, row['seg_path']), case['seg'], geometry.affine)
+                row['healthy_path'] = f'{spec["folder"]}/healthy/{name}'
+                save_nifti(os.path.join(dest, row['healthy_path']), case['healthy'], geometry.affine)
             rows.append(row)
-        write_split(os.path.join(dest, 'splits', f'{split}.csv'), rows)
+        write_split(os.path.join(dest, 'splits', f'{split}.csv'), rows, SPLIT_COLUMNS if spec['kinds'] is None else LESION_SPLIT_COLUMNS)
         written[split] = len(rows)
         log(f'{split}: {len(rows)} volumes {resolution}x{resolution}x{slices}')
     return written

@@ -4,9 +4,11 @@
 healthy axial-slice training set.
 
 A split CSV (the reference's splits/*.csv layout) has the columns img_path,
-mask_path and optionally seg_path (lesion mask; empty = healthy) and kind
-(lesion kind, for per-kind results); paths are absolute or relative to the
-data root, the folder above splits/. Volumes are NIfTI arrays (H, W, S):
+mask_path and optionally seg_path (lesion mask; empty = healthy), kind
+(lesion kind, for per-kind results) and healthy_path (the same subject
+rendered without its lesion: synthetic data only, dataset_tool.py
+anomaly-data; scored as the evaluation's `oracle`); paths are absolute or
+relative to the data root, the folder above splits/. Volumes are NIfTI arrays (H, W, S):
 S axial slices of H x W (the reference: 96 x 96 x 50, skull-stripped,
 registered, x2 downsampled).
 
@@ -27,7 +29,8 @@ from training import dataset as dataset_mod
 # Split CSVs.
 
 def split_rows(csv_path: str, root: str | None = None) -> list[dict]:
-    """Rows {img_path, mask_path, seg_path, kind, case} with absolute paths; ValueError naming the CSV."""
+    """Rows {img_path, mask_path, seg_path, healthy_path, kind, case} with absolute paths (None: empty or no
+    such column; only img_path and mask_path are required); ValueError naming the CSV."""
     if not os.path.isfile(csv_path):
         raise ValueError(f'split CSV not found: {csv_path}')
     root = root if root is not None else os.path.dirname(os.path.dirname(os.path.abspath(csv_path)))
@@ -39,10 +42,10 @@ def split_rows(csv_path: str, root: str | None = None) -> list[dict]:
         rows = []
         for line, row in enumerate(reader, start=2):
             out = {}
-            for key in ('img_path', 'mask_path', 'seg_path'):
+            for key in ('img_path', 'mask_path', 'seg_path', 'healthy_path'):
                 value = (row.get(key) or '').strip()
                 if not value:
-                    if key != 'seg_path':
+                    if key in ('img_path', 'mask_path'):
                         raise ValueError(f'split CSV {csv_path}, line {line}: empty {key}')
                     out[key] = None
                     continue
@@ -66,31 +69,38 @@ def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f'NIfTI file {path}: expected one 3-D volume, got {data.shape[0]} channels')
     return data[0], affine
 
-def rescale(image: np.ndarray, brain: np.ndarray, percentiles=(1, 99)) -> np.ndarray:
-    """[0, 1] from the brain's percentiles, clipped; 0 outside the brain."""
-    lo, hi = np.percentile(image[brain], percentiles)
+def rescale(image: np.ndarray, brain: np.ndarray, percentiles=(1, 99), like: np.ndarray | None = None) -> np.ndarray:
+    """[0, 1] from the brain's percentiles (of `like` if given: another image on the intensity scale of
+    that one), clipped; 0 outside the brain."""
+    lo, hi = np.percentile((image if like is None else like)[brain], percentiles)
     v = np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1)
     return np.where(brain, v, 0).astype(np.float32)
 
 def load_case(row: dict) -> dict:
-    """image (H, W, S) in [0, 1], brain and seg (bool), affine, paths; ValueError naming the file."""
+    """image (H, W, S) in [0, 1], brain and seg (bool), affine, paths; with a healthy_path also healthy (the
+    lesion-free rendering, rescaled with the volume's own percentiles and brain mask, so that |image - healthy|
+    is a residual in the image's units, as a reconstruction's); ValueError naming the file."""
     image, affine = _read(row['img_path'])
-    masks = {}
-    for key in ('mask_path', 'seg_path'):
+    arrays = {}
+    for key in ('mask_path', 'seg_path', 'healthy_path'):
         if row.get(key) is None:
             continue
         m, m_affine = _read(row[key])
         if m.shape != image.shape:
             raise ValueError(f'{row[key]} has shape {list(m.shape)}, its volume {row["img_path"]} {list(image.shape)}')
         if not np.allclose(m_affine, affine, atol=1e-4):
-            raise ValueError(f'{row[key]} has a different affine from its volume {row["img_path"]} (the masks must be on the same grid)')
-        masks[key] = m > 0
-    brain = masks['mask_path']
+            what = 'the healthy rendering' if key == 'healthy_path' else 'the masks'
+            raise ValueError(f'{row[key]} has a different affine from its volume {row["img_path"]} ({what} must be on the same grid)')
+        arrays[key] = m if key == 'healthy_path' else m > 0
+    brain = arrays['mask_path']
     if not brain.any():
         raise ValueError(f'brain mask {row["mask_path"]} is empty')
-    seg = masks.get('seg_path', np.zeros(image.shape, dtype=bool))
-    return dict(image=rescale(image, brain), brain=brain, seg=seg, affine=affine, kind=row.get('kind', 'healthy'),
+    seg = arrays.get('seg_path', np.zeros(image.shape, dtype=bool))
+    out = dict(image=rescale(image, brain), brain=brain, seg=seg, affine=affine, kind=row.get('kind', 'healthy'),
         case=row.get('case', os.path.basename(row['img_path'])), img_path=row['img_path'])
+    if 'healthy_path' in arrays:
+        out.update(healthy=rescale(arrays['healthy_path'], brain, like=image), healthy_path=row['healthy_path'])
+    return out
 
 def load_split(csv_path: str, max_volumes: int | None = None) -> list[dict]:
     rows = split_rows(csv_path)

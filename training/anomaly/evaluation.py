@@ -7,6 +7,10 @@ sets:
 
     intensity      the image intensity itself as the anomaly score (Meissen et al. 2021)
     mean_healthy   |x - mean of the healthy training volumes|
+    oracle         |x - the same subject rendered without its lesion| (split CSV column healthy_path):
+                   an UPPER BOUND of any healthy reconstruction through this pipeline, which needs the
+                   synthetic ground truth (dataset_tool.py anomaly-data); evaluated only when every
+                   volume of every evaluated set has one, so never for real data
     <name>         |x - x_hat| of a network (--network name=snapshot.pkl)
 
 For every test set (Brats21, MSLUB: <data-root>/splits/<set>_{val,test}.csv)
@@ -35,6 +39,9 @@ from training.anomaly import loss as anomaly_loss
 from training.anomaly import metrics as M
 
 BASELINES = ('intensity', 'mean_healthy')
+ORACLE = 'oracle'
+ORACLE_NOTE = ('upper bound, not a method: |x - the same synthetic subject rendered without its lesion and mass effect '
+    '(healthy_path, independent noise)|; needs the synthetic ground truth, absent for real data')
 
 #----------------------------------------------------------------------------
 # Inputs, checked.
@@ -45,8 +52,8 @@ def parse_networks(specs) -> dict[str, str]:
         name, sep, path = spec.partition('=')
         if not sep:
             name, path = os.path.basename(os.path.dirname(spec)) or 'net', spec
-        if not name.replace('_', '').replace('-', '').isalnum() or name in BASELINES or name in out:
-            raise ValueError(f'--network {spec!r}: expected NAME=PKL with a new name of letters, digits, - and _ (not {", ".join(BASELINES)})')
+        if not name.replace('_', '').replace('-', '').isalnum() or name in BASELINES or name == ORACLE or name in out:
+            raise ValueError(f'--network {spec!r}: expected NAME=PKL with a new name of letters, digits, - and _ (not {", ".join(BASELINES + (ORACLE,))})')
         if not os.path.isfile(path):
             raise ValueError(f'--network {name}: snapshot not found: {path}')
         out[name] = path
@@ -90,8 +97,19 @@ def check_network(name: str, path: str, net, loss_fn, shape) -> dict:
 #----------------------------------------------------------------------------
 # Scores of every method for a list of cases: (H, W, S) arrays in [0, 1] units.
 
-def baseline_scores(cases, mean_healthy):
-    return dict(intensity=[c['image'] for c in cases], mean_healthy=[np.abs(c['image'] - mean_healthy) for c in cases])
+def baseline_scores(cases, mean_healthy, oracle: bool = False):
+    out = dict(intensity=[c['image'] for c in cases], mean_healthy=[np.abs(c['image'] - mean_healthy) for c in cases])
+    if oracle:
+        out[ORACLE] = [np.abs(c['image'] - c['healthy']).astype(np.float32) for c in cases]
+    return out
+
+def has_oracle(data: dict) -> tuple[bool, str | None]:
+    """(every volume of every set and split has a healthy rendering, why not when only some have one)."""
+    cases = [(s, c) for s, splits in data.items() for split in splits.values() for c in split]
+    missing = [f'{s}: {c["img_path"]}' for s, c in cases if c.get('healthy') is None]
+    if missing and len(missing) < len(cases):
+        return False, f'{ORACLE}: left out, {len(missing)} of {len(cases)} volumes have no healthy_path (first: {missing[0]})'
+    return not missing, None
 
 @torch.inference_mode()
 def network_scores(net, method, cases, device, batch: int, seed: int, first_index: int):
@@ -132,7 +150,7 @@ def evaluate_method(val_scores, val_cases, test_scores, test_cases) -> tuple[flo
         maps.append(amap)
     return threshold, rows, maps
 
-def summary_of(rows: list[dict], methods, networks) -> dict:
+def summary_of(rows: list[dict], methods, networks, baselines=BASELINES) -> dict:
     keys = ('dice', 'auprc', 'auroc', 'best_dice')
     groups = {'pooled': rows, **{f'kind:{k}': [r for r in rows if r['kind'] == k] for k in sorted({r['kind'] for r in rows})},
         **{f'set:{s}': [r for r in rows if r['set'] == s] for s in sorted({r['set'] for r in rows})}}
@@ -141,7 +159,7 @@ def summary_of(rows: list[dict], methods, networks) -> dict:
         by = {m: sorted([r for r in grows if r['method'] == m], key=lambda r: (r['set'], r['case'])) for m in methods}
         entry = {m: {k: M.summarize([r[k] for r in by[m]]) for k in keys} for m in methods}
         entry['paired'] = {f'{n}-{b}': {k: M.paired([r[k] for r in by[n]], [r[k] for r in by[b]]) for k in ('dice', 'auprc', 'auroc')}
-            for n in networks for b in BASELINES}
+            for n in networks for b in baselines}
         out[group] = entry
     return out
 
@@ -222,6 +240,10 @@ def command(data_root, network_specs, sets, train_split, outdir, batch, seed, ma
     if any(c['image'].shape != shape for c in train):
         raise ValueError(f'--train-split: the healthy volumes must have the test volumes\' shape {list(shape)}')
     mean_healthy = np.mean([c['image'] for c in train], axis=0)
+    oracle, why_not = has_oracle(data)
+    if why_not:
+        print(why_not)
+    baselines = list(BASELINES) + ([ORACLE] if oracle else [])
     loaded = {}
     for name, path in nets.items():
         net, snapshot = evaluation.load_network(path, False, device)
@@ -229,14 +251,14 @@ def command(data_root, network_specs, sets, train_split, outdir, batch, seed, ma
         if steps > 1 and method['kind'] == 'patched':
             raise ValueError(f'--steps {steps}: --network {name} is a patched DDPM; its boxes are reconstructed with one call (--steps 1)')
         loaded[name] = (net, dict(method, steps=steps))
-    methods = list(BASELINES) + list(nets)
+    methods = baselines + list(nets)
 
     # Scores, thresholds, per-volume metrics (nothing written yet).
     rows, results = [], {}
     offset = 0
     for s in set_names:
         val, test = data[s]['val'], data[s]['test']
-        scores = {split: baseline_scores(cases, mean_healthy) for split, cases in (('val', val), ('test', test))}
+        scores = {split: baseline_scores(cases, mean_healthy, oracle) for split, cases in (('val', val), ('test', test))}
         recos = {}
         results[s] = dict(thresholds={}, maps={}, recos=recos, selection={})
         for name, (net, method) in loaded.items():
@@ -255,11 +277,12 @@ def command(data_root, network_specs, sets, train_split, outdir, batch, seed, ma
 
     # Write.
     evaluation.make_outdir(outdir)
-    summary = dict(data_root=data_root, sets=set_names, methods=methods, networks=nets, volume_shape=list(shape),
+    summary = dict(data_root=data_root, sets=set_names, methods=methods, networks=nets, baselines=baselines, volume_shape=list(shape),
+        **({ORACLE: ORACLE_NOTE} if oracle else {}),
         sigmas={name: method['sigmas'] for name, (_, method) in loaded.items()}, steps=steps,
         selection={s: results[s]['selection'] for s in set_names if results[s]['selection']},
         thresholds={s: results[s]['thresholds'] for s in set_names}, volumes={s: len(data[s]['test']) for s in set_names},
-        results=summary_of(rows, methods, list(nets)))
+        results=summary_of(rows, methods, list(nets), baselines))
     metrics_mod.write_metrics(outdir, summary, rows)
     for s in set_names:
         test = data[s]['test']
@@ -273,12 +296,13 @@ def command(data_root, network_specs, sets, train_split, outdir, batch, seed, ma
                     write_nifti_like(os.path.join(outdir, 'reconstructions', name, f'{c["case"]}.nii.gz'), results[s]['recos'][name][i], c['img_path'])
             if i < panels:
                 os.makedirs(os.path.join(outdir, 'panels'), exist_ok=True)
-                write_panel(os.path.join(outdir, 'panels', f'{c["case"]}.png'), c, {n: results[s]['recos'][n][i] for n in nets},
+                panel_recos = {n: results[s]['recos'][n][i] for n in nets} | ({ORACLE: c['healthy']} if oracle else {})
+                write_panel(os.path.join(outdir, 'panels', f'{c["case"]}.png'), c, panel_recos,
                     {m: results[s]['maps'][m][i] for m in methods})
     pooled = summary['results']['pooled']
     for m in methods:
         print(f'{m:>14s}: Dice {pooled[m]["dice"]["mean"]:.3f} +- {pooled[m]["dice"]["std"]:.3f}  AUPRC {pooled[m]["auprc"]["mean"]:.3f}  '
-            f'AUROC {pooled[m]["auroc"]["mean"]:.3f}  best Dice {pooled[m]["best_dice"]["mean"]:.3f}')
+            f'AUROC {pooled[m]["auroc"]["mean"]:.3f}  best Dice {pooled[m]["best_dice"]["mean"]:.3f}' + ('  (upper bound: synthetic ground truth)' if m == ORACLE else ''))
     print(f'Wrote {outdir}/metrics.json, metrics.csv, maps, panels and curves')
 
 #----------------------------------------------------------------------------
