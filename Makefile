@@ -83,7 +83,7 @@ bench-ldm3d: venv
 # of the DCG prior and DiffMIC side by side, confusion matrices, reliability, panel.
 DIFFMIC_DATA := datasets/diffmic-mni-32
 $(DIFFMIC_DATA)/train: | venv
-	$(PY) dataset_tool.py diffmic-data --dest $(DIFFMIC_DATA) --resolution 32 --train-per-class 300 --test-per-class 200 --seed 0
+	$(PY) dataset_tool.py diffmic-data --dest $(DIFFMIC_DATA) --resolution 32 --train-per-class 1000 --test-per-class 200 --seed 0
 
 demo-diffmic-data: $(DIFFMIC_DATA)/train
 

@@ -2,8 +2,10 @@
 # MNI152 demo builder, the train augmentation, the DCG's patches, and the
 # messages for bad input.
 
+import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -45,6 +47,57 @@ def test_split_is_stratified_seeded_saved_and_reused(tmp_path):
     assert len(ClassFolderDataset(root, split='val', resolution=8)) == 3
     test = ClassFolderDataset(root, split='test', resolution=8)
     assert len(test) == 6 and test.class_idx.tolist() == [0, 0, 1, 1, 2, 2]
+
+def _grouped_folders(root, patients: int, per_patient: int, classes=('a', 'b')):
+    """Patient p has per_patient images, spread over the classes: train/<class>/p<p>_<j>.png."""
+    rng = np.random.default_rng(1)
+    for p in range(patients):
+        for j in range(per_patient):
+            c = classes[(p + j) % len(classes)]
+            os.makedirs(root / 'train' / c, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode='L').save(root / 'train' / c / f'p{p:02d}_{j}.png')
+    return str(root)
+
+def test_grouped_split_keeps_every_patient_on_one_side(tmp_path):
+    root = _grouped_folders(tmp_path, patients=20, per_patient=5)
+    kw = dict(resolution=8, group_pattern=r'^(p\d+)_')
+    train, val = ClassFolderDataset(root, split='train', **kw), ClassFolderDataset(root, split='val', **kw)
+    patients = lambda ds: {os.path.basename(f).split('_')[0] for f in ds.files}
+    # Whole patients: 4 of the 20 (20 % of the 100 images), none on both sides, every image once.
+    assert len(val) == 20 and len(train) == 80 and len(patients(val)) == 4 and not patients(train) & patients(val)
+    assert sorted(train.files + val.files) == sorted(os.path.relpath(os.path.join(d, f), root)
+        for d, _, fs in os.walk(os.path.join(root, 'train')) for f in fs)
+    saved = json.loads((tmp_path / 'split-seed0-val0.2-grouped.json').read_text())
+    assert saved['group_pattern'] == r'^(p\d+)_' and saved['val'] == val.files
+    assert patients(ClassFolderDataset(root, split='val', split_seed=1, **kw)) != patients(val) # Seeded.
+    # The per-image split of the same folders puts patients on both sides (what the grouping prevents).
+    assert patients(ClassFolderDataset(root, split='train', resolution=8)) & patients(ClassFolderDataset(root, split='val', resolution=8))
+
+def test_grouped_split_messages(tmp_path):
+    root = _grouped_folders(tmp_path, patients=4, per_patient=2)
+    q, pat = r'^(q\d+)_', r'^(p\d+)_'
+    with pytest.raises(ValueError, match=re.escape(f"training.dataset.group_pattern='{q}' does not match the file name of ") + r'.*train/a/p00_0.png'):
+        ClassFolderDataset(root, group_pattern=q)
+    with pytest.raises(ValueError, match=re.escape("training.dataset.group_pattern='(' is not a regular expression")):
+        ClassFolderDataset(root, group_pattern='(')
+    # 1 % of 8 images rounds to no validation image at all: the message names the class and the grouping.
+    with pytest.raises(ValueError, match=r"class 'a' .* has no image in the val part: a split of whole groups " + re.escape(f"(group_pattern='{pat}', 4 groups)")):
+        ClassFolderDataset(root, group_pattern=pat, val_fraction=0.01)
+    # A saved per-image split is not silently reused for a grouped one.
+    ClassFolderDataset(root, split_file=str(tmp_path / 's.json'))
+    with pytest.raises(ValueError, match=re.escape(f"s.json was made with group_pattern=null, the dataset has group_pattern='{pat}'; remove the file")):
+        ClassFolderDataset(root, split_file=str(tmp_path / 's.json'), group_pattern=pat)
+
+def test_demo_configs_split_the_demo_subjects(tmp_path):
+    from training.diffmic import phantoms
+    import yaml
+    for name in ('diffmic_dcg', 'diffmic_edm'):
+        cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), '..', 'configs', f'{name}.yaml')))
+        assert cfg['training']['dataset']['group_pattern'] == phantoms.GROUP_PATTERN
+    phantoms.write_class_folders(str(tmp_path), 'train', dict(images=np.zeros((3, 8, 8), np.uint8), labels=np.array([0, 1, 0]), subject=np.array([7, 7, 12])))
+    names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / 'train' / '*' / '*.png')))
+    assert names == ['train-s0007-00000.png', 'train-s0007-00001.png', 'train-s0012-00002.png']
+    assert [dm_dataset.group_of(n, phantoms.GROUP_PATTERN) for n in names] == ['train-s0007', 'train-s0007', 'train-s0012']
 
 def test_items_centre_crop_resize_grey_and_rgb(tmp_path):
     root = tmp_path / 'd'

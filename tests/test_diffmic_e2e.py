@@ -32,7 +32,7 @@ def demo(tmp_path_factory):
     cwd = tmp_path_factory.mktemp('diffmic')
     data = str(cwd / 'data')
     launch.check(subprocess.run([sys.executable, os.path.join(launch.ROOT, 'dataset_tool.py'), 'diffmic-data', '--dest', data,
-        '--resolution', '16', '--train-per-class', '10', '--test-per-class', '3'], cwd=cwd, env=launch.env(), capture_output=True, text=True, timeout=120))
+        '--resolution', '16', '--train-per-class', '15', '--test-per-class', '3'], cwd=cwd, env=launch.env(), capture_output=True, text=True, timeout=120))
     dcg_run = _train('diffmic_dcg', [f'training.dataset.path={data}'], cwd)
     dcg_pkl = sorted(glob.glob(os.path.join(dcg_run, 'network-snapshot-*.pkl')))[-1]
     edm_run = _train('diffmic_edm', [f'training.dataset.path={data}', f'training.frozen.dcg={dcg_pkl}'], cwd)
@@ -40,7 +40,7 @@ def demo(tmp_path_factory):
 
 def test_two_stages_and_evaluation(demo):
     cwd = demo['cwd']
-    assert os.path.isfile(os.path.join(demo['data'], 'split-seed0-val0.2.json')) # Written by the first stage, read by the second.
+    assert os.path.isfile(os.path.join(demo['data'], 'split-seed0-val0.2-grouped.json')) # Written by the first stage (whole subjects), read by the second.
     out = cwd / 'eval'
     proc = launch.check(_evaluate(['--network', demo['edm_run'], '--outdir', str(out), '--samples', '3', '--steps', '3'], cwd))
     assert 'paired accuracy difference DiffMIC - DCG' in proc.stdout
@@ -51,7 +51,7 @@ def test_two_stages_and_evaluation(demo):
             assert key in summary[model]
         assert sum(map(sum, summary[model]['confusion_matrix'])) == 12
     # Temperature scaling fitted on the validation split, for both models; the argmax is unchanged.
-    assert summary['calibration']['fitted_on'] == 'val' and summary['calibration']['images'] == 8 and summary['estimator'] == 'votes'
+    assert summary['calibration']['fitted_on'] == 'val' and summary['calibration']['images'] == 16 and summary['estimator'] == 'votes'
     for model in ('dcg', 'diffmic'):
         assert summary['calibration'][f'temperature_{model}'] > 0 and summary[f'{model}_ts']['accuracy'] == summary[model]['accuracy']
     assert set(summary['paired_ece_diffmic_minus_dcg']) == {'diff', 'se', 'reps', 'n'}

@@ -12,8 +12,15 @@ or RGB, are centre-cropped to a square, resized to `resolution` (bilinear,
 antialiased) and mapped to [-1, 1]. The train/ images are split per class into
 train and validation (default 80/20) with `split_seed`; the split is saved as
 JSON (relative paths per part, the seed and fraction) at `split_file`
-(default `<root>/split-seed<seed>-val<fraction>.json`) and reused when it
-exists, so every run and stage sees the same split.
+(default `<root>/split-seed<seed>-val<fraction>[-grouped].json`) and reused when it
+exists, so every run and stage sees the same split. With `group_pattern` (a
+regular expression; its first group, or the whole match, in each file name
+names the patient / subject / lesion) the split keeps every group whole: the
+validation part gets whole groups in a seeded random order until it holds
+val_fraction of the images (then stratified only on average), so that no
+patient has images on both sides (images of one patient are more alike than
+images of two: a per-image split lets the validation accuracy measure
+recognition of patients seen in training).
 
 Items: `image` (C, R, R) float32, `onehot` (K,) float32 (the class to predict:
 the family's target key, not `label`, which the engine's contract keeps for a
@@ -25,6 +32,7 @@ class CONDITION of the network), `class_idx` int64, `idx`.
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -72,11 +80,44 @@ def load_image(path: str, resolution: int, channels: int) -> np.ndarray:
 #----------------------------------------------------------------------------
 # Seeded stratified split of train/ into train and validation.
 
-def make_split(files: dict[str, list[str]], val_fraction: float, seed: int, root: str) -> dict:
+def _check_parts(parts: dict, classes, root: str, why: str) -> None:
+    for c in classes:
+        for part in ('train', 'val'):
+            if not any(r.replace(os.sep, '/').split('/')[1] == c for r in parts[part]):
+                raise ValueError(f'dataset: class {c!r} ({os.path.join(root, "train", c)}) has no image in the {part} part: {why}')
+
+def _shown(pattern: str | None) -> str:
+    return 'null' if pattern is None else f"'{pattern}'"
+
+def group_of(path: str, pattern: str) -> str:
+    """The group (patient, subject, lesion) of an image: the first group of `pattern` in its file name, or the whole match."""
+    m = re.search(pattern, os.path.basename(path))
+    if m is None:
+        raise ValueError(f'training.dataset.group_pattern={_shown(pattern)} does not match the file name of {path}')
+    return m.group(1) if m.groups() else m.group(0)
+
+def make_split(files: dict[str, list[str]], val_fraction: float, seed: int, root: str, group_pattern: str | None = None) -> dict:
     if not 0 < val_fraction < 1:
         raise ValueError(f'training.dataset.val_fraction must be in (0, 1), got {val_fraction}')
     rng = np.random.default_rng(seed)
     parts = dict(train=[], val=[])
+    if group_pattern is not None:
+        try:
+            re.compile(group_pattern)
+        except re.error as err:
+            raise ValueError(f'training.dataset.group_pattern={_shown(group_pattern)} is not a regular expression ({err})') from None
+        groups = {}
+        for paths in files.values():
+            for p in paths:
+                groups.setdefault(group_of(p, group_pattern), []).append(os.path.relpath(p, root))
+        names = sorted(groups)
+        target = int(round(sum(len(g) for g in groups.values()) * val_fraction))
+        for name in (names[i] for i in rng.permutation(len(names))):
+            parts['val' if len(parts['val']) < target else 'train'] += groups[name]
+        parts = {part: sorted(rel) for part, rel in parts.items()}
+        _check_parts(parts, files, root, f'a split of whole groups (group_pattern={_shown(group_pattern)}, {len(names)} groups) '
+            f'needs more groups or another val_fraction ({val_fraction:g}) / split_seed ({seed})')
+        return dict(classes=list(files), seed=int(seed), val_fraction=float(val_fraction), group_pattern=group_pattern, **parts)
     for c, paths in files.items():
         n_val = int(round(len(paths) * val_fraction))
         if n_val < 1 or len(paths) - n_val < 1:
@@ -89,10 +130,10 @@ def make_split(files: dict[str, list[str]], val_fraction: float, seed: int, root
         parts['train'] += sorted(rel[n_val:])
     return dict(classes=list(files), seed=int(seed), val_fraction=float(val_fraction), **parts)
 
-def load_or_make_split(root: str, split_file: str | None, val_fraction: float, seed: int) -> dict:
+def load_or_make_split(root: str, split_file: str | None, val_fraction: float, seed: int, group_pattern: str | None = None) -> dict:
     """The split of <root>/train: read from `split_file` if it exists, else made and saved there."""
     files = list_class_folders(os.path.join(root, 'train'))
-    path = split_file or os.path.join(root, f'split-seed{seed}-val{val_fraction:g}.json')
+    path = split_file or os.path.join(root, f'split-seed{seed}-val{val_fraction:g}{"-grouped" if group_pattern is not None else ""}.json')
     if os.path.isfile(path):
         try:
             with open(path, encoding='utf-8') as f:
@@ -102,8 +143,11 @@ def load_or_make_split(root: str, split_file: str | None, val_fraction: float, s
             raise ValueError(f'training.dataset.split_file: {path} is not a split file (JSON with classes, train, val)') from None
         if split['classes'] != list(files):
             raise ValueError(f'training.dataset.split_file: {path} lists the classes {split["classes"]}, but {root}/train has {list(files)}')
+        if split.get('group_pattern') != group_pattern:
+            raise ValueError(f'training.dataset.split_file: {path} was made with group_pattern={_shown(split.get("group_pattern"))}, '
+                f'the dataset has group_pattern={_shown(group_pattern)}; remove the file or name another split_file')
         return split
-    split = make_split(files, val_fraction, seed, root)
+    split = make_split(files, val_fraction, seed, root, group_pattern)
     persistence.atomic_write_bytes(path, json.dumps(split, indent=1).encode('utf-8'))
     return split
 
@@ -117,7 +161,8 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         channels        = 1,        # 1 = grey, 3 = RGB.
         val_fraction    = 0.2,      # Validation share of each class of train/.
         split_seed      = 0,        # Seed of the stratified split.
-        split_file      = None,     # Split JSON, None = <path>/split-seed<seed>-val<fraction>.json.
+        split_file      = None,     # Split JSON, None = <path>/split-seed<seed>-val<fraction>[-grouped].json.
+        group_pattern   = None,     # Regex naming each file's patient/subject (first group): split whole groups; None = per image.
         augment         = False,    # Random flips and rotation in device_transform (training only).
         rotate_deg      = 30,       # Rotation range of the augmentation (degrees).
         vflip           = False,    # Also flip vertically (the reference does for APTOS).
@@ -132,7 +177,7 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         self.path, self.split_name = os.fspath(path), split
         self._resolution, self._channels = resolution, channels
         self.augment, self.rotate_deg, self.vflip = bool(augment), float(rotate_deg), bool(vflip)
-        split_data = load_or_make_split(self.path, split_file, val_fraction, split_seed)
+        split_data = load_or_make_split(self.path, split_file, val_fraction, split_seed, group_pattern)
         self.classes = list(split_data['classes'])
         index = {c: k for k, c in enumerate(self.classes)}
         if split == 'test':

@@ -24,6 +24,7 @@ from torch_utils import persistence
 from training import mri_phantoms
 
 CLASSES = ('healthy', 'hyper', 'hypo', 'mass')
+GROUP_PATTERN = r'^([a-z]+-s\d+)-'   # The subject of a demo file name (training.dataset.group_pattern): train-s0003-00010.png -> train-s0003.
 
 #----------------------------------------------------------------------------
 # Findings on one slice in [0, 1] (brain = pixels above `brain_level`).
@@ -94,12 +95,13 @@ def build_lesion_slices(
     return dict(images=images, labels=labels.astype(np.int64), subject=data['subject'][:n], slice=data['slice'][:n])
 
 def write_class_folders(dest: str, split: str, data: dict) -> list[str]:
-    """PNG files <dest>/<split>/<class>/<split>-<i>.png (atomic writes); returns their paths."""
+    """PNG files <dest>/<split>/<class>/<split>-s<subject>-<i>.png (atomic writes; the subject in the name
+    for a split of whole subjects: GROUP_PATTERN); returns their paths."""
     paths = []
-    for i, (image, k) in enumerate(zip(data['images'], data['labels'])):
+    for i, (image, k, subject) in enumerate(zip(data['images'], data['labels'], data['subject'])):
         folder = os.path.join(dest, split, CLASSES[k])
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f'{split}-{i:05d}.png')
+        path = os.path.join(folder, f'{split}-s{int(subject):04d}-{i:05d}.png')
         persistence.atomic_write(path, lambda f, im=image: Image.fromarray(im, mode='L').save(f, format='PNG'))
         paths.append(path)
     return paths
