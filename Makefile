@@ -81,11 +81,15 @@ bench-ldm3d: venv
 # the DCG classifier stage, then label-space EDM with the DCG frozen, both with
 # 2 processes; each stage's snapshot chosen on the validation split; test metrics
 # of the DCG prior and DiffMIC side by side, confusion matrices, reliability, panel.
+# The stamp names the build: an older demo build (300 per class, files not named by subject) is replaced.
 DIFFMIC_DATA := datasets/diffmic-mni-32
-$(DIFFMIC_DATA)/train: | venv
+DIFFMIC_STAMP := $(DIFFMIC_DATA)/.built-1000-per-class-by-subject
+$(DIFFMIC_STAMP): | venv
+	rm -rf $(DIFFMIC_DATA)
 	$(PY) dataset_tool.py diffmic-data --dest $(DIFFMIC_DATA) --resolution 32 --train-per-class 1000 --test-per-class 200 --seed 0
+	touch $@
 
-demo-diffmic-data: $(DIFFMIC_DATA)/train
+demo-diffmic-data: $(DIFFMIC_STAMP)
 
 demo-diffmic: venv demo-diffmic-data
 	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) train.py -cn=diffmic_dcg resume=none

@@ -6,6 +6,7 @@
 # real data, and the bad-input messages of the healthy file.
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -23,22 +24,33 @@ from training.anomaly import evaluation as E
 #----------------------------------------------------------------------------
 # The builder.
 
-COUNTS = dict(IXI_train_fold0=1, IXI_val_fold0=0, IXI_test=0, Brats21_val=0, Brats21_test=2, MSLUB_val=0, MSLUB_test=1)
+COUNTS = dict(IXI_train_fold0=1, IXI_val_fold0=1, IXI_test=1, Brats21_val=1, Brats21_test=2, MSLUB_val=1, MSLUB_test=1)
 
-# (sum, sum of squares, voxels > 0) of every file of build_anomaly_data(resolution=16, slices=6, counts=COUNTS)
-# as written by the builder BEFORE the healthy rendering was added (commit ca3a6d2): the existing draws must not move.
+# sha256 (first 16 hex digits) of the array bytes + dtype + affine of every NIfTI file of
+# build_anomaly_data(resolution=16, slices=6, counts=COUNTS) as written by the builder BEFORE the healthy
+# rendering was added (commit ca3a6d2): the existing draws must not move.
 PINS = {
-    'Test/Brats21/mask/Brats21_test_000.nii.gz': (511.0, 511.0, 511),
-    'Test/Brats21/mask/Brats21_test_001.nii.gz': (594.0, 594.0, 594),
-    'Test/Brats21/seg/Brats21_test_000.nii.gz': (12.0, 12.0, 12),
-    'Test/Brats21/seg/Brats21_test_001.nii.gz': (6.0, 6.0, 6),
-    'Test/Brats21/t2/Brats21_test_000.nii.gz': (279.403146, 162.049065, 511),
-    'Test/Brats21/t2/Brats21_test_001.nii.gz': (404.341029, 295.983062, 594),
-    'Test/MSLUB/mask/MSLUB_test_000.nii.gz': (767.0, 767.0, 767),
-    'Test/MSLUB/seg/MSLUB_test_000.nii.gz': (7.0, 7.0, 7),
-    'Test/MSLUB/t2/MSLUB_test_000.nii.gz': (626.130649, 533.838529, 767),
-    'Train/ixi/mask/IXI_train_000.nii.gz': (553.0, 553.0, 553),
-    'Train/ixi/t2/IXI_train_000.nii.gz': (276.365239, 148.324489, 553),
+    'Test/Brats21/mask/Brats21_test_000.nii.gz': '87a45e3f98c477fb',
+    'Test/Brats21/mask/Brats21_test_001.nii.gz': '0af72ab5329fc8e6',
+    'Test/Brats21/mask/Brats21_val_000.nii.gz': 'ba9a5d123f819e5c',
+    'Test/Brats21/seg/Brats21_test_000.nii.gz': '26f10a2f99128729',
+    'Test/Brats21/seg/Brats21_test_001.nii.gz': '5c28efd8c7945c90',
+    'Test/Brats21/seg/Brats21_val_000.nii.gz': '36d7f423e6e2d0e8',
+    'Test/Brats21/t2/Brats21_test_000.nii.gz': '1f9fa33fb182041b',
+    'Test/Brats21/t2/Brats21_test_001.nii.gz': '5282bfb303c3ea93',
+    'Test/Brats21/t2/Brats21_val_000.nii.gz': '02c78885793387d6',
+    'Test/MSLUB/mask/MSLUB_test_000.nii.gz': '25a6665c7755087c',
+    'Test/MSLUB/mask/MSLUB_val_000.nii.gz': '54f4396591c383c7',
+    'Test/MSLUB/seg/MSLUB_test_000.nii.gz': 'd2c5a7202b2a6f11',
+    'Test/MSLUB/seg/MSLUB_val_000.nii.gz': 'fbb35e9f1e26a648',
+    'Test/MSLUB/t2/MSLUB_test_000.nii.gz': '4e84973a91c689a5',
+    'Test/MSLUB/t2/MSLUB_val_000.nii.gz': 'fac192c75906fd13',
+    'Train/ixi/mask/IXI_test_000.nii.gz': 'd90bd9346ea660c6',
+    'Train/ixi/mask/IXI_train_000.nii.gz': 'f4b5796c254e12d4',
+    'Train/ixi/mask/IXI_val_000.nii.gz': 'c50881071a4f3dea',
+    'Train/ixi/t2/IXI_test_000.nii.gz': 'e5be9ef3f8b77ae0',
+    'Train/ixi/t2/IXI_train_000.nii.gz': '2bd18a1f4d27d037',
+    'Train/ixi/t2/IXI_val_000.nii.gz': 'eefddf795ef1a6e5',
 }
 
 @pytest.fixture(scope='module')
@@ -55,10 +67,11 @@ def test_builder_files_unchanged_and_healthy_column(tiny):
     healthy = [p for p in written if '/healthy/' in p]
     assert sorted(set(written) - set(healthy)) == sorted(PINS)
     assert healthy == ['Test/Brats21/healthy/Brats21_test_000.nii.gz', 'Test/Brats21/healthy/Brats21_test_001.nii.gz',
-        'Test/MSLUB/healthy/MSLUB_test_000.nii.gz']
-    for rel, (total, squares, positive) in PINS.items():
-        a = _array(tiny / rel)
-        assert (float(a.sum()), float((a * a).sum()), int((a > 0).sum())) == pytest.approx((total, squares, positive), rel=1e-6, abs=1e-5), rel
+        'Test/Brats21/healthy/Brats21_val_000.nii.gz', 'Test/MSLUB/healthy/MSLUB_test_000.nii.gz', 'Test/MSLUB/healthy/MSLUB_val_000.nii.gz']
+    for rel, digest in PINS.items():
+        img = nib.load(str(tiny / rel))
+        a = np.asarray(img.dataobj)
+        assert hashlib.sha256(a.tobytes() + str(a.dtype).encode() + np.asarray(img.affine).tobytes()).hexdigest()[:16] == digest, rel
     # The split CSVs: the existing columns in their order, healthy_path last, for the lesioned sets only.
     header = lambda name: next(csv.reader(open(tiny / 'splits' / f'{name}.csv')))
     assert header('IXI_train_fold0') == ['img_path', 'mask_path', 'seg_path', 'kind']
@@ -141,10 +154,10 @@ def test_oracle_row_is_one_on_an_exact_healthy_rendering(tmp_path):
     root = _handmade(tmp_path / 'data')
     out = tmp_path / 'eval'
     proc = launch.check(_evaluate(root, out, tmp_path))
-    assert 'oracle' in proc.stdout and 'upper bound' in proc.stdout
+    assert 'oracle' in proc.stdout and 'the lesion-free subject: synthetic ground truth' in proc.stdout
     result = json.loads((out / 'metrics.json').read_text())
     assert result['methods'] == ['intensity', 'mean_healthy', 'oracle'] and result['baselines'] == result['methods']
-    assert 'upper bound' in result['oracle'] and 'synthetic ground truth' in result['oracle']
+    assert 'not a method or a bound' in result['oracle'] and 'synthetic ground truth' in result['oracle']
     pooled = result['results']['pooled']
     for key in ('dice', 'auprc', 'auroc', 'best_dice'):
         assert pooled['oracle'][key]['mean'] == pytest.approx(1.0) and pooled['oracle'][key]['n'] == 2
@@ -154,6 +167,24 @@ def test_oracle_row_is_one_on_an_exact_healthy_rendering(tmp_path):
     amap = nib.load(str(out / 'maps' / 'oracle' / 'L_test_0.nii.gz'))
     assert amap.shape == SHAPE and np.allclose(amap.affine, np.diag([2.0, 2.0, 3.0, 1.0]))
     assert (out / 'panels' / 'L_test_0.png').is_file()
+
+def test_healthy_rendering_is_rescaled_on_the_volumes_own_scale(tmp_path):
+    """The volume sets the [0, 1] scale of both (1st-99th brain percentile): outside the lesion the residual is
+    exactly 0 even where the lesion (here 1/2 of the brain, so it moves the volume's 99th percentile) makes the
+    healthy rendering's own percentiles different."""
+    root = _handmade(tmp_path / 'data')
+    rel = 'Test/L/t2/L_test_0.nii.gz'
+    image = _array(root / rel)
+    seg = _array(root / rel.replace('/t2/', '/seg/')) > 0 # The hand-made slab (rows 5-8) ...
+    seg[:4] = True                                          # ... and a bright block of 4 more rows.
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(np.where(seg & (np.arange(SHAPE[0]) < 4)[:, None, None], image + 3.0, image).astype(np.float32), affine), str(root / rel))
+    nib.save(nib.Nifti1Image(seg.astype(np.float32), affine), str(root / rel.replace('/t2/', '/seg/')))
+    row = anomaly_dataset.split_rows(str(root / 'splits' / 'L_test.csv'))[0]
+    case = anomaly_dataset.load_case(row)
+    own = anomaly_dataset.rescale(_array(root / 'Test/L/healthy/L_test_0.nii.gz'), case['brain'])
+    assert np.array_equal(case['image'][~seg], case['healthy'][~seg]) and not np.allclose(own[~seg], case['image'][~seg], atol=0.05)
+    assert (case['image'][seg] > case['healthy'][seg]).all()
 
 def test_oracle_is_paired_like_a_baseline():
     rows = [dict(method=m, set='L', case=f'c{i}', kind='k', dice=d + 0.1 * i, auprc=d, auroc=d, best_dice=d)

@@ -67,11 +67,15 @@ def test_grouped_split_keeps_every_patient_on_one_side(tmp_path):
     assert len(val) == 20 and len(train) == 80 and len(patients(val)) == 4 and not patients(train) & patients(val)
     assert sorted(train.files + val.files) == sorted(os.path.relpath(os.path.join(d, f), root)
         for d, _, fs in os.walk(os.path.join(root, 'train')) for f in fs)
-    saved = json.loads((tmp_path / 'split-seed0-val0.2-grouped.json').read_text())
+    saved = json.loads((tmp_path / 'split-seed0-val0.2.json').read_text())
     assert saved['group_pattern'] == r'^(p\d+)_' and saved['val'] == val.files
     assert patients(ClassFolderDataset(root, split='val', split_seed=1, **kw)) != patients(val) # Seeded.
-    # The per-image split of the same folders puts patients on both sides (what the grouping prevents).
-    assert patients(ClassFolderDataset(root, split='train', resolution=8)) & patients(ClassFolderDataset(root, split='val', resolution=8))
+    # The per-image split of the same folders puts patients on both sides (what the grouping prevents) ...
+    other = dict(resolution=8, split_file=str(tmp_path / 'per-image.json'))
+    assert patients(ClassFolderDataset(root, split='train', **other)) & patients(ClassFolderDataset(root, split='val', **other))
+    # ... and a stage without the pattern cannot silently split the same root another way.
+    with pytest.raises(ValueError, match=re.escape("split-seed0-val0.2.json was made with group_pattern='^(p\\d+)_', the dataset has group_pattern=null")):
+        ClassFolderDataset(root, split='train', resolution=8)
 
 def test_grouped_split_messages(tmp_path):
     root = _grouped_folders(tmp_path, patients=4, per_patient=2)

@@ -40,7 +40,7 @@ def demo(tmp_path_factory):
 
 def test_two_stages_and_evaluation(demo):
     cwd = demo['cwd']
-    assert os.path.isfile(os.path.join(demo['data'], 'split-seed0-val0.2-grouped.json')) # Written by the first stage (whole subjects), read by the second.
+    assert os.path.isfile(os.path.join(demo['data'], 'split-seed0-val0.2.json')) # Written by the first stage (whole subjects), read by the second.
     out = cwd / 'eval'
     proc = launch.check(_evaluate(['--network', demo['edm_run'], '--outdir', str(out), '--samples', '3', '--steps', '3'], cwd))
     assert 'paired accuracy difference DiffMIC - DCG' in proc.stdout

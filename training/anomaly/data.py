@@ -31,8 +31,10 @@ subject) without the lesion and without the tumours' mass effect, with
 Rician noise from an independent generator (seed, set, i, HEALTHY_STREAM),
 so the volumes, masks and lesion masks are bit for bit those of a build
 without it. It is what `evaluate.py anomaly` scores as `oracle`
-(|x - healthy|): an upper bound of healthy reconstruction that needs this
-synthetic ground truth (real data have no such column).
+(|x - healthy|): the score of the exact lesion-free subject, the target of a
+healthy reconstruction, which needs this synthetic ground truth (real data
+have no such column). It is a reference point, not a bound: the pipeline is
+not monotone in reconstruction error (README).
 
 Healthy inter-subject variation (`variation`, the same for every split:
 train, validation and test). The template is ONE averaged brain, so with

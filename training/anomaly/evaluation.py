@@ -8,9 +8,10 @@ sets:
     intensity      the image intensity itself as the anomaly score (Meissen et al. 2021)
     mean_healthy   |x - mean of the healthy training volumes|
     oracle         |x - the same subject rendered without its lesion| (split CSV column healthy_path):
-                   an UPPER BOUND of any healthy reconstruction through this pipeline, which needs the
-                   synthetic ground truth (dataset_tool.py anomaly-data); evaluated only when every
-                   volume of every evaluated set has one, so never for real data
+                   the score of the exact lesion-free subject (a healthy reconstruction's target; a
+                   reference point, not a bound), which needs the synthetic ground truth
+                   (dataset_tool.py anomaly-data); evaluated only when every volume of every
+                   evaluated set has one, so never for real data
     <name>         |x - x_hat| of a network (--network name=snapshot.pkl)
 
 For every test set (Brats21, MSLUB: <data-root>/splits/<set>_{val,test}.csv)
@@ -40,7 +41,7 @@ from training.anomaly import metrics as M
 
 BASELINES = ('intensity', 'mean_healthy')
 ORACLE = 'oracle'
-ORACLE_NOTE = ('upper bound, not a method: |x - the same synthetic subject rendered without its lesion and mass effect '
+ORACLE_NOTE = ('reference point, not a method or a bound: |x - the same synthetic subject rendered without its lesion and mass effect '
     '(healthy_path, independent noise)|; needs the synthetic ground truth, absent for real data')
 
 #----------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def command(data_root, network_specs, sets, train_split, outdir, batch, seed, ma
     pooled = summary['results']['pooled']
     for m in methods:
         print(f'{m:>14s}: Dice {pooled[m]["dice"]["mean"]:.3f} +- {pooled[m]["dice"]["std"]:.3f}  AUPRC {pooled[m]["auprc"]["mean"]:.3f}  '
-            f'AUROC {pooled[m]["auroc"]["mean"]:.3f}  best Dice {pooled[m]["best_dice"]["mean"]:.3f}' + ('  (upper bound: synthetic ground truth)' if m == ORACLE else ''))
+            f'AUROC {pooled[m]["auroc"]["mean"]:.3f}  best Dice {pooled[m]["best_dice"]["mean"]:.3f}' + ('  (the lesion-free subject: synthetic ground truth)' if m == ORACLE else ''))
     print(f'Wrote {outdir}/metrics.json, metrics.csv, maps, panels and curves')
 
 #----------------------------------------------------------------------------

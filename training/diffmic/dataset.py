@@ -12,7 +12,7 @@ or RGB, are centre-cropped to a square, resized to `resolution` (bilinear,
 antialiased) and mapped to [-1, 1]. The train/ images are split per class into
 train and validation (default 80/20) with `split_seed`; the split is saved as
 JSON (relative paths per part, the seed and fraction) at `split_file`
-(default `<root>/split-seed<seed>-val<fraction>[-grouped].json`) and reused when it
+(default `<root>/split-seed<seed>-val<fraction>.json`) and reused when it
 exists, so every run and stage sees the same split. With `group_pattern` (a
 regular expression; its first group, or the whole match, in each file name
 names the patient / subject / lesion) the split keeps every group whole: the
@@ -20,7 +20,9 @@ validation part gets whole groups in a seeded random order until it holds
 val_fraction of the images (then stratified only on average), so that no
 patient has images on both sides (images of one patient are more alike than
 images of two: a per-image split lets the validation accuracy measure
-recognition of patients seen in training).
+recognition of patients seen in training). The pattern is stored in the split
+file, and a saved split made with another pattern (or none) is refused, so two
+stages or runs cannot silently use different splits of one root.
 
 Items: `image` (C, R, R) float32, `onehot` (K,) float32 (the class to predict:
 the family's target key, not `label`, which the engine's contract keeps for a
@@ -133,7 +135,7 @@ def make_split(files: dict[str, list[str]], val_fraction: float, seed: int, root
 def load_or_make_split(root: str, split_file: str | None, val_fraction: float, seed: int, group_pattern: str | None = None) -> dict:
     """The split of <root>/train: read from `split_file` if it exists, else made and saved there."""
     files = list_class_folders(os.path.join(root, 'train'))
-    path = split_file or os.path.join(root, f'split-seed{seed}-val{val_fraction:g}{"-grouped" if group_pattern is not None else ""}.json')
+    path = split_file or os.path.join(root, f'split-seed{seed}-val{val_fraction:g}.json')
     if os.path.isfile(path):
         try:
             with open(path, encoding='utf-8') as f:
@@ -161,7 +163,7 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         channels        = 1,        # 1 = grey, 3 = RGB.
         val_fraction    = 0.2,      # Validation share of each class of train/.
         split_seed      = 0,        # Seed of the stratified split.
-        split_file      = None,     # Split JSON, None = <path>/split-seed<seed>-val<fraction>[-grouped].json.
+        split_file      = None,     # Split JSON, None = <path>/split-seed<seed>-val<fraction>.json.
         group_pattern   = None,     # Regex naming each file's patient/subject (first group): split whole groups; None = per image.
         augment         = False,    # Random flips and rotation in device_transform (training only).
         rotate_deg      = 30,       # Rotation range of the augmentation (degrees).
