@@ -225,7 +225,7 @@ def anomaly_data(dest, resolution, slices, z_mm, counts, seed, variation):
     and lesion masks and the reference's split CSVs, from the MNI152 template
     (lesion kinds: tumour_hyper, tumour_hypo, ms_hyper; see training/anomaly/data.py);
     every lesioned volume also has its lesion-free rendering (healthy/, CSV column
-    healthy_path: the ground truth of evaluate.py anomaly's oracle bound)."""
+    healthy_path: the ground truth of evaluate.py anomaly's oracle reference)."""
     from training.anomaly import data as anomaly_data_mod
     parsed = {}
     for item in filter(None, (s.strip() for s in counts.split(','))):

@@ -82,10 +82,14 @@ def load_image(path: str, resolution: int, channels: int) -> np.ndarray:
 #----------------------------------------------------------------------------
 # Seeded stratified split of train/ into train and validation.
 
+def class_of(rel: str) -> str:
+    """The class of an image path relative to the root: <split>/<class>/<file>."""
+    return rel.replace(os.sep, '/').split('/')[1]
+
 def _check_parts(parts: dict, classes, root: str, why: str) -> None:
     for c in classes:
         for part in ('train', 'val'):
-            if not any(r.replace(os.sep, '/').split('/')[1] == c for r in parts[part]):
+            if not any(class_of(r) == c for r in parts[part]):
                 raise ValueError(f'dataset: class {c!r} ({os.path.join(root, "train", c)}) has no image in the {part} part: {why}')
 
 def _shown(pattern: str | None) -> str:
@@ -194,7 +198,7 @@ class ClassFolderDataset(torch.utils.data.Dataset):
         if max_size is not None:
             rel = rel[:int(max_size)]
         self.files = rel
-        self.class_idx = np.array([index[r.replace(os.sep, '/').split('/')[1]] for r in rel], dtype=np.int64)
+        self.class_idx = np.array([index[class_of(r)] for r in rel], dtype=np.int64)
         self._images = np.stack([load_image(os.path.join(self.path, r), resolution, channels) for r in rel])
 
     # The engine's dataset interface. ------------------------------------------
