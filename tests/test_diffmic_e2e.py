@@ -2,12 +2,14 @@
 # label-diffusion stage with torchrun (2 gloo processes) -> evaluate.py diffmic
 # (validation-split selection, test metrics, plots); and its bad-input exits.
 
+import csv
 import glob
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import launch
@@ -67,6 +69,35 @@ def test_two_stages_and_evaluation(demo):
     val = cwd / 'eval-val'
     launch.check(_evaluate(['--network', summary['network'], '--outdir', str(val), '--samples', '3', '--steps', '3', '--split', 'val'], cwd))
     assert 'calibration' not in json.loads((val / 'metrics.json').read_text())
+
+def test_deep_ensemble_baseline(demo, tmp_path):
+    cwd = demo['cwd']
+    # A second DCG of another training seed: --ensemble averages its y_fusion with the prior's.
+    other_run = _train('diffmic_dcg', [f'training.dataset.path={demo["data"]}', 'training.seed=1', f'training.outdir={tmp_path}/runs'], cwd)
+    other_pkl = sorted(glob.glob(os.path.join(other_run, 'network-snapshot-*.pkl')))[-1]
+    edm_pkl = sorted(glob.glob(os.path.join(demo['edm_run'], 'network-snapshot-*.pkl')))[-1]
+    out, alone = tmp_path / 'ens', tmp_path / 'other'
+    proc = launch.check(_evaluate(['--network', edm_pkl, '--ensemble', other_pkl, '--outdir', str(out), '--samples', '3', '--steps', '3'], cwd))
+    assert 'paired accuracy difference ensemble - DCG' in proc.stdout and 'paired accuracy difference DiffMIC - ensemble' in proc.stdout
+    launch.check(_evaluate(['--network', other_pkl, '--outdir', str(alone)], cwd))
+    summary = json.loads((out / 'metrics.json').read_text())
+    assert summary['ensemble_members'] == [edm_pkl, other_pkl]
+    assert summary['calibration']['temperature_ensemble'] > 0 and summary['ensemble_ts']['accuracy'] == summary['ensemble']['accuracy']
+    for key in ('paired_accuracy_ensemble_minus_dcg', 'paired_accuracy_diffmic_minus_ensemble', 'paired_ece_diffmic_minus_ensemble'):
+        assert summary[key]['n'] == 12
+    assert (out / 'confusion-ensemble.csv').is_file()
+    # Per image: the ensemble's probabilities are the mean of the two DCGs' own (each evaluated alone).
+    rows = list(csv.DictReader(open(out / 'metrics.csv')))
+    other = {r['file']: r for r in csv.DictReader(open(alone / 'metrics.csv'))}
+    classes = summary['classes']
+    for r in rows:
+        want = [(float(r[f'p_dcg_{c}']) + float(other[r['file']][f'p_dcg_{c}'])) / 2 for c in classes]
+        assert np.allclose([float(r[f'p_ensemble_{c}']) for c in classes], want, atol=1e-6)
+        assert r['pred_ensemble'] == classes[int(np.argmax(want))]
+    # The prior's own DCG is no second member.
+    proc = _evaluate(['--network', edm_pkl, '--ensemble', demo['dcg_pkl'], '--outdir', str(tmp_path / 'same')], cwd)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr and not (tmp_path / 'same').exists()
+    assert f'--ensemble {demo["dcg_pkl"]}: its DCG has the same weights as the prior or another member' in proc.stderr
 
 def test_bad_inputs_exit_with_one_line(demo, tmp_path):
     cwd = demo['cwd']

@@ -12,10 +12,16 @@ uncertainty.
     --estimator DiffMIC's class probabilities from its S samples: vote shares
                 (default) or the clipped mean (training/diffmic/inference.py)
     --calibrate temperature scaling fitted on the validation split (NLL), one
-                temperature for the DCG and one for DiffMIC, applied unchanged
-                to the reported split: metrics `dcg_ts`, `diffmic_ts` beside the
+                temperature per model, applied unchanged to the reported split:
+                metrics `dcg_ts`, `diffmic_ts` (`ensemble_ts`) beside the
                 uncalibrated ones (training/diffmic/calibration.py); only with
                 --split test (never fitted on the split it is judged on)
+    --ensemble  another DCG snapshot (repeatable): the deep-ensemble baseline
+                (Lakshminarayanan et al. 2017), the mean of the prior's y_fusion
+                and theirs, reported as `ensemble` beside the DCG and DiffMIC.
+                DiffMIC is the prior plus a second trained network, so an
+                ensemble of the prior with a second DCG is the yardstick of
+                what a second network adds without label diffusion
 
 A DCG-stage snapshot gives the DCG's metrics only. Outputs (atomic): metrics.json
 / metrics.csv (summary: both models' metrics, the paired accuracy difference
@@ -77,6 +83,30 @@ def check_model(dcg, dataset: ClassFolderDataset, path: str) -> None:
     if (dcg.img_channels, dcg.img_resolution) != (dataset.num_channels, dataset.resolution):
         raise ValueError(f'--network {path}: the DCG takes {dcg.img_channels}x{dcg.img_resolution}px images, '
             f'the data are {dataset.num_channels}x{dataset.resolution}px')
+
+#----------------------------------------------------------------------------
+# The deep-ensemble baseline: the prior's DCG and other DCG snapshots, y_fusion averaged.
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+def load_ensemble(paths, dcg, dataset, device) -> list:
+    """The DCGs of the other ensemble members, each checked against the data; none may be the prior's own DCG."""
+    members = []
+    for path in paths:
+        _, member, _ = load_model(path, device)
+        check_model(member, dataset, f'--ensemble {path}')
+        if same_weights(member, dcg) or any(same_weights(member, m) for m in members):
+            raise ValueError(f'--ensemble {path}: its DCG has the same weights as the prior or another member; '
+                'an ensemble needs independently trained DCGs (e.g. the DCG stage with another training.seed)')
+        members.append(member)
+    return members
+
+def add_ensemble(out: dict, members: list, dataset, batch: int, device) -> None:
+    """out['ensemble'] = the mean of out['prior'] and the members' y_fusion on `dataset` (in dataset order)."""
+    probs = [out['prior']] + [inference.predict(None, m, dataset, 1, 0, {}, batch, device)['prior'] for m in members]
+    out['ensemble'] = np.mean(np.stack(probs), axis=0)
 
 #----------------------------------------------------------------------------
 # Checkpoint selection on the validation split.
@@ -175,7 +205,7 @@ def confidence_halves(y_true, pred, certainty) -> dict:
 
 def calibrate_summary(summary: dict, out: dict, val_y, val_out: dict, y, num_bins: int) -> None:
     """Temperatures fitted on the validation outputs (val_y, val_out); calibrated metrics of `out` into summary."""
-    models = [('dcg', 'prior')] + ([('diffmic', 'probs')] if 'probs' in out else [])
+    models = [('dcg', 'prior')] + [(name, key) for name, key in (('ensemble', 'ensemble'), ('diffmic', 'probs')) if key in out]
     temps = {name: calibration.fit_temperature(val_y, val_out[key]) for name, key in models}
     summary['calibration'] = dict(method='temperature scaling of log-probabilities, NLL', fitted_on='val', images=int(len(val_y)),
         **{f'temperature_{name}': t for name, t in temps.items()})
@@ -184,6 +214,8 @@ def calibrate_summary(summary: dict, out: dict, val_y, val_out: dict, y, num_bin
         summary[f'{name}_ts'] = metrics.classification_metrics(y, out[f'{key}_ts'], out[key].shape[1], num_bins)
     if 'probs' in out:
         summary['paired_ece_diffmic_minus_dcg_ts'] = metrics.paired_ece(y, out['probs_ts'], out['prior_ts'], num_bins)
+    if 'probs' in out and 'ensemble' in out:
+        summary['paired_ece_diffmic_minus_ensemble_ts'] = metrics.paired_ece(y, out['probs_ts'], out['ensemble_ts'], num_bins)
 
 def summarize(dataset, out: dict, num_bins: int) -> tuple[dict, list]:
     y, k = dataset.class_idx, dataset.label_dim
@@ -197,10 +229,20 @@ def summarize(dataset, out: dict, num_bins: int) -> tuple[dict, list]:
         summary['diffmic']['mean_agreement'] = float(out['agreement'].mean())
         summary['paired_accuracy_diffmic_minus_dcg'] = metrics.paired_accuracy(y, out['pred'], out['prior'].argmax(1))
         summary['paired_ece_diffmic_minus_dcg'] = metrics.paired_ece(y, out['probs'], out['prior'], num_bins)
+    if 'ensemble' in out:
+        summary['ensemble'] = metrics.classification_metrics(y, out['ensemble'], k, num_bins)
+        summary['ensemble'].update(confidence_halves(y, out['ensemble'].argmax(1), out['ensemble'].max(1)))
+        summary['paired_accuracy_ensemble_minus_dcg'] = metrics.paired_accuracy(y, out['ensemble'].argmax(1), out['prior'].argmax(1))
+        if 'probs' in out:
+            summary['paired_accuracy_diffmic_minus_ensemble'] = metrics.paired_accuracy(y, out['pred'], out['ensemble'].argmax(1))
+            summary['paired_ece_diffmic_minus_ensemble'] = metrics.paired_ece(y, out['probs'], out['ensemble'], num_bins)
     rows = []
     for i in range(len(y)):
         row = dict(file=dataset.files[i], true=dataset.classes[y[i]], pred_dcg=dataset.classes[out['prior'][i].argmax()])
         row.update({f'p_dcg_{c}': float(out['prior'][i, j]) for j, c in enumerate(dataset.classes)})
+        if 'ensemble' in out:
+            row.update(pred_ensemble=dataset.classes[out['ensemble'][i].argmax()])
+            row.update({f'p_ensemble_{c}': float(out['ensemble'][i, j]) for j, c in enumerate(dataset.classes)})
         if 'probs' in out:
             row.update(pred_diffmic=dataset.classes[out['pred'][i]], spread=float(out['spread'][i]), agreement=float(out['agreement'][i]))
             row.update({f'p_diffmic_{c}': float(out['probs'][i, j]) for j, c in enumerate(dataset.classes)})
@@ -209,8 +251,8 @@ def summarize(dataset, out: dict, num_bins: int) -> tuple[dict, list]:
 
 def write_outputs(outdir: str, dataset, out: dict, summary: dict, rows: list) -> None:
     engine_metrics.write_metrics(outdir, summary, rows)
-    models = dict(dcg=out['prior'], **({'diffmic': out['probs']} if 'probs' in out else {}))
-    calibrated = {f'{name} (T fitted on val)': out[f'{key}_ts'] for name, key in (('dcg', 'prior'), ('diffmic', 'probs')) if f'{key}_ts' in out}
+    models = {name: out[key] for name, key in (('dcg', 'prior'), ('ensemble', 'ensemble'), ('diffmic', 'probs')) if key in out}
+    calibrated = {f'{name} (T fitted on val)': out[f'{key}_ts'] for name, key in (('dcg', 'prior'), ('ensemble', 'ensemble'), ('diffmic', 'probs')) if f'{key}_ts' in out}
     for name in models:
         cm = np.asarray(summary[name]['confusion_matrix'])
         text = 'true\\pred,' + ','.join(dataset.classes) + '\n' + ''.join(f'{c},' + ','.join(str(v) for v in cm[i]) + '\n' for i, c in enumerate(dataset.classes))
@@ -221,6 +263,8 @@ def write_outputs(outdir: str, dataset, out: dict, summary: dict, rows: list) ->
 
 #----------------------------------------------------------------------------
 
+NAMES = dict(dcg='DCG', diffmic='DiffMIC', ensemble='ensemble')
+
 @click.command()
 @evaluation.common_options
 @click.option('--data', help='Class-folder root (default: the snapshot\'s training data)', metavar='DIR', type=str, default=None)
@@ -230,8 +274,9 @@ def write_outputs(outdir: str, dataset, out: dict, summary: dict, rows: list) ->
 @click.option('--bins', help='Calibration bins of the ECE', metavar='INT', type=click.IntRange(min=1), default=15, show_default=True)
 @click.option('--estimator', help='DiffMIC probabilities from the samples', type=click.Choice(list(inference.ESTIMATORS)), default='votes', show_default=True)
 @click.option('--calibrate/--no-calibrate', help='Temperature scaling fitted on the validation split (with --split test)', default=True, show_default=True)
+@click.option('--ensemble', 'ensemble_pkls', help='Deep-ensemble baseline: another DCG snapshot, averaged with the prior (repeatable)', metavar='PKL', multiple=True)
 @evaluation.sampler_options
-def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, split_file, samples, bins, estimator, calibrate, sampler):
+def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, split_file, samples, bins, estimator, calibrate, ensemble_pkls, sampler):
     """DiffMIC: DCG prior vs label diffusion (accuracy, balanced accuracy, macro P/R/F1, AUC OvR/OvO, kappa, ECE)."""
     evaluation.check_outdir(outdir)
     device = evaluation.default_device()
@@ -244,19 +289,26 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
     net, dcg, snapshot = load_model(network_pkl, device)
     dataset = make_dataset(snapshot, data, split, split_file)
     check_model(dcg, dataset, network_pkl)
+    members = load_ensemble(ensemble_pkls, dcg, dataset, device)
     val = make_dataset(snapshot, data, 'val', split_file) if calibrate and split == 'test' else None
     if val is not None and val_out is None:
         val_out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator)
+    if val is not None and members:
+        add_ensemble(val_out, members, val, batch, device)
     evaluation.make_outdir(outdir)
     if selection is not None:
         persistence.atomic_write_bytes(os.path.join(outdir, 'selection.json'), json.dumps(selection, indent=1).encode('utf-8'))
     out = inference.predict(net, dcg, dataset, samples, seed, sampler, batch, device, estimator=estimator)
+    if members:
+        add_ensemble(out, members, dataset, batch, device)
     summary, rows = summarize(dataset, out, bins)
     if val is not None:
         calibrate_summary(summary, out, val.class_idx, val_out, dataset.class_idx, bins)
+    if members:
+        summary['ensemble_members'] = [network_pkl, *ensemble_pkls]
     summary.update(network=network_pkl, samples=samples, sampler=sampling.network_levels(sampler, net), seed=seed, estimator=estimator)
     write_outputs(outdir, dataset, out, summary, rows)
-    for name in ('dcg', 'diffmic'):
+    for name in ('dcg', 'ensemble', 'diffmic'):
         if name in summary:
             s = summary[name]
             print(f'{name:8s} {split}: accuracy {s["accuracy"]:.4f}  balanced {s["balanced_accuracy"]:.4f}  F1 {s["f1_macro"]:.4f}  '
@@ -264,12 +316,13 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
         if f'{name}_ts' in summary:
             t = summary['calibration'][f'temperature_{name}']
             print(f'{name:8s} {split}, temperature {t:.3f} fitted on val: ECE {summary[name + "_ts"]["ece"]:.4f}  NLL {summary[name + "_ts"]["nll"]:.4f}')
-    if 'paired_accuracy_diffmic_minus_dcg' in summary:
-        p = summary['paired_accuracy_diffmic_minus_dcg']
-        print(f'paired accuracy difference DiffMIC - DCG: {p["diff"]:+.4f} +- {p["se"]:.4f} (SE; {p["a_only"]} vs {p["b_only"]} discordant)')
-        for key, what in (('paired_ece_diffmic_minus_dcg', ''), ('paired_ece_diffmic_minus_dcg_ts', ', both temperature-scaled')):
+    for a, b in (('diffmic', 'dcg'), ('ensemble', 'dcg'), ('diffmic', 'ensemble')):
+        p = summary.get(f'paired_accuracy_{a}_minus_{b}')
+        if p is not None:
+            print(f'paired accuracy difference {NAMES[a]} - {NAMES[b]}: {p["diff"]:+.4f} +- {p["se"]:.4f} (SE; {p["a_only"]} vs {p["b_only"]} discordant)')
+        for key, what in ((f'paired_ece_{a}_minus_{b}', ''), (f'paired_ece_{a}_minus_{b}_ts', ', both temperature-scaled')):
             if key in summary:
-                print(f'paired ECE difference DiffMIC - DCG{what}: {summary[key]["diff"]:+.4f} +- {summary[key]["se"]:.4f} (bootstrap SE)')
+                print(f'paired ECE difference {NAMES[a]} - {NAMES[b]}{what}: {summary[key]["diff"]:+.4f} +- {summary[key]["se"]:.4f} (bootstrap SE)')
     print(f'Wrote {outdir}')
 
 #----------------------------------------------------------------------------
