@@ -69,6 +69,11 @@ def test_two_stages_and_evaluation(demo):
     val = cwd / 'eval-val'
     launch.check(_evaluate(['--network', summary['network'], '--outdir', str(val), '--samples', '3', '--steps', '3', '--split', 'val'], cwd))
     assert 'calibration' not in json.loads((val / 'metrics.json').read_text())
+    # The training part (no augmentation), e.g. to see whether the prior fits its training images better than validation.
+    train = cwd / 'eval-train'
+    launch.check(_evaluate(['--network', demo['dcg_pkl'], '--outdir', str(train), '--split', 'train'], cwd))
+    summary = json.loads((train / 'metrics.json').read_text())
+    assert summary['split'] == 'train' and summary['images'] == 44 and 'calibration' not in summary
 
 def test_deep_ensemble_baseline(demo, tmp_path):
     cwd = demo['cwd']

@@ -8,7 +8,8 @@ uncertainty.
                 evaluated on the validation split (never the test split) and the
                 one of highest accuracy (latest on ties) is used; the choice and
                 all validation accuracies go to selection.json
-    --split     the split reported (test by default)
+    --split     the split reported (test by default; train: the training part
+                without augmentation, to compare fit and generalisation)
     --estimator DiffMIC's class probabilities from its S samples: vote shares
                 (default) or the clipped mean (training/diffmic/inference.py)
     --calibrate temperature scaling fitted on the validation split (NLL), one
@@ -268,7 +269,7 @@ NAMES = dict(dcg='DCG', diffmic='DiffMIC', ensemble='ensemble')
 @click.command()
 @evaluation.common_options
 @click.option('--data', help='Class-folder root (default: the snapshot\'s training data)', metavar='DIR', type=str, default=None)
-@click.option('--split', help='Split to report', type=click.Choice(['test', 'val']), default='test', show_default=True)
+@click.option('--split', help='Split to report', type=click.Choice(['test', 'val', 'train']), default='test', show_default=True)
 @click.option('--split-file', help='Split JSON (default: the snapshot\'s)', metavar='PATH', type=str, default=None)
 @click.option('--samples', help='Label samples per image (S)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--bins', help='Calibration bins of the ECE', metavar='INT', type=click.IntRange(min=1), default=15, show_default=True)
