@@ -28,9 +28,11 @@ def test_demo_diffmic(tmp_path):
     summary = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
     # The README's first table (training seed 0; gloo on CPU): the DCG (200 kimg, chosen on a split of whole
     # subjects) 0.935, DiffMIC +0.88 +- 0.51 points (12 vs 5 images; under the 2), ECE lower raw
-    # (0.017 vs 0.032) and temperature-scaled (0.024 vs 0.042); other diffusion seeds: README.
+    # (0.017 vs 0.032) and temperature-scaled (0.024 vs 0.042); other diffusion seeds: README. The training
+    # does not repeat bit for bit across CPUs: on another machine the DCG 0.930, DiffMIC +0.50 +- 0.53, ECE
+    # 0.015 vs 0.024 and 0.021 vs 0.028, T of the DCG 0.84 (README, "On another machine").
     assert 0.9 < summary['dcg']['accuracy'] < 0.97
     assert summary['paired_accuracy_diffmic_minus_dcg']['diff'] > 0
     assert summary['diffmic']['ece'] < summary['dcg']['ece'] and summary['diffmic_ts']['ece'] < summary['dcg_ts']['ece']
-    assert 0.6 < summary['calibration']['temperature_dcg'] < 0.8 # The DCG's y_fusion is under-confident.
+    assert 0.6 < summary['calibration']['temperature_dcg'] < 0.9 # The DCG's y_fusion is under-confident.
     assert summary['diffmic']['accuracy_certain_half'] > summary['diffmic']['accuracy_uncertain_half'] + 0.05

@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 
 import launch
+from training.diffmic import calibration
 
 #----------------------------------------------------------------------------
 
-def _train(config: str, args, cwd) -> str:
+def _train(config: str, args, cwd, outdir=None) -> str:
+    outdir = outdir or os.path.join(cwd, 'runs')
     cmd = launch.torchrun_cmd('train.py', 2) + ['-cd', os.path.join(launch.ROOT, 'configs'), '-cn', config, 'resume=none',
-        f'training.outdir={cwd}/runs', 'training.batch_size=8', 'training.total_kimg=0.048', 'training.kimg_per_tick=0.016',
+        f'training.outdir={outdir}', 'training.batch_size=8', 'training.total_kimg=0.048', 'training.kimg_per_tick=0.016',
         'training.snapshot_ticks=1', 'training.state_dump_ticks=null', 'training.dataset.resolution=16', 'training.print_summary=false',
         *(['training.network.model_channels=16', 'training.network.encoder_channels=8'] if config == 'diffmic_edm' else ['training.network.channels=8']), *args]
     launch.check(subprocess.run(cmd, cwd=cwd, env=launch.env(), capture_output=True, text=True, timeout=240))
-    runs = sorted(glob.glob(os.path.join(cwd, 'runs', f'*-{config.replace("_", "-")}')))
+    runs = sorted(glob.glob(os.path.join(outdir, f'*-{config.replace("_", "-")}')))
     return runs[-1]
 
 def _evaluate(args, cwd) -> subprocess.CompletedProcess:
@@ -78,7 +80,7 @@ def test_two_stages_and_evaluation(demo):
 def test_deep_ensemble_baseline(demo, tmp_path):
     cwd = demo['cwd']
     # A second DCG of another training seed: --ensemble averages its y_fusion with the prior's.
-    other_run = _train('diffmic_dcg', [f'training.dataset.path={demo["data"]}', 'training.seed=1', f'training.outdir={tmp_path}/runs'], cwd)
+    other_run = _train('diffmic_dcg', [f'training.dataset.path={demo["data"]}', 'training.seed=1'], cwd, outdir=str(tmp_path / 'runs'))
     other_pkl = sorted(glob.glob(os.path.join(other_run, 'network-snapshot-*.pkl')))[-1]
     edm_pkl = sorted(glob.glob(os.path.join(demo['edm_run'], 'network-snapshot-*.pkl')))[-1]
     out, alone = tmp_path / 'ens', tmp_path / 'other'
@@ -87,9 +89,14 @@ def test_deep_ensemble_baseline(demo, tmp_path):
     launch.check(_evaluate(['--network', other_pkl, '--outdir', str(alone)], cwd))
     summary = json.loads((out / 'metrics.json').read_text())
     assert summary['ensemble_members'] == [edm_pkl, other_pkl]
-    assert summary['calibration']['temperature_ensemble'] > 0 and summary['ensemble_ts']['accuracy'] == summary['ensemble']['accuracy']
-    for key in ('paired_accuracy_ensemble_minus_dcg', 'paired_accuracy_diffmic_minus_ensemble', 'paired_ece_diffmic_minus_ensemble'):
+    for key in ('paired_accuracy_ensemble_minus_dcg', 'paired_ece_ensemble_minus_dcg', 'paired_accuracy_diffmic_minus_ensemble', 'paired_ece_diffmic_minus_ensemble'):
         assert summary[key]['n'] == 12
+    # The ensemble's temperature is fitted on the same two members' outputs on the validation split.
+    launch.check(_evaluate(['--network', edm_pkl, '--ensemble', other_pkl, '--outdir', str(tmp_path / 'ens-val'), '--split', 'val', '--samples', '3', '--steps', '3'], cwd))
+    val_rows = list(csv.DictReader(open(tmp_path / 'ens-val' / 'metrics.csv')))
+    val_y = np.array([summary['classes'].index(r['true']) for r in val_rows])
+    val_p = np.array([[float(r[f'p_ensemble_{c}']) for c in summary['classes']] for r in val_rows])
+    assert summary['calibration']['temperature_ensemble'] == pytest.approx(calibration.fit_temperature(val_y, val_p), rel=1e-4)
     assert (out / 'confusion-ensemble.csv').is_file()
     # Per image: the ensemble's probabilities are the mean of the two DCGs' own (each evaluated alone).
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
@@ -102,7 +109,15 @@ def test_deep_ensemble_baseline(demo, tmp_path):
     # The prior's own DCG is no second member.
     proc = _evaluate(['--network', edm_pkl, '--ensemble', demo['dcg_pkl'], '--outdir', str(tmp_path / 'same')], cwd)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr and not (tmp_path / 'same').exists()
-    assert f'--ensemble {demo["dcg_pkl"]}: its DCG has the same weights as the prior or another member' in proc.stderr
+    assert f'--ensemble {demo["dcg_pkl"]}: its DCG has the same weights as the prior; an ensemble needs separately trained DCGs' in proc.stderr
+    # A missing member is named before anything runs; a member of another split is refused.
+    proc = _evaluate(['--network', demo['edm_run'], '--ensemble', 'nowhere.pkl', '--outdir', str(tmp_path / 'gone')], cwd)
+    assert proc.returncode == 1 and '--ensemble: snapshot not found: nowhere.pkl' in proc.stderr
+    seed1 = _train('diffmic_dcg', [f'training.dataset.path={demo["data"]}', 'training.dataset.split_seed=1'], cwd, outdir=str(tmp_path / 'runs1'))
+    seed1_pkl = sorted(glob.glob(os.path.join(seed1, 'network-snapshot-*.pkl')))[-1]
+    proc = _evaluate(['--network', edm_pkl, '--ensemble', seed1_pkl, '--outdir', str(tmp_path / 'split')], cwd)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert f'--ensemble {seed1_pkl}: trained with training.dataset.split_seed=1, the evaluated snapshot with 0; the members must share the train/validation split' in proc.stderr
 
 def test_bad_inputs_exit_with_one_line(demo, tmp_path):
     cwd = demo['cwd']

@@ -17,19 +17,20 @@ uncertainty.
                 metrics `dcg_ts`, `diffmic_ts` (`ensemble_ts`) beside the
                 uncalibrated ones (training/diffmic/calibration.py); only with
                 --split test (never fitted on the split it is judged on)
-    --ensemble  another DCG snapshot (repeatable): the deep-ensemble baseline
+    --ensemble  another DCG snapshot file (repeatable; trained on the same
+                train/validation split): the deep-ensemble baseline
                 (Lakshminarayanan et al. 2017), the mean of the prior's y_fusion
                 and theirs, reported as `ensemble` beside the DCG and DiffMIC.
                 DiffMIC is the prior plus a second trained network, so an
                 ensemble of the prior with a second DCG is the yardstick of
                 what a second network adds without label diffusion
 
-A DCG-stage snapshot gives the DCG's metrics only. Outputs (atomic): metrics.json
-/ metrics.csv (summary: both models' metrics, the paired accuracy difference
-with its standard error, the paired ECE difference with its bootstrap
-standard error, accuracy of the most and least certain halves;
-rows: per image), confusion-<model>.csv / .png, reliability.png,
-panel.png (test images with their predicted class distributions)."""
+A DCG-stage snapshot gives the DCG's metrics (and the ensemble's) only. Outputs
+(atomic): metrics.json / metrics.csv (summary: each model's metrics, the paired
+accuracy differences with their standard errors, the paired ECE differences
+with their bootstrap standard errors, accuracy of the most and least certain
+halves; rows: per image), confusion-<model>.csv / .png, reliability.png,
+panel.png (images of the split with the DCG's and DiffMIC's class distributions)."""
 
 import glob
 import io
@@ -55,22 +56,23 @@ from training.diffmic.loss import LabelEDMLoss, check_classes
 #----------------------------------------------------------------------------
 # A DiffMIC snapshot: (diffusion net or None, DCG).
 
-def load_model(path: str, device: torch.device) -> tuple:
+def load_model(path: str, device: torch.device, option: str = '--network') -> tuple:
     if not os.path.isfile(path):
-        raise ValueError(f'--network: snapshot not found: {path}')
+        raise ValueError(f'{option}: snapshot not found: {path}')
     snapshot = stages.load_snapshot(path, device)
     ema, loss_fn = snapshot['ema'], snapshot.get('loss_fn')
     if isinstance(loss_fn, LabelEDMLoss):
         dcg = snapshot['frozen'].get(loss_fn.dcg)
         if not isinstance(dcg, DCGNet):
-            raise ValueError(f'--network: {path} has no frozen DCG {loss_fn.dcg!r}')
+            raise ValueError(f'{option}: {path} has no frozen DCG {loss_fn.dcg!r}')
         return ema, dcg, snapshot
     if isinstance(ema, DCGNet):
         return None, ema, snapshot
-    raise ValueError(f'--network: {path} is neither a DiffMIC label-diffusion nor a DCG snapshot')
+    raise ValueError(f'{option}: {path} is neither a DiffMIC label-diffusion nor a DCG snapshot')
 
 def make_dataset(snapshot: dict, data: str | None, split: str, split_file: str | None) -> ClassFolderDataset:
-    kwargs = {k: v for k, v in dict(snapshot.get('dataset_kwargs') or {}).items() if k not in ('_target_', 'augment', 'max_size', 'split')}
+    dropped = ('_target_', 'augment', 'split') + (() if split == 'train' else ('max_size',)) # The training part: the images trained on.
+    kwargs = {k: v for k, v in dict(snapshot.get('dataset_kwargs') or {}).items() if k not in dropped}
     if data is not None:
         kwargs['path'] = data
     if split_file is not None:
@@ -79,32 +81,42 @@ def make_dataset(snapshot: dict, data: str | None, split: str, split_file: str |
         raise ValueError('--data: the snapshot names no dataset; give the class-folder root')
     return ClassFolderDataset(split=split, augment=False, **kwargs)
 
-def check_model(dcg, dataset: ClassFolderDataset, path: str) -> None:
-    check_classes(dcg, dataset.label_dim, f'--network {path}')
+def check_model(dcg, dataset: ClassFolderDataset, path: str, option: str = '--network') -> None:
+    check_classes(dcg, dataset.label_dim, f'{option} {path}')
     if (dcg.img_channels, dcg.img_resolution) != (dataset.num_channels, dataset.resolution):
-        raise ValueError(f'--network {path}: the DCG takes {dcg.img_channels}x{dcg.img_resolution}px images, '
+        raise ValueError(f'{option} {path}: the DCG takes {dcg.img_channels}x{dcg.img_resolution}px images, '
             f'the data are {dataset.num_channels}x{dataset.resolution}px')
 
 #----------------------------------------------------------------------------
 # The deep-ensemble baseline: the prior's DCG and other DCG snapshots, y_fusion averaged.
 
+SPLIT_KEYS = ('split_file', 'val_fraction', 'split_seed', 'group_pattern') # What decides the train/validation split.
+
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
-def load_ensemble(paths, dcg, dataset, device) -> list:
-    """The DCGs of the other ensemble members, each checked against the data; none may be the prior's own DCG."""
-    members = []
+def load_ensemble(paths: tuple[str, ...], dcg: DCGNet, snapshot: dict, dataset: ClassFolderDataset, device: torch.device) -> list[DCGNet]:
+    """The DCGs of the other ensemble members: each checked against the data and the evaluated snapshot's
+    train/validation split (a member trained on part of the validation split would bias the temperature
+    fitted there); none may have the weights of the prior or of another member."""
+    members, ours = [], dict(snapshot.get('dataset_kwargs') or {})
     for path in paths:
-        _, member, _ = load_model(path, device)
-        check_model(member, dataset, f'--ensemble {path}')
-        if same_weights(member, dcg) or any(same_weights(member, m) for m in members):
-            raise ValueError(f'--ensemble {path}: its DCG has the same weights as the prior or another member; '
-                'an ensemble needs independently trained DCGs (e.g. the DCG stage with another training.seed)')
+        _, member, member_snapshot = load_model(path, device, '--ensemble')
+        check_model(member, dataset, path, '--ensemble')
+        theirs = dict(member_snapshot.get('dataset_kwargs') or {})
+        for key in SPLIT_KEYS:
+            if theirs.get(key) != ours.get(key):
+                raise ValueError(f'--ensemble {path}: trained with training.dataset.{key}={theirs.get(key)!r}, the evaluated '
+                    f'snapshot with {ours.get(key)!r}; the members must share the train/validation split')
+        clash = 'the prior' if same_weights(member, dcg) else next((p for p, m in zip(paths, members) if same_weights(member, m)), None)
+        if clash is not None:
+            raise ValueError(f'--ensemble {path}: its DCG has the same weights as {clash}; an ensemble needs separately '
+                'trained DCGs (e.g. the DCG stage with another training.seed)')
         members.append(member)
     return members
 
-def add_ensemble(out: dict, members: list, dataset, batch: int, device) -> None:
+def add_ensemble(out: dict, members: list[DCGNet], dataset: ClassFolderDataset, batch: int, device: torch.device) -> None:
     """out['ensemble'] = the mean of out['prior'] and the members' y_fusion on `dataset` (in dataset order)."""
     probs = [out['prior']] + [inference.predict(None, m, dataset, 1, 0, {}, batch, device)['prior'] for m in members]
     out['ensemble'] = np.mean(np.stack(probs), axis=0)
@@ -234,6 +246,7 @@ def summarize(dataset, out: dict, num_bins: int) -> tuple[dict, list]:
         summary['ensemble'] = metrics.classification_metrics(y, out['ensemble'], k, num_bins)
         summary['ensemble'].update(confidence_halves(y, out['ensemble'].argmax(1), out['ensemble'].max(1)))
         summary['paired_accuracy_ensemble_minus_dcg'] = metrics.paired_accuracy(y, out['ensemble'].argmax(1), out['prior'].argmax(1))
+        summary['paired_ece_ensemble_minus_dcg'] = metrics.paired_ece(y, out['ensemble'], out['prior'], num_bins)
         if 'probs' in out:
             summary['paired_accuracy_diffmic_minus_ensemble'] = metrics.paired_accuracy(y, out['pred'], out['ensemble'].argmax(1))
             summary['paired_ece_diffmic_minus_ensemble'] = metrics.paired_ece(y, out['probs'], out['ensemble'], num_bins)
@@ -283,6 +296,9 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
     device = evaluation.default_device()
     torch.set_grad_enabled(False)
     selection, val_out = None, None
+    for path in ensemble_pkls: # Before the selection, which takes a while.
+        if not os.path.isfile(path):
+            raise ValueError(f'--ensemble: snapshot not found: {path}')
     if os.path.isdir(network_pkl):
         chosen, scores, val_out = select_snapshot(network_pkl, data, split_file, samples, seed, sampler, batch, device, estimator)
         selection = dict(selected=chosen, on='val', estimator=estimator, scores=scores)
@@ -290,7 +306,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
     net, dcg, snapshot = load_model(network_pkl, device)
     dataset = make_dataset(snapshot, data, split, split_file)
     check_model(dcg, dataset, network_pkl)
-    members = load_ensemble(ensemble_pkls, dcg, dataset, device)
+    members = load_ensemble(ensemble_pkls, dcg, snapshot, dataset, device)
     val = make_dataset(snapshot, data, 'val', split_file) if calibrate and split == 'test' else None
     if val is not None and val_out is None:
         val_out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator)
