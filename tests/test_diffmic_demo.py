@@ -30,7 +30,7 @@ def test_demo_diffmic(tmp_path):
     # subjects) 0.935, DiffMIC +0.88 +- 0.51 points (12 vs 5 images; under the 2), ECE lower raw
     # (0.017 vs 0.032) and temperature-scaled (0.024 vs 0.042); other diffusion seeds: README. The training
     # does not repeat bit for bit across CPUs: on another machine the DCG 0.930, DiffMIC +0.50 +- 0.53, ECE
-    # 0.015 vs 0.024 and 0.021 vs 0.028, T of the DCG 0.84 (README, "On another machine").
+    # 0.015 vs 0.024 and 0.020 vs 0.028, T of the DCG 0.84 (README, "On another machine").
     assert 0.9 < summary['dcg']['accuracy'] < 0.97
     assert summary['paired_accuracy_diffmic_minus_dcg']['diff'] > 0
     assert summary['diffmic']['ece'] < summary['dcg']['ece'] and summary['diffmic_ts']['ece'] < summary['dcg_ts']['ece']
