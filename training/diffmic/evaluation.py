@@ -90,17 +90,15 @@ def check_model(dcg, dataset: ClassFolderDataset, path: str, option: str = '--ne
 #----------------------------------------------------------------------------
 # The deep-ensemble baseline: the prior's DCG and other DCG snapshots, y_fusion averaged.
 
+MODELS = (('dcg', 'prior'), ('ensemble', 'ensemble'), ('diffmic', 'probs')) # Name in the summary -> key of its probabilities in the outputs.
 SPLIT_KEYS = ('split_file', 'val_fraction', 'split_seed', 'group_pattern') # What decides the train/validation split.
-
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
 def load_ensemble(paths: tuple[str, ...], dcg: DCGNet, snapshot: dict, dataset: ClassFolderDataset, device: torch.device) -> list[DCGNet]:
     """The DCGs of the other ensemble members: each checked against the data and the evaluated snapshot's
     train/validation split (a member trained on part of the validation split would bias the temperature
     fitted there); none may have the weights of the prior or of another member."""
     members, ours = [], dict(snapshot.get('dataset_kwargs') or {})
+    seen = stages.fingerprint({'the prior': dcg}) # {who: SHA-256 of the weights}
     for path in paths:
         _, member, member_snapshot = load_model(path, device, '--ensemble')
         check_model(member, dataset, path, '--ensemble')
@@ -109,11 +107,13 @@ def load_ensemble(paths: tuple[str, ...], dcg: DCGNet, snapshot: dict, dataset: 
             if theirs.get(key) != ours.get(key):
                 raise ValueError(f'--ensemble {path}: trained with training.dataset.{key}={theirs.get(key)!r}, the evaluated '
                     f'snapshot with {ours.get(key)!r}; the members must share the train/validation split')
-        clash = 'the prior' if same_weights(member, dcg) else next((p for p, m in zip(paths, members) if same_weights(member, m)), None)
+        digest = stages.fingerprint({path: member})[path]
+        clash = next((who for who, d in seen.items() if d == digest), None)
         if clash is not None:
             raise ValueError(f'--ensemble {path}: its DCG has the same weights as {clash}; an ensemble needs separately '
                 'trained DCGs (e.g. the DCG stage with another training.seed)')
         members.append(member)
+        seen[path] = digest
     return members
 
 def add_ensemble(out: dict, members: list[DCGNet], dataset: ClassFolderDataset, batch: int, device: torch.device) -> None:
@@ -218,7 +218,7 @@ def confidence_halves(y_true, pred, certainty) -> dict:
 
 def calibrate_summary(summary: dict, out: dict, val_y, val_out: dict, y, num_bins: int) -> None:
     """Temperatures fitted on the validation outputs (val_y, val_out); calibrated metrics of `out` into summary."""
-    models = [('dcg', 'prior')] + [(name, key) for name, key in (('ensemble', 'ensemble'), ('diffmic', 'probs')) if key in out]
+    models = [(name, key) for name, key in MODELS if key in out]
     temps = {name: calibration.fit_temperature(val_y, val_out[key]) for name, key in models}
     summary['calibration'] = dict(method='temperature scaling of log-probabilities, NLL', fitted_on='val', images=int(len(val_y)),
         **{f'temperature_{name}': t for name, t in temps.items()})
@@ -265,8 +265,8 @@ def summarize(dataset, out: dict, num_bins: int) -> tuple[dict, list]:
 
 def write_outputs(outdir: str, dataset, out: dict, summary: dict, rows: list) -> None:
     engine_metrics.write_metrics(outdir, summary, rows)
-    models = {name: out[key] for name, key in (('dcg', 'prior'), ('ensemble', 'ensemble'), ('diffmic', 'probs')) if key in out}
-    calibrated = {f'{name} (T fitted on val)': out[f'{key}_ts'] for name, key in (('dcg', 'prior'), ('ensemble', 'ensemble'), ('diffmic', 'probs')) if f'{key}_ts' in out}
+    models = {name: out[key] for name, key in MODELS if key in out}
+    calibrated = {f'{name} (T fitted on val)': out[f'{key}_ts'] for name, key in MODELS if f'{key}_ts' in out}
     for name in models:
         cm = np.asarray(summary[name]['confusion_matrix'])
         text = 'true\\pred,' + ','.join(dataset.classes) + '\n' + ''.join(f'{c},' + ','.join(str(v) for v in cm[i]) + '\n' for i, c in enumerate(dataset.classes))
@@ -325,7 +325,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
         summary['ensemble_members'] = [network_pkl, *ensemble_pkls]
     summary.update(network=network_pkl, samples=samples, sampler=sampling.network_levels(sampler, net), seed=seed, estimator=estimator)
     write_outputs(outdir, dataset, out, summary, rows)
-    for name in ('dcg', 'ensemble', 'diffmic'):
+    for name, _ in MODELS:
         if name in summary:
             s = summary[name]
             print(f'{name:8s} {split}: accuracy {s["accuracy"]:.4f}  balanced {s["balanced_accuracy"]:.4f}  F1 {s["f1_macro"]:.4f}  '
