@@ -59,10 +59,12 @@ def demo_networks(resolution: int, classes: int) -> tuple:
 def main(network, images, samples, steps, solver, batch, repeats, cache):
     torch.set_grad_enabled(False)
     if network is not None:
-        from training.diffmic.evaluation import load_model
-        net, dcg, _ = load_model(network, torch.device('cpu'))
+        from training.diffmic.evaluation import guided_map_of, load_model
+        net, dcg, snapshot = load_model(network, torch.device('cpu'))
+        guided_map = guided_map_of(snapshot)
     else:
         net, dcg = demo_networks(32, 4)
+        guided_map = 0
     x = torch.randn([images, dcg.img_channels, dcg.img_resolution, dcg.img_resolution]).clamp(-1, 1)
     sampler = sampling.check_sampler_options(dict(solver=solver, num_steps=steps))
     enc_time = [0.0]
@@ -79,7 +81,7 @@ def main(network, images, samples, steps, solver, batch, repeats, cache):
         timings = {}
         t0 = time.perf_counter()
         for s in range(0, images, batch):
-            inference.predict_batch(net, dcg, x[s:s + batch], list(range(s, min(s + batch, images))), samples, 0, sampler, timings, cache)
+            inference.predict_batch(net, dcg, x[s:s + batch], list(range(s, min(s + batch, images))), samples, 0, sampler, timings, cache, guided_map=guided_map)
         total = time.perf_counter() - t0
         t1 = time.perf_counter()
         for s in range(0, images, batch):

@@ -56,6 +56,7 @@ def test_two_stages_and_evaluation(demo):
         assert sum(map(sum, summary[model]['confusion_matrix'])) == 12
     # Temperature scaling fitted on the validation split, for both models; the argmax is unchanged.
     assert summary['calibration']['fitted_on'] == 'val' and summary['calibration']['images'] == 16 and summary['estimator'] == 'votes'
+    assert summary['guided_map'] == 0
     for model in ('dcg', 'diffmic'):
         assert summary['calibration'][f'temperature_{model}'] > 0 and summary[f'{model}_ts']['accuracy'] == summary[model]['accuracy']
     assert set(summary['paired_ece_diffmic_minus_dcg']) == {'diff', 'se', 'reps', 'n'}
@@ -76,6 +77,16 @@ def test_two_stages_and_evaluation(demo):
     launch.check(_evaluate(['--network', demo['dcg_pkl'], '--outdir', str(train), '--split', 'train'], cwd))
     summary = json.loads((train / 'metrics.json').read_text())
     assert summary['split'] == 'train' and summary['images'] == 44 and 'calibration' not in summary
+
+def test_guided_map_stage(demo, tmp_path):
+    # DiffMIC-v2's guided map: set on the loss, stored in the snapshot, used by the evaluation.
+    run = _train('diffmic_edm', [f'training.dataset.path={demo["data"]}', f'training.frozen.dcg={demo["dcg_pkl"]}', 'training.loss.guided_map=3'],
+        demo['cwd'], outdir=str(tmp_path / 'runs'))
+    pkl = sorted(glob.glob(os.path.join(run, 'network-snapshot-*.pkl')))[-1]
+    out = tmp_path / 'eval'
+    launch.check(_evaluate(['--network', pkl, '--outdir', str(out), '--samples', '9', '--steps', '3', '--no-calibrate'], demo['cwd']))
+    summary = json.loads((out / 'metrics.json').read_text())
+    assert summary['guided_map'] == 3 and summary['images'] == 12 and 0 <= summary['diffmic']['accuracy'] <= 1
 
 def test_deep_ensemble_baseline(demo, tmp_path):
     cwd = demo['cwd']

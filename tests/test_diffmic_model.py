@@ -1,6 +1,8 @@
 # medEDM: DiffMIC networks and losses: DCG outputs, the focal weight, the
 # label-space target, the cached image features of inference, seeds per image.
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from training import sampling
 from training.diffmic import inference
 from training.diffmic.dcg import DCGLoss, DCGNet
 from training.diffmic.denoiser import LabelDenoiser, PooledEncoder
-from training.diffmic.loss import LabelEDMLoss
+from training.diffmic.loss import LabelEDMLoss, guided_lambdas
 from training.networks import EDMPrecond
 
 #----------------------------------------------------------------------------
@@ -72,6 +74,50 @@ def test_cond_product_multiplies_the_features_in():
         EDMPrecond(16, 3, model_type='VectorDenoiser', cond_product=True)
 
 #----------------------------------------------------------------------------
+# DiffMIC-v2's guided map: a guide between y_global and y_local per map position.
+
+def test_guided_map_lambdas_and_the_training_priors():
+    assert guided_lambdas(3).tolist() == [0, 0.5, 1, 0.5, 0, 0.5, 1, 0.5, 0] # y_global on the diagonal, y_local in the corners.
+    _, dcg = _nets()
+    torch.manual_seed(0)
+    n, loss = 1600, LabelEDMLoss(guided_map=4)
+    images, label = torch.randn(1, 1, 16, 16).repeat(n, 1, 1, 1), torch.eye(3)[[1] * n]
+    batch = loss.prepare(dict(image=images, onehot=label), dict(dcg=dcg))
+    out = dcg(images[:1])
+    g, l, fusion = out['prob_global'][0], out['prob_local'][0], out['prob_fusion'][0]
+    lam = ((batch['prior'] - g) / (l - g)).mean(dim=1) # Each row's prior is (1 - lam) g + lam l ...
+    assert torch.allclose(batch['prior'], (1 - lam[:, None]) * g + lam[:, None] * l, atol=1e-5)
+    steps = (lam * 3).round()                        # ... with lam = |i - j| / 3 of a uniformly drawn position of the 4 x 4 map:
+    assert torch.allclose(lam * 3, steps, atol=1e-3) # 0 (4 of 16 positions), 1/3 (6), 2/3 (4), 1 (2).
+    shares = torch.bincount(steps.long(), minlength=4).float() / n
+    assert torch.allclose(shares, torch.tensor([4, 6, 4, 2]) / 16, atol=0.04), shares
+    assert torch.allclose(batch['residual'], label - batch['prior'])
+    assert torch.equal(batch['embedding'][:, :3], batch['prior']) and torch.allclose(batch['embedding'][:, 3:], torch.cat([g, l]).expand(n, 6))
+    w = loss.sample_weight(batch, None, None) # v2's focal weight keeps y_fusion.
+    assert torch.allclose(w, torch.full((n,), 1 + 10 * (1 - float(fusion[1]))))
+    for bad in (1, -1, True, 2.0):
+        with pytest.raises(ValueError, match=re.escape(f'training.loss.guided_map: expected 0 (off) or an integer np >= 2, got {bad!r}')):
+            LabelEDMLoss(guided_map=bad)
+
+def test_guided_map_at_inference_sample_j_takes_position_j_mod_np2(monkeypatch):
+    net, dcg = _nets()
+    images = torch.randn(2, 1, 16, 16)
+    seen = {}
+    def zero_residual(net, latents, embedding, **kwargs): # The denoised residual is 0: y0 = the prior of each sample.
+        seen['embedding'] = embedding
+        return torch.zeros_like(latents)
+    monkeypatch.setattr(inference.sampling, 'sample', zero_residual)
+    sampler = sampling.check_sampler_options(dict(num_steps=3))
+    out = dcg(images)
+    g, l = out['prob_global'], out['prob_local']
+    res = inference.predict_batch(net, dcg, images, [0, 1], 5, 0, sampler, guided_map=2) # Map positions: lam = 0, 1, 1, 0.
+    for j, lam in enumerate([0, 1, 1, 0, 0]):
+        assert torch.allclose(res['y0'][:, j], (1 - lam) * g + lam * l, atol=1e-6)
+        assert torch.allclose(seen['embedding'].reshape(2, 5, 9)[:, j], torch.cat([(1 - lam) * g + lam * l, g, l], dim=1), atol=1e-6)
+    assert torch.allclose(res['prior'], out['prob_fusion']) # The DCG's own prediction stays y_fusion.
+    res = inference.predict_batch(net, dcg, images, [0, 1], 5, 0, sampler) # Off: every sample's prior is y_fusion.
+    assert torch.allclose(res['y0'], out['prob_fusion'][:, None].expand(2, 5, 3))
+
 #----------------------------------------------------------------------------
 # The family's image encoder inside the denoiser: mean + top-t pooling.
 

@@ -70,6 +70,10 @@ def load_model(path: str, device: torch.device, option: str = '--network') -> tu
         return None, ema, snapshot
     raise ValueError(f'{option}: {path} is neither a DiffMIC label-diffusion nor a DCG snapshot')
 
+def guided_map_of(snapshot: dict) -> int:
+    """The guided map size np of a label-diffusion snapshot's loss (0: off, and for DCG snapshots)."""
+    return int(getattr(snapshot.get('loss_fn'), 'guided_map', 0))
+
 def make_dataset(snapshot: dict, data: str | None, split: str, split_file: str | None) -> ClassFolderDataset:
     dropped = ('_target_', 'augment', 'split') + (() if split == 'train' else ('max_size',)) # The training part: the images trained on.
     kwargs = {k: v for k, v in dict(snapshot.get('dataset_kwargs') or {}).items() if k not in dropped}
@@ -137,7 +141,7 @@ def select_snapshot(run_dir: str, data, split_file, samples: int, seed: int, sam
             datasets[key] = make_dataset(snapshot, data, 'val', split_file)
         val = datasets[key]
         check_model(dcg, val, path)
-        out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator)
+        out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator, guided_map=guided_map_of(snapshot))
         pred = (out['probs'] if net is not None else out['prior']).argmax(axis=1)
         scores.append(dict(path=path, val_accuracy=float((pred == val.class_idx).mean())))
         if best is None or scores[i]['val_accuracy'] >= scores[best[0]]['val_accuracy']: # Latest on ties.
@@ -309,13 +313,13 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
     members = load_ensemble(ensemble_pkls, dcg, snapshot, dataset, device)
     val = make_dataset(snapshot, data, 'val', split_file) if calibrate and split == 'test' else None
     if val is not None and val_out is None:
-        val_out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator)
+        val_out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator, guided_map=guided_map_of(snapshot))
     if val is not None and members:
         add_ensemble(val_out, members, val, batch, device)
     evaluation.make_outdir(outdir)
     if selection is not None:
         persistence.atomic_write_bytes(os.path.join(outdir, 'selection.json'), json.dumps(selection, indent=1).encode('utf-8'))
-    out = inference.predict(net, dcg, dataset, samples, seed, sampler, batch, device, estimator=estimator)
+    out = inference.predict(net, dcg, dataset, samples, seed, sampler, batch, device, estimator=estimator, guided_map=guided_map_of(snapshot))
     if members:
         add_ensemble(out, members, dataset, batch, device)
     summary, rows = summarize(dataset, out, bins)
@@ -323,7 +327,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
         calibrate_summary(summary, out, val.class_idx, val_out, dataset.class_idx, bins)
     if members:
         summary['ensemble_members'] = [network_pkl, *ensemble_pkls]
-    summary.update(network=network_pkl, samples=samples, sampler=sampling.network_levels(sampler, net), seed=seed, estimator=estimator)
+    summary.update(network=network_pkl, samples=samples, sampler=sampling.network_levels(sampler, net), seed=seed, estimator=estimator, guided_map=guided_map_of(snapshot))
     write_outputs(outdir, dataset, out, summary, rows)
     for name, _ in MODELS:
         if name in summary:

@@ -22,6 +22,13 @@ demo's validation NLL: votes 0.85-0.92, mean 0.89-1.44, README).
 Sample j of image i uses seed `seed + i * S + j` (sampling.posterior_seeds),
 so a result does not depend on the batch it was computed in.
 
+With DiffMIC-v2's guided map (the loss's `guided_map` = np > 0, training/
+diffmic/loss.py) sample j of an image takes the guide of map position
+j mod np^2 as its prior (y0_j = G_j + r_j), so the S samples cover the map
+evenly when S is a multiple of np^2; the votes and the mean then run over
+the whole map, as v2's mean over it. `prior` stays y_fusion, the DCG's own
+prediction.
+
 The denoiser's image features f(x) depend on the image only, not on the
 noisy label or sigma: `cached_encoder` computes them once per image instead
 of once per sample and solver step (bench/diffmic.py: the encoder was 83 % of
@@ -34,7 +41,7 @@ import numpy as np
 import torch
 
 from training import sampling
-from training.diffmic.loss import priors
+from training.diffmic.loss import guided_lambdas, guided_priors, priors, with_prior
 
 #----------------------------------------------------------------------------
 
@@ -84,8 +91,9 @@ def cached_encoder(net, images: torch.Tensor, samples: int, enabled: bool = True
 
 @torch.no_grad()
 def predict_batch(net, dcg, images: torch.Tensor, indices, samples: int, seed: int, sampler: dict, timings: dict | None = None,
-        cache_features: bool = True, estimator: str = 'votes') -> dict:
-    """Prior and diffusion outputs of a batch of images (N, C, H, W); `indices` (N,) name the images for the seeds."""
+        cache_features: bool = True, estimator: str = 'votes', guided_map: int = 0) -> dict:
+    """Prior and diffusion outputs of a batch of images (N, C, H, W); `indices` (N,) name the images for the seeds;
+    `guided_map` the loss's (0: every sample's prior is y_fusion)."""
     device = images.device
     n, k = images.shape[0], dcg.label_dim
     t0 = time.perf_counter()
@@ -97,10 +105,13 @@ def predict_batch(net, dcg, images: torch.Tensor, indices, samples: int, seed: i
         rnd = sampling.StackedRandomGenerator(device, seeds)
         latents = rnd.randn([n * samples, k], device=device)
         cond = images.repeat_interleave(samples, dim=0)
-        embedding = p['embedding'].repeat_interleave(samples, dim=0)
+        ps = {key: v.repeat_interleave(samples, dim=0) for key, v in p.items()} # Row i * S + j: sample j of image i.
+        if guided_map:
+            lam = guided_lambdas(guided_map, device)
+            ps = with_prior(ps, guided_priors(ps['embedding'], lam[torch.arange(samples, device=device) % len(lam)].repeat(n)))
         with cached_encoder(net, images, samples, cache_features):
-            r = sampling.sample(net, latents, cond=cond, embedding=embedding, randn_like=rnd.randn_like, **sampler).float()
-        y0 = (p['prior'].repeat_interleave(samples, dim=0) + r).reshape(n, samples, k).cpu()
+            r = sampling.sample(net, latents, cond=cond, embedding=ps['embedding'], randn_like=rnd.randn_like, **sampler).float()
+        y0 = (ps['prior'] + r).reshape(n, samples, k).cpu()
         probs = class_probabilities(y0, estimator)
         pred = probs.argmax(dim=1)
         out.update(y0=y0, probs=probs, pred=pred,
@@ -113,13 +124,13 @@ def predict_batch(net, dcg, images: torch.Tensor, indices, samples: int, seed: i
     return out
 
 def predict(net, dcg, dataset, samples: int, seed: int, sampler: dict, batch: int, device: torch.device, timings: dict | None = None,
-        estimator: str = 'votes') -> dict:
+        estimator: str = 'votes', guided_map: int = 0) -> dict:
     """predict_batch over a whole dataset (images in dataset order) -> numpy arrays."""
     parts = []
     for start in range(0, len(dataset), batch):
         idx = list(range(start, min(start + batch, len(dataset))))
         images = torch.from_numpy(np.stack([dataset[i]['image'] for i in idx])).to(device)
-        parts.append(predict_batch(net, dcg, images, idx, samples, seed, sampler, timings, estimator=estimator))
+        parts.append(predict_batch(net, dcg, images, idx, samples, seed, sampler, timings, estimator=estimator, guided_map=guided_map))
     return {key: torch.cat([p[key] for p in parts]).numpy() for key in parts[0]}
 
 #----------------------------------------------------------------------------
