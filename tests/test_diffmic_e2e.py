@@ -11,8 +11,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import launch
+from training import stages
 from training.diffmic import calibration
 
 #----------------------------------------------------------------------------
@@ -87,6 +89,10 @@ def test_guided_map_stage(demo, tmp_path):
     launch.check(_evaluate(['--network', pkl, '--outdir', str(out), '--samples', '9', '--steps', '3', '--no-calibrate'], demo['cwd']))
     summary = json.loads((out / 'metrics.json').read_text())
     assert summary['guided_map'] == 3 and summary['images'] == 12 and 0 <= summary['diffmic']['accuracy'] <= 1
+    assert stages.load_snapshot(pkl, torch.device('cpu'))['loss_fn'].guided_map == 3
+    proc = _evaluate(['--network', pkl, '--outdir', str(tmp_path / 'uneven'), '--samples', '8', '--no-calibrate'], demo['cwd'])
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr and not (tmp_path / 'uneven').exists()
+    assert "--samples 8: the snapshot's guided map (training.loss.guided_map=3) has 9 positions" in proc.stderr
 
 def test_deep_ensemble_baseline(demo, tmp_path):
     cwd = demo['cwd']

@@ -308,6 +308,8 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
         selection = dict(selected=chosen, on='val', estimator=estimator, scores=scores)
         network_pkl = chosen
     net, dcg, snapshot = load_model(network_pkl, device)
+    if net is not None:
+        inference.check_guided_samples(samples, guided_map_of(snapshot))
     dataset = make_dataset(snapshot, data, split, split_file)
     check_model(dcg, dataset, network_pkl)
     members = load_ensemble(ensemble_pkls, dcg, snapshot, dataset, device)

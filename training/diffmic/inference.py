@@ -24,10 +24,11 @@ so a result does not depend on the batch it was computed in.
 
 With DiffMIC-v2's guided map (the loss's `guided_map` = np > 0, training/
 diffmic/loss.py) sample j of an image takes the guide of map position
-j mod np^2 as its prior (y0_j = G_j + r_j), so the S samples cover the map
-evenly when S is a multiple of np^2; the votes and the mean then run over
-the whole map, as v2's mean over it. `prior` stays y_fusion, the DCG's own
-prediction.
+j mod np^2 as its prior (y0_j = G_j + r_j); S must be a multiple of np^2, so
+that every position has S / np^2 samples. `mean` with S = np^2 is v2's mean
+over one sampled map; `votes` count the argmax of every position's sample.
+`spread` and `agreement` then also include how far the guides of y_global
+and y_local disagree. `prior` stays y_fusion, the DCG's own prediction.
 
 The denoiser's image features f(x) depend on the image only, not on the
 noisy label or sigma: `cached_encoder` computes them once per image instead
@@ -89,6 +90,12 @@ def cached_encoder(net, images: torch.Tensor, samples: int, enabled: bool = True
     finally:
         model.map_cond = encoder
 
+def check_guided_samples(samples: int, guided_map: int) -> None:
+    """ValueError naming --samples unless S covers the guided map's np^2 positions evenly."""
+    if guided_map and samples % guided_map ** 2:
+        raise ValueError(f'--samples {samples}: the snapshot\'s guided map (training.loss.guided_map={guided_map}) has {guided_map ** 2} '
+            f'positions; give a multiple of {guided_map ** 2} so that the samples cover the map evenly')
+
 @torch.no_grad()
 def predict_batch(net, dcg, images: torch.Tensor, indices, samples: int, seed: int, sampler: dict, timings: dict | None = None,
         cache_features: bool = True, estimator: str = 'votes', guided_map: int = 0) -> dict:
@@ -96,6 +103,8 @@ def predict_batch(net, dcg, images: torch.Tensor, indices, samples: int, seed: i
     `guided_map` the loss's (0: every sample's prior is y_fusion)."""
     device = images.device
     n, k = images.shape[0], dcg.label_dim
+    if net is not None:
+        check_guided_samples(samples, guided_map)
     t0 = time.perf_counter()
     p = priors(dcg, images)
     t1 = time.perf_counter()

@@ -18,12 +18,16 @@ is a K x np x np map whose guide at position (i, j) is
     G_ij = (1 - lambda_ij) y_global + lambda_ij y_local,  lambda_ij = |i - j| / (np - 1)
 
 (y_global on the diagonal, y_local in the corners (np-1, 0) and (0, np-1)),
-denoised by 1x1 convolutions, the class scores the mean over the map. With
-1x1 convolutions the positions are np^2 vector problems that differ only in
-their guide, so here each training sample takes the guide of one uniformly
-drawn position as its prior (an unbiased draw of v2's mean over the map; the
-embedding is [G_ij, y_global, y_local]), and at test sample j of an image
-takes position j mod np^2 (inference.py); the focal weight keeps y_fusion."""
+denoised by 1x1 convolutions with the guide concatenated to the noisy map,
+the class scores the mean over the map. 1x1 convolutions make the positions
+np^2 vector problems that differ only in their guide (v2 also draws a
+timestep per position); only v2's BatchNorm, over batch and positions,
+couples them in training, and that coupling is not reproduced. Here each
+training sample takes the guide of one uniformly drawn position as its prior
+(an unbiased draw of the positions of the map; the guide enters as the prior
+of the residual and as the first part of the embedding [G_ij, y_global,
+y_local], not as input channels), and at test sample j of an image takes
+position j mod np^2 (inference.py); the focal weight keeps y_fusion."""
 
 import torch
 
@@ -49,7 +53,7 @@ def priors(dcg: torch.nn.Module, images: torch.Tensor) -> dict:
     out = dcg(images)
     return dict(prior=out['prob_fusion'], embedding=torch.cat([out['prob_fusion'], out['prob_global'], out['prob_local']], dim=1))
 
-def guided_lambdas(guided_map: int, device=None) -> torch.Tensor:
+def guided_lambdas(guided_map: int, device: torch.device | None = None) -> torch.Tensor:
     """lambda_ij = |i - j| / (np - 1) of the np x np guided map, row-major (np^2,)."""
     i = torch.arange(guided_map, device=device)
     return ((i[:, None] - i[None, :]).abs().to(torch.float32) / (guided_map - 1)).reshape(-1)
