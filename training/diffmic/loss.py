@@ -20,9 +20,9 @@ is a K x np x np map whose guide at position (i, j) is
 (y_global on the diagonal, y_local in the corners (np-1, 0) and (0, np-1)),
 denoised by 1x1 convolutions with the guide concatenated to the noisy map,
 the class scores the mean over the map. 1x1 convolutions make the positions
-np^2 vector problems that differ only in their guide (v2 also draws a
-timestep per position); only v2's BatchNorm, over batch and positions,
-couples them in training, and that coupling is not reproduced. Here each
+np^2 vector problems that differ only in their guide; only v2's BatchNorm,
+over batch and positions, couples them in training, and that coupling is not
+reproduced. Here each
 training sample takes the guide of one uniformly drawn position as its prior
 (an unbiased draw of the positions of the map; the guide enters as the prior
 of the residual and as the first part of the embedding [G_ij, y_global,
