@@ -44,7 +44,9 @@ def train(config: str, kimg: float, nproc: int, outdir: str, data: str, extra: l
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', os.path.join(ROOT, 'train.py'),
         f'-cn={config}', 'resume=none', f'training.outdir={outdir}', f'training.total_kimg={kimg}', f'training.dataset.path={data}', *extra]
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    proc = subprocess.run(cmd, cwd=ROOT, check=False)
+    if proc.returncode:
+        raise click.ClickException(f'training -cn={config} exited with status {proc.returncode} (its message is above)')
     seconds = time.time() - t0
     runs = sorted(glob.glob(os.path.join(outdir, '*', 'network-snapshot-*.pkl')), key=os.path.getmtime)
     return runs[-1], seconds
