@@ -107,13 +107,12 @@ def scores(images: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> dict
 # The baselines: each parameter scored on validation, the parameter tuned per
 # (reference, region, metric), the test images and scores at the chosen ones.
 
-def baseline_runs(val: dict, test: dict, cache_dir: str) -> dict:
-    """{name: (parameter name, run(split, consume, params=None))}: params None = the whole grid (baselines.py)."""
+def baseline_runs(val: dict, test: dict, sm) -> dict:
+    """{name: (parameter name, run(split, consume, params=None))}: params None = the whole grid (baselines.py);
+    `sm` the system matrix (None: no low_counts, no MLEM-based baselines)."""
     out = {'low_dose_mlem_gauss': ('sigma_px', lambda split, consume, params=None:
         baselines.gauss_candidates(split, consume, baselines.GAUSS_SIGMAS if params is None else sorted(params)))}
     if 'low_counts' in val and 'low_counts' in test:
-        from tomography_utils.projector import get_system_matrix
-        sm = get_system_matrix(test['low'].shape[-1], cache_dir=cache_dir)
         out['low_dose_mlem_early'] = ('iterations', lambda split, consume, params=None:
             baselines.mlem_early_candidates(split, sm, consume, range(1, split['n_iter'] + 1) if params is None else params))
         out['low_dose_map_em'] = ('beta', lambda split, consume, params=None:
@@ -339,7 +338,11 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
         f'({sampler["solver"]}, {sampler["discretization"]}, {sampler["num_steps"]} steps)...')
     mean, std, sample = pet_posterior(net, test['low'], samples, batch, device, seed=seed, sigma_start=sigma_start, **sampler)
     print('Tuning the baselines on the validation split (per metric, reference and region)...')
-    runs = baseline_runs(val, test, cache_dir)
+    sm = None
+    if 'low_counts' in test and ('low_counts' in val or oracle_draws):      # Loaded once for the baselines and the oracle.
+        from tomography_utils.projector import get_system_matrix
+        sm = get_system_matrix(test['low'].shape[-1], cache_dir=cache_dir)
+    runs = baseline_runs(val, test, sm)
     if 'low_dose_mlem_early' not in runs:
         print('No low_counts in the splits (built before they were stored): early-stopped MLEM and MAP-EM are skipped')
     per_method, chosen, test_images = {}, {}, {}
@@ -351,9 +354,8 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, val_data, 
     if sup is not None:
         fixed.append(('supervised_unet', pet_supervised(*sup, test['low'], batch, device)))
     if oracle_draws and 'low_counts' in test:                               # The ceiling vs the full-dose MLEM (baselines.py).
-        from tomography_utils.projector import get_system_matrix
         print(f'Oracle bound: {oracle_draws} full-dose draws given the low-dose counts and the phantom...')
-        oracle = baselines.oracle_full_dose_mean(test, get_system_matrix(test['low'].shape[-1], cache_dir=cache_dir), oracle_draws, seed=seed)
+        oracle = baselines.oracle_full_dose_mean(test, sm, oracle_draws, seed=seed)
         fixed.append(('oracle_bound', oracle))
     for method, images in fixed:
         per_method.update({(method, ref, region): scores(images, references(test)[ref], region_mask(test, region))
