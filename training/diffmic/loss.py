@@ -22,12 +22,12 @@ denoised by 1x1 convolutions with the guide concatenated to the noisy map,
 the class scores the mean over the map. 1x1 convolutions make the positions
 np^2 vector problems that differ only in their guide; only v2's BatchNorm,
 over batch and positions, couples them in training, and that coupling is not
-reproduced. Here each
-training sample takes the guide of one uniformly drawn position as its prior
-(an unbiased draw of the positions of the map; the guide enters as the prior
-of the residual and as the first part of the embedding [G_ij, y_global,
-y_local], not as input channels), and at test sample j of an image takes
-position j mod np^2 (inference.py); the focal weight keeps y_fusion."""
+reproduced. Here each training sample takes the guide of one uniformly drawn
+position as its prior (an unbiased draw of the positions of the map; the
+guide enters as the prior of the residual and as the first part of the
+embedding [G_ij, y_global, y_local], not as input channels), and at test
+sample j of an image takes position j mod np^2 (inference.py); the focal
+weight keeps y_fusion."""
 
 import torch
 
