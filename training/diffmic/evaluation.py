@@ -308,20 +308,21 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
         selection = dict(selected=chosen, on='val', estimator=estimator, scores=scores)
         network_pkl = chosen
     net, dcg, snapshot = load_model(network_pkl, device)
+    guided_map = guided_map_of(snapshot)
     if net is not None:
-        inference.check_guided_samples(samples, guided_map_of(snapshot))
+        inference.check_guided_samples(samples, guided_map)
     dataset = make_dataset(snapshot, data, split, split_file)
     check_model(dcg, dataset, network_pkl)
     members = load_ensemble(ensemble_pkls, dcg, snapshot, dataset, device)
     val = make_dataset(snapshot, data, 'val', split_file) if calibrate and split == 'test' else None
     if val is not None and val_out is None:
-        val_out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator, guided_map=guided_map_of(snapshot))
+        val_out = inference.predict(net, dcg, val, samples, seed, sampler, batch, device, estimator=estimator, guided_map=guided_map)
     if val is not None and members:
         add_ensemble(val_out, members, val, batch, device)
     evaluation.make_outdir(outdir)
     if selection is not None:
         persistence.atomic_write_bytes(os.path.join(outdir, 'selection.json'), json.dumps(selection, indent=1).encode('utf-8'))
-    out = inference.predict(net, dcg, dataset, samples, seed, sampler, batch, device, estimator=estimator, guided_map=guided_map_of(snapshot))
+    out = inference.predict(net, dcg, dataset, samples, seed, sampler, batch, device, estimator=estimator, guided_map=guided_map)
     if members:
         add_ensemble(out, members, dataset, batch, device)
     summary, rows = summarize(dataset, out, bins)
@@ -329,7 +330,7 @@ def command(network_pkl, trust_edm_pickle, outdir, batch, seed, data, split, spl
         calibrate_summary(summary, out, val.class_idx, val_out, dataset.class_idx, bins)
     if members:
         summary['ensemble_members'] = [network_pkl, *ensemble_pkls]
-    summary.update(network=network_pkl, samples=samples, sampler=sampling.network_levels(sampler, net), seed=seed, estimator=estimator, guided_map=guided_map_of(snapshot))
+    summary.update(network=network_pkl, samples=samples, sampler=sampling.network_levels(sampler, net), seed=seed, estimator=estimator, guided_map=guided_map)
     write_outputs(outdir, dataset, out, summary, rows)
     for name, _ in MODELS:
         if name in summary:
